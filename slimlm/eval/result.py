@@ -1,0 +1,132 @@
+"""A versioned, self-describing evaluation result and its text tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.eval.quality import Quality
+from slimlm.eval.size import SizeReport
+from slimlm.eval.speed import Speed
+from slimlm.fsutil import atomic_write_text
+
+SCHEMA = "slimlm.result/1"
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    import slimlm
+
+    return {
+        "slimlm": slimlm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+@dataclass(frozen=True)
+class Result:
+    protocol: str
+    model: str  # the model source as given (built-in name, directory, hub id, .gguf)
+    base: str  # the model the KL divergence is measured against
+    quality: Quality
+    size: SizeReport
+    speed: Speed | None
+    recipe: Any = None
+    env: dict[str, Any] = field(default_factory=environment)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Result":
+        if d.get("schema") != SCHEMA:
+            raise SlimlmError(f"not a slimlm result (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+        return cls(
+            **{k: v for k, v in d.items() if k not in ("quality", "size", "speed")},
+            quality=Quality(**d["quality"]),
+            size=SizeReport(**d["size"]),
+            speed=Speed(**d["speed"]) if d.get("speed") else None,
+        )
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", overwrite=overwrite)
+
+
+def load_result(path: str | os.PathLike) -> Result:
+    try:
+        return Result.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
+        raise SlimlmError(f"cannot read result {path}: {e}; pass a JSON file written by `slimlm eval --json`") from None
+
+
+# (label, getter, format, higher_is_better or None when a delta has no direction)
+_ROWS = [
+    ("perplexity", lambda r: r.quality.perplexity, "{:.3f}", False),
+    ("KLD vs base (nats/token)", lambda r: r.quality.kld, "{:.4f}", False),
+    ("top-1 agreement", lambda r: r.quality.top1_agreement, "{:.2%}", True),
+    ("parameters", lambda r: r.size.params, "{:,}", None),
+    ("model size (MB)", lambda r: r.size.model_bytes / 1e6, "{:.1f}", False),
+    ("checkpoint size (MB)", lambda r: r.size.checkpoint_bytes and r.size.checkpoint_bytes / 1e6, "{:.1f}", False),
+    ("bits per weight (linears)", lambda r: r.size.bits_per_weight, "{:.2f}", False),
+    ("prefill (tokens/s)", lambda r: r.speed and r.speed.prefill_tokens_per_s, "{:.1f}", True),
+    ("decode (tokens/s)", lambda r: r.speed and r.speed.decode_tokens_per_s, "{:.2f}", True),
+    ("latency p50 (ms/token)", lambda r: r.speed and r.speed.latency_p50_ms, "{:.1f}", False),
+    ("latency p95 (ms/token)", lambda r: r.speed and r.speed.latency_p95_ms, "{:.1f}", False),
+    ("achieved bandwidth (GB/s)", lambda r: r.speed and r.speed.achieved_gb_per_s, "{:.2f}", True),
+    ("peak RSS (MB)", lambda r: r.speed and r.speed.peak_rss_mb, "{:.0f}", False),
+]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _delta(value: Any, ref: Any) -> str:
+    if value is None or ref is None or value == ref:
+        return ""
+    if ref:
+        return f" ({(value - ref) / abs(ref):+.1%})"
+    return f" ({value - ref:+.4g})"
+
+
+def format_results(results: list[Result]) -> str:
+    """One column per result; columns after the first show the change vs the first."""
+    first = results[0]
+    q = first.quality
+    header = (
+        f"protocol {first.protocol} · {q.tokens:,} tokens in {q.windows} windows of {q.window} · "
+        f"{first.env.get('threads')} threads · slimlm {first.env.get('slimlm')}, torch {first.env.get('torch')}"
+    )
+    names = ["", *(r.model for r in results)]
+    rows = [names]
+    for label, get, fmt, _ in _ROWS:
+        ref = get(first)
+        rows.append([label, *(_cell(get(r), fmt) + (_delta(get(r), ref) if i else "") for i, r in enumerate(results))])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(names))]
+    lines = [header, ""]
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[c]) if c == 0 else cell.rjust(widths[c]) for c, cell in enumerate(row)))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    bases = {r.base for r in results}
+    lines.append("")
+    lines.append(f"KL divergence and top-1 agreement are measured against: {', '.join(sorted(bases))}")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""evaluate(): one model on one protocol -> Result."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimlm.eval.cache import cache_key, load_base_stats, store_base_stats
+from slimlm.eval.protocol import Protocol, get_protocol
+from slimlm.eval.quality import BaseStats, Quality, score_windows
+from slimlm.eval.result import Result
+from slimlm.eval.size import measure_size
+from slimlm.eval.speed import measure_speed
+
+log = logging.getLogger("slimlm.eval")
+
+
+def eval_tokens(tokenizer: Any, protocol: Protocol) -> torch.Tensor:
+    """The protocol's evaluation text, tokenized once. -> (N,) int64."""
+    from slimlm.data import protocol_texts, tokenize_documents
+
+    return tokenize_documents(tokenizer, protocol_texts(protocol.text).evaluation)
+
+
+def eval_windows(tokens: torch.Tensor, protocol: Protocol, *, n_tokens: int | None, full: bool) -> torch.Tensor:
+    """(N,) -> (W, window): the locked windows; the protocol's budget unless ``full``."""
+    from slimlm.data import token_windows
+
+    budget = None if full else (n_tokens or protocol.eval_tokens)
+    return token_windows(tokens, window=protocol.window, n_tokens=budget)
+
+
+def _key(model_id: str | None, windows: torch.Tensor, protocol: Protocol) -> str | None:
+    if model_id is None:
+        return None
+    return cache_key(model_id=model_id, protocol=protocol.name, windows=windows, top_k=protocol.kl_top_k)
+
+
+def _score_self(model: nn.Module, windows: torch.Tensor, protocol: Protocol, model_id: str | None) -> Quality:
+    """Score a model as its own base; its outputs are cached for later comparisons."""
+    key = _key(model_id, windows, protocol)
+    stats = load_base_stats(key) if key else None
+    if stats is not None:
+        return score_windows(model, windows, base=stats)[0]
+    quality, stats = score_windows(model, windows, collect_top_k=protocol.kl_top_k)
+    if key:
+        store_base_stats(key, stats, meta={"base": model_id, "protocol": protocol.name})
+    return quality
+
+
+def base_stats_for(
+    windows: torch.Tensor, protocol: Protocol, *, base_id: str | None, load_base: Callable[[], nn.Module]
+) -> BaseStats:
+    """The base model's outputs on ``windows``: from the disk cache, or computed and cached."""
+    key = _key(base_id, windows, protocol)
+    stats = load_base_stats(key) if key else None
+    if stats is not None:
+        log.info("base outputs for %s read from cache", base_id)
+        return stats
+    base = load_base()
+    _, stats = score_windows(base, windows, collect_top_k=protocol.kl_top_k, desc="base outputs")
+    del base
+    gc.collect()
+    if key:
+        store_base_stats(key, stats, meta={"base": base_id, "protocol": protocol.name})
+    return stats
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    source: str,
+    protocol: str | Protocol = "wiki-v1",
+    n_tokens: int | None = None,
+    full: bool = False,
+    model_id: str | None = None,
+    base_source: str | None = None,
+    base_id: str | None = None,
+    load_base: Callable[[], nn.Module] | None = None,
+    speed: bool = True,
+    model_dir: str | None = None,
+    recipe: Any = None,
+) -> Result:
+    """Measure quality, size and speed of ``model`` on ``protocol``.
+
+    ``base_source``/``load_base`` name and load the model KL is measured
+    against; without them the model is its own base (KLD 0, agreement 1).
+    ``model_id``/``base_id`` are stable identities (source plus file
+    fingerprint) that key the on-disk cache of base outputs; None disables it.
+    """
+    proto = protocol if isinstance(protocol, Protocol) else get_protocol(protocol)
+    tokens = eval_tokens(tokenizer, proto)
+    windows = eval_windows(tokens, proto, n_tokens=n_tokens, full=full)
+    is_self = base_source is None or load_base is None
+    if is_self:
+        quality = _score_self(model, windows, proto, model_id)
+    else:
+        stats = base_stats_for(windows, proto, base_id=base_id, load_base=load_base)
+        quality, _ = score_windows(model, windows, base=stats)
+    spd = None
+    if speed:
+        spd = measure_speed(model, tokens[: proto.prompt_tokens], new_tokens=proto.new_tokens, runs=proto.speed_runs)
+    return Result(
+        protocol=proto.name,
+        model=source,
+        base=source if is_self else base_source,
+        quality=quality,
+        size=measure_size(model, model_dir=model_dir),
+        speed=spd,
+        recipe=recipe,
+    )
+

@@ -1,0 +1,91 @@
+"""Size in bytes and bits per weight, read from the real buffers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    params: int  # parameters, shared (tied) tensors counted once
+    model_bytes: int  # bytes of all parameters and buffers in memory, shared counted once
+    linear_weights: int  # weights in the decoder blocks' linears
+    linear_bytes: int  # bytes those weights take, with scales, zeros, masks and codebooks
+    bits_per_weight: float  # 8 * linear_bytes / linear_weights
+    checkpoint_bytes: int | None  # bytes of the safetensors files on disk, when loaded from disk
+
+
+def _unique(tensors) -> list[torch.Tensor]:
+    """Each underlying tensor once (tied weights share one storage)."""
+    seen, out = set(), []
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def unique_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers, shared ones once."""
+    return _unique(list(module.parameters()) + list(module.buffers()))
+
+
+def unique_params(module: nn.Module) -> list[torch.Tensor]:
+    return _unique(module.parameters())
+
+
+def weight_storage(module: nn.Module) -> tuple[int, int]:
+    """(number of weights, bytes that store them) for a linear-like module.
+
+    Compressed modules report their own storage through ``weight_storage()``
+    so that packed codes, scales, zeros, masks and codebooks are all counted.
+    """
+    if hasattr(module, "weight_storage"):
+        return module.weight_storage()
+    w = module.weight
+    return w.numel(), w.numel() * w.element_size()
+
+
+def block_linears_of(model: nn.Module) -> list[nn.Module]:
+    from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
+
+    adapter = get_adapter(model)
+    return [m for block in decoder_blocks(model) for m in block_linears(block, adapter).values()]
+
+
+def measure_size(model: nn.Module, *, model_dir: str | Path | None = None) -> SizeReport:
+    tensors = unique_tensors(model)
+    params = sum(p.numel() for p in unique_params(model))
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    n_w = n_b = 0
+    for m in block_linears_of(model):
+        w, b = weight_storage(m)
+        n_w, n_b = n_w + w, n_b + b
+    ckpt = None
+    if model_dir is not None and Path(model_dir).is_dir():
+        ckpt = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) or None
+    return SizeReport(
+        params=params,
+        model_bytes=model_bytes,
+        linear_weights=n_w,
+        linear_bytes=n_b,
+        bits_per_weight=8.0 * n_b / n_w if n_w else float("nan"),
+        checkpoint_bytes=ckpt,
+    )
+
+
+def bytes_read_per_token(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter once, except that
+    an untied input embedding table is only indexed (one row), not read whole."""
+    total = sum(t.numel() * t.element_size() for t in unique_params(model))
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and (head is None or head.weight.data_ptr() != emb.weight.data_ptr()):
+        w = emb.weight
+        total -= w.numel() * w.element_size() - w.shape[-1] * w.element_size()
+    return total
