@@ -1,0 +1,205 @@
+"""`slimlm eval | info | generate`: parse arguments, call the library, print.
+
+Library errors (SlimlmError) become one line on stderr and a non-zero exit;
+anything else is a bug and shows its traceback under --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from slimlm.errors import SlimlmError
+
+log = logging.getLogger("slimlm")
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _setup(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("slimlm").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    import torch
+    import transformers
+
+    if not args.debug:
+        transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _load(source: str, dtype: str):
+    import torch
+
+    from slimlm.models import load_model
+
+    return load_model(source, dtype=getattr(torch, dtype))
+
+
+def _model_id(source: str) -> str:
+    """A stable identity for caching: the source and a fingerprint of its files."""
+    from slimlm.eval.cache import fingerprint_path
+    from slimlm.models import resolve_source
+
+    src = resolve_source(source)
+    return f"{source}@{fingerprint_path(src.path)}" if src.path else source
+
+
+def _model_dir(source: str) -> str | None:
+    from slimlm.models import resolve_source
+
+    path = resolve_source(source).path
+    return str(path) if path and Path(path).is_dir() else None
+
+
+def _check_output(path: str | None, overwrite: bool) -> None:
+    if path and Path(path).exists() and not overwrite:
+        raise SlimlmError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimlm.eval import Result, evaluate, format_results, get_protocol, load_result
+
+    get_protocol(args.protocol)  # refuse an unknown protocol before any slow work
+    _check_output(args.json, args.overwrite)
+    if args.tokens is not None and args.tokens <= 0:
+        raise SlimlmError(f"--tokens must be a positive number of tokens, got {args.tokens}")
+    sources = args.models or [DEFAULT_MODEL]
+    if len(sources) > 1 and not args.compare:
+        raise SlimlmError("several models given: pass --compare to evaluate them side by side")
+    base = args.base or (sources[0] if len(sources) > 1 else None)
+    results: list[Result] = []
+    for source in sources:
+        if source.endswith(".json") and Path(source).is_file():
+            results.append(load_result(source))
+            continue
+        model, tokenizer = _load(source, args.dtype)
+        other_base = base is not None and base != source
+        results.append(
+            evaluate(
+                model,
+                tokenizer,
+                source=source,
+                protocol=args.protocol,
+                n_tokens=args.tokens,
+                full=args.full,
+                model_id=_model_id(source),
+                base_source=base if other_base else None,
+                base_id=_model_id(base) if other_base else None,
+                load_base=(lambda: _load(base, args.dtype)[0]) if other_base else None,
+                speed=not args.no_speed,
+                model_dir=_model_dir(source),
+            )
+        )
+        del model
+    print(format_results(results))
+    if args.json:
+        if len(results) == 1:
+            results[0].save(args.json, overwrite=args.overwrite)
+        else:
+            import json
+
+            from slimlm.fsutil import atomic_write_text
+
+            doc = {"schema": "slimlm.comparison/1", "results": [r.to_dict() for r in results]}
+            atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from slimlm.models import format_info, model_info
+
+    model, _ = _load(args.model, args.dtype)
+    print(format_info(model_info(model)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from slimlm.generation import generate_text
+
+    if len(args.model_and_prompt) > 2:
+        raise SlimlmError('usage: slimlm generate [MODEL] "PROMPT" (quote the prompt)')
+    *maybe_model, prompt = args.model_and_prompt
+    model, tokenizer = _load(maybe_model[0] if maybe_model else DEFAULT_MODEL, args.dtype)
+    for piece in generate_text(
+        model,
+        tokenizer,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=args.chat,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimlm", description="Compress language models and measure what it cost.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-v", "--verbose", action="store_true", help="show info logs from libraries too")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="measure models on a locked protocol")
+    e.add_argument("models", nargs="*", help=f"built-in name, HF directory, hub id, .gguf, or a result .json (default {DEFAULT_MODEL})")
+    e.add_argument("--protocol", default="wiki-v1", help="measurement protocol (default wiki-v1)")
+    e.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's 16,384)")
+    e.add_argument("--full", action="store_true", help="score the whole evaluation set")
+    e.add_argument("--compare", action="store_true", help="evaluate several models side by side, deltas vs the first")
+    e.add_argument("--base", default=None, help="model that KL divergence is measured against (default: the first model)")
+    e.add_argument("--json", default=None, help="write the result(s) as JSON")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    e.add_argument("--dtype", default="float32", choices=DTYPES)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="architecture, parameters, size and linears of a model")
+    i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    i.add_argument("--dtype", default="float32", choices=DTYPES)
+    i.set_defaults(func=cmd_info)
+
+    g = sub.add_parser("generate", help="stream text from a model")
+    g.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _setup(args)
+        return args.func(args)
+    except SlimlmError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

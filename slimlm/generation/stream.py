@@ -1,0 +1,60 @@
+"""Stream generated text piece by piece (greedy or sampled) through HF ``generate``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+import torch
+from transformers import TextIteratorStreamer
+
+from slimlm.errors import SlimlmError
+
+
+def sampling_kwargs(*, temperature: float, top_k: int | None, top_p: float | None) -> dict[str, Any]:
+    """HF generate arguments for greedy (temperature 0) or sampled decoding."""
+    if temperature < 0:
+        raise SlimlmError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SlimlmError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise SlimlmError(f"--top-k must be >= 1, got {top_k}")
+    if temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    return {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+
+
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    chat: bool = False,
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text pieces while it is generated."""
+    if max_new_tokens < 1:
+        raise SlimlmError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    kwargs = sampling_kwargs(temperature=temperature, top_k=top_k, top_p=top_p)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SlimlmError("this tokenizer has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # (1, P)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    worker = threading.Thread(
+        target=model.generate,
+        kwargs=dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                    streamer=streamer, pad_token_id=pad, **kwargs),
+        daemon=True,
+    )
+    worker.start()
+    yield from streamer
+    worker.join()
