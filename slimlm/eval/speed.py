@@ -56,14 +56,14 @@ def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[f
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     _sync(device)
     prefill = time.perf_counter() - t0
-    cache, steps = out.past_key_values, []
+    cache, steps = out.cache, []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         steps.append(time.perf_counter() - t0)
-        cache = out.past_key_values
+        cache = out.cache
     return prefill, steps
 
 

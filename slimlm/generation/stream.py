@@ -49,12 +49,19 @@ def generate_text(
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    worker = threading.Thread(
-        target=model.generate,
-        kwargs=dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                    streamer=streamer, pad_token_id=pad, **kwargs),
-        daemon=True,
-    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           streamer=streamer, pad_token_id=pad, **kwargs)
+        except BaseException as e:  # handed to the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     yield from streamer
     worker.join()
+    if errors:
+        raise errors[0]
