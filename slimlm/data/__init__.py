@@ -1,0 +1,25 @@
+"""Calibration and evaluation text, locked splits, tokenization.
+
+    load_documents("wiki")            -> list[str]   (also "pydoc", a .txt/.jsonl path, "hf:...")
+    split_documents(docs)             -> Split(calibration, evaluation)
+    protocol_texts("wiki-v1")         -> Split       (the protocol's locked texts)
+    tokenize_documents(tok, docs)     -> (n,) LongTensor
+    token_windows(ids, window=512)    -> (n_windows, 512) LongTensor
+    calibration_batch(tok, docs)      -> (128, 512) LongTensor, seeded
+"""
+
+from slimlm.data.hf import HFSpec, load_hf_documents, parse_hf_spec
+from slimlm.data.sources import (SOURCES, load_documents, pydoc_documents, read_jsonl_file,
+                                 read_text_file, wiki_documents)
+from slimlm.data.splits import PROTOCOL_TEXTS, ProtocolText, Split, protocol_texts, split_documents
+from slimlm.data.tokens import calibration_batch, token_windows, tokenize_documents
+from slimlm.data.wiki import Article, wiki_articles, wiki_dump_path
+from slimlm.data.wikimarkup import strip_wikitext
+
+__all__ = [
+    "Article", "HFSpec", "PROTOCOL_TEXTS", "ProtocolText", "SOURCES", "Split",
+    "calibration_batch", "load_documents", "load_hf_documents", "parse_hf_spec",
+    "protocol_texts", "pydoc_documents", "read_jsonl_file", "read_text_file",
+    "split_documents", "strip_wikitext", "token_windows", "tokenize_documents",
+    "wiki_articles", "wiki_documents", "wiki_dump_path",
+]
