@@ -1,0 +1,126 @@
+"""model_info: what a model is made of (parameters, bytes, layers, heads, KV cache, linears)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from slimlm.models.adapters import ADAPTERS, HeadLayout, head_layout, num_layers
+
+
+class LinearInfo(NamedTuple):
+    name: str
+    in_features: int
+    out_features: int
+    dtype: str  # e.g. "float32"; the weight's storage dtype for swapped-in modules
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str  # class name, e.g. LlamaForCausalLM
+    model_type: str
+    n_params: int  # shared (tied) parameters counted once
+    dtype: str  # e.g. "float32"
+    size_bytes: int  # parameters + buffers, shared tensors counted once
+    n_layers: int
+    heads: HeadLayout
+    kv_bytes_per_token: int  # K and V for one token at the model dtype
+    tied_embeddings: bool
+    linears: tuple[LinearInfo, ...]  # every Linear / Conv1D / linear-like module, lm_head included
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _linear_info(name: str, module: nn.Module) -> LinearInfo | None:
+    weight = getattr(module, "weight", None)
+    dtype = _dtype_name(weight.dtype) if isinstance(weight, torch.Tensor) else "unknown"
+    if isinstance(module, Conv1D):  # weight (in, out)
+        return LinearInfo(name, int(module.weight.shape[0]), int(module.weight.shape[1]), dtype)
+    if isinstance(module, nn.Linear):
+        return LinearInfo(name, module.in_features, module.out_features, dtype)
+    # Runtime replacements (QuantLinear, LowRankLinear, ...) expose the Linear interface.
+    fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(fin, int) and isinstance(fout, int):
+        return LinearInfo(name, fin, fout, dtype)
+    return None
+
+
+def list_linears(model: nn.Module) -> tuple[LinearInfo, ...]:
+    found = (_linear_info(name, m) for name, m in model.named_modules())
+    return tuple(info for info in found if info is not None)
+
+
+def _generic_layout(config) -> tuple[int, HeadLayout]:
+    """Layers and heads for a family without an adapter, from the standard config names."""
+    cfg = config.get_text_config()
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    return int(cfg.num_hidden_layers), HeadLayout(n_heads, n_kv, head_dim)
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    config = model.config
+    params = list(model.parameters())  # deduplicated: a tied weight appears once
+    buffers = list(model.buffers())
+    dtype = getattr(model, "dtype", None) or next(p.dtype for p in params if p.is_floating_point())
+    if config.model_type in ADAPTERS:
+        n_layers, heads = num_layers(config), head_layout(config)
+    else:
+        n_layers, heads = _generic_layout(config)
+    in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    kv_bytes = 2 * n_layers * heads.n_kv_heads * heads.head_dim * torch.empty((), dtype=dtype).element_size()
+    return ModelInfo(
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        n_params=sum(p.numel() for p in params),
+        dtype=_dtype_name(dtype),
+        size_bytes=sum(t.numel() * t.element_size() for t in params + buffers),
+        n_layers=n_layers,
+        heads=heads,
+        kv_bytes_per_token=kv_bytes,
+        tied_embeddings=tied,
+        linears=list_linears(model),
+    )
+
+
+def _human(n: float, unit: str, *, binary: bool = False) -> str:
+    """134515008 -> '134.5 M'; with binary=True 46080 -> '45.0 KiB'."""
+    base, prefixes = (1024, ("", "Ki", "Mi", "Gi", "Ti")) if binary else (1000, ("", "K", "M", "G", "T"))
+    for prefix in prefixes:
+        if abs(n) < base or prefix == prefixes[-1]:
+            return (f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}").rstrip()
+        n /= base
+    raise AssertionError("unreachable")
+
+
+def format_info(info: ModelInfo, *, linears: bool = True) -> str:
+    """A readable multi-line table; ``linears=False`` leaves out the per-linear rows."""
+    h = info.heads
+    rows = [
+        ("architecture", f"{info.architecture} ({info.model_type})"),
+        ("parameters", f"{info.n_params:,} ({_human(info.n_params, '')})"),
+        ("dtype", info.dtype),
+        ("size", f"{_human(info.size_bytes, 'B', binary=True)} ({info.size_bytes:,} bytes)"),
+        ("decoder layers", str(info.n_layers)),
+        ("heads", f"{h.n_heads} query, {h.n_kv_heads} kv, head dim {h.head_dim}"),
+        ("KV cache / token", f"{_human(info.kv_bytes_per_token, 'B', binary=True)} ({info.kv_bytes_per_token:,} bytes)"),
+        ("tied embeddings", "yes" if info.tied_embeddings else "no"),
+        ("linears", str(len(info.linears))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if linears and info.linears:
+        name_w = max(len("name"), *(len(li.name) for li in info.linears))
+        lines.append("")
+        lines.append(f"  {'name':<{name_w}}  {'in':>7}  {'out':>7}  dtype")
+        for li in info.linears:
+            lines.append(f"  {li.name:<{name_w}}  {li.in_features:>7}  {li.out_features:>7}  {li.dtype}")
+    return "\n".join(lines)
