@@ -1,4 +1,4 @@
-"""`slimlm eval | info | generate`: parse arguments, call the library, print.
+"""`slimlm compress | eval | export | info | generate`: parse arguments, call the library, print.
 
 Library errors (SlimlmError) become one line on stderr and a non-zero exit;
 anything else is a bug and shows its traceback under --debug.
@@ -98,16 +98,71 @@ def cmd_eval(args: argparse.Namespace) -> int:
         del model
     print(format_results(results))
     if args.json:
-        if len(results) == 1:
-            results[0].save(args.json, overwrite=args.overwrite)
-        else:
-            import json
+        _write_results(args.json, results, overwrite=args.overwrite)
+    return 0
 
-            from slimlm.fsutil import atomic_write_text
 
-            doc = {"schema": "slimlm.comparison/1", "results": [r.to_dict() for r in results]}
-            atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
-        log.info("wrote %s", args.json)
+def _write_results(path: str, results: list, *, overwrite: bool) -> None:
+    """One result as a Result JSON; several as a comparison holding each."""
+    import json
+
+    from slimlm.fsutil import atomic_write_text
+
+    if len(results) == 1:
+        results[0].save(path, overwrite=overwrite)
+    else:
+        doc = {"schema": "slimlm.comparison/1", "results": [r.to_dict() for r in results]}
+        atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    log.info("wrote %s", path)
+
+
+def _default_out(model: str, recipe_name: str) -> Path:
+    stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+    return Path("out") / f"{stem}-{recipe_name}"
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import time
+
+    from slimlm.api import apply_all
+    from slimlm.eval import evaluate, format_results, get_protocol
+    from slimlm.io import load_compressed, save_compressed
+    from slimlm.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    get_protocol(args.protocol)
+    out = Path(args.out) if args.out else _default_out(args.model, recipe.name)
+    _check_output(str(out), args.overwrite)
+    _check_output(args.json, args.overwrite)
+    common = dict(protocol=args.protocol, n_tokens=args.tokens, full=args.full, speed=not args.no_speed)
+    model, tokenizer = _load(args.model, args.dtype)
+    base_id = _model_id(args.model)
+    base = evaluate(model, tokenizer, source=args.model, model_id=base_id, model_dir=_model_dir(args.model), **common)
+    t0 = time.perf_counter()
+    apply_all(model, list(recipe.steps))
+    seconds = time.perf_counter() - t0
+    save_compressed(model, tokenizer, out, base_model=args.model, recipe=recipe.spec, overwrite=args.overwrite)
+    del model
+    model, tokenizer = load_compressed(out)  # measure what was saved, not what is in memory
+    compressed = evaluate(
+        model, tokenizer, source=str(out), model_id=_model_id(str(out)), base_source=args.model, base_id=base_id,
+        load_base=lambda: _load(args.model, args.dtype)[0], model_dir=str(out), recipe=recipe.spec, **common,
+    )  # fmt: skip
+    print(format_results([base, compressed]))
+    print(f"recipe {recipe.name}: compressed in {seconds:.1f} s; saved to {out}")
+    if args.json:
+        _write_results(args.json, [base, compressed], overwrite=args.overwrite)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimlm.io import export_hf
+
+    if args.format != "hf":
+        raise SlimlmError(f"unknown export format {args.format!r}; valid: hf")
+    _check_output(args.out, args.overwrite)
+    export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote a dequantized HF model to {args.out}")
     return 0
 
 
@@ -162,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     e.add_argument("--dtype", default="float32", choices=DTYPES)
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe, save it, and compare it with the base")
+    c.add_argument("--model", default=DEFAULT_MODEL, help=f"model to compress (default {DEFAULT_MODEL})")
+    c.add_argument("--recipe", default="default", help="shipped recipe name or YAML file (default: 'default', int8)")
+    c.add_argument("--out", default=None, help="output directory (default out/<model>-<recipe>)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory / --json file")
+    c.add_argument("--protocol", default="wiki-v1")
+    c.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's)")
+    c.add_argument("--full", action="store_true", help="score the whole evaluation set")
+    c.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    c.add_argument("--json", default=None, help="write base and compressed results as JSON")
+    c.add_argument("--dtype", default="float32", choices=DTYPES)
+    c.set_defaults(func=cmd_compress)
+
+    x = sub.add_parser("export", help="write a compressed checkpoint as a plain (dequantized) HF directory")
+    x.add_argument("checkpoint")
+    x.add_argument("--format", default="hf", help="export format (hf)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="architecture, parameters, size and linears of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -1,0 +1,178 @@
+"""Compressed checkpoints: packed tensors in safetensors plus a JSON manifest.
+
+A checkpoint directory holds
+
+    config.json, generation_config.json, tokenizer files   (as HF writes them)
+    model.safetensors       every tensor of the model; compressed linears as their packed buffers
+    slimlm_manifest.json    format version, slimlm version, base model, recipe, and per compressed
+                            module its runtime type, scheme and shape
+
+``load_compressed`` rebuilds the model from its config, swaps in empty
+runtime modules named by the manifest and loads the tensors: outputs are
+bit-identical to the model that was saved. Only safetensors are read, so
+loading never executes code from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.fsutil import atomic_dir
+from slimlm.targets import replace_module
+
+log = logging.getLogger("slimlm.io")
+
+MANIFEST = "slimlm_manifest.json"
+FORMAT = "slimlm.checkpoint/1"
+WEIGHTS = "model.safetensors"
+
+
+def is_compressed_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _module_entry(module: nn.Module) -> dict[str, Any]:
+    from slimlm.formats import scheme_to_dict
+
+    entry: dict[str, Any] = {
+        "type": type(module).__name__,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+    }
+    if hasattr(module, "scheme"):
+        entry["scheme"] = scheme_to_dict(module.scheme)
+    return entry
+
+
+def _shell(entry: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """An empty runtime module that load_state_dict fills."""
+    from slimlm.formats import parse_scheme
+    from slimlm.nn import RUNTIME_MODULES
+
+    cls = RUNTIME_MODULES.get(entry.get("type"))
+    if cls is None:
+        raise SlimlmError(f"checkpoint uses module type {entry.get('type')!r} that this slimlm does not know; "
+                          f"known: {', '.join(RUNTIME_MODULES)} (upgrade slimlm?)")  # fmt: skip
+    args = dict(bias=entry["bias"], dtype=dtype)
+    if "scheme" in entry:
+        return cls.empty(entry["in_features"], entry["out_features"], parse_scheme(entry["scheme"]), **args)
+    return cls.empty(entry["in_features"], entry["out_features"], **args)
+
+
+def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from slimlm.nn import RUNTIME_MODULES
+
+    kinds = tuple(RUNTIME_MODULES.values())
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def save_compressed(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    recipe: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (compressed in place by slimlm) to ``out_dir`` atomically."""
+    import slimlm
+
+    manifest = {
+        "format": FORMAT,
+        "slimlm_version": slimlm.__version__,
+        "base_model": base_model,
+        "recipe": recipe,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "modules": {name: _module_entry(m) for name, m in compressed_modules(model).items()},
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("saved compressed model to %s", out_dir)
+    return Path(out_dir)
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SlimlmError(f"{path / MANIFEST} is unreadable ({e}); the checkpoint is damaged: compress again") from None
+    if manifest.get("format") != FORMAT:
+        raise SlimlmError(f"{path} holds checkpoint format {manifest.get('format')!r}; this slimlm reads {FORMAT}")
+    return manifest
+
+
+def load_compressed(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """Rebuild a model saved by ``save_compressed``. -> (model, tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+        hint = f" (found {', '.join(pickles)}: slimlm never loads pickle files)" if pickles else ""
+        raise SlimlmError(f"{path} has no {WEIGHTS}{hint}; the checkpoint is incomplete: compress again")
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, entry in manifest["modules"].items():
+        replace_module(model, name, _shell(entry, dtype))
+    try:
+        missing, unexpected = st_load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError) as e:
+        raise SlimlmError(f"{weights} is corrupt or truncated ({e}); compress again") from None
+    if missing or unexpected:
+        raise SlimlmError(f"{weights} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """Replace every compressed module by a plain float linear of its dequantized weight (in place)."""
+    from slimlm.models.adapters import get_adapter
+
+    conv1d = get_adapter(model).linear_kind == "conv1d"
+    for name, m in compressed_modules(model).items():
+        W = m.dequantized_weight().to(model.dtype)  # (out, in)
+        if conv1d and not name.endswith(get_adapter(model).lm_head):
+            from transformers.pytorch_utils import Conv1D
+
+            lin = Conv1D(m.out_features, m.in_features)
+            lin.weight.data = W.t().contiguous()  # Conv1D keeps (in, out)
+        else:
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=model.dtype)
+            lin.weight.data = W
+        if m.bias is not None:
+            lin.bias.data = m.bias.detach().to(model.dtype).clone()
+        replace_module(model, name, lin)
+    return model
+
+
+def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a dequantized plain HF directory that stock transformers loads."""
+    model, tokenizer = load_compressed(path)
+    dequantized_copy(model)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
