@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -150,8 +151,26 @@ def test_split_is_disjoint_complete_deterministic_and_seeded():
 
 def test_split_hash_is_locked():
     # The protocol's split must not change between machines, runs or versions.
-    assert splits_mod._unit_hash(0, 0, "abc") == 0.976886369690971
+    assert splits_mod._unit_hash(0, "0\x00abc") == 0.976886369690971
     assert split_documents(["a", "b", "c", "d", "e", "f", "g", "h"]).evaluation == ["g", "h"]
+    # with keys, the assignment depends on the keys only, not on the texts
+    keys = [f"title {i}" for i in range(40)]
+    a = split_documents([f"text {i}" for i in range(40)], keys=keys)
+    b = split_documents([f"revised text {i}" for i in range(40)], keys=keys)
+    assert [d.split()[-1] for d in a.evaluation] == [d.split()[-1] for d in b.evaluation]
+    with pytest.raises(SlimlmError, match="unique and one per document"):
+        split_documents(["a", "b"], keys=["k", "k"])
+
+
+def test_wiki_v1_evaluation_articles_are_locked(wiki, monkeypatch):
+    # wiki-v1 hashes article titles: stripper refinements cannot move an article across.
+    monkeypatch.setenv("SLIMLM_CACHE", str(wiki[0]))
+    title = {a.text: a.title for a in wiki[1]}
+    evaluation = [title[t] for t in protocol_texts("wiki-v1").evaluation]
+    assert len(evaluation) == 29
+    assert evaluation[:3] == ["List of Atlas Shrugged characters", "Agricultural science", "Alchemy"]
+    assert hashlib.sha256("\n".join(evaluation).encode()).hexdigest() == \
+        "6277ca5b28abc886bf7ee4472d2c2f6dde237693b95cc9b2cf72b4a24cb7a0d4"
 
 
 @pytest.mark.parametrize("seed", range(6))

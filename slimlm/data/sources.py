@@ -30,26 +30,42 @@ logger = logging.getLogger(__name__)
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
-def wiki_documents() -> list[str]:
-    """gensim's Wikipedia articles (title dropped; the text is the document)."""
-    return [a.text for a in wiki_articles()]
+def wiki_keyed() -> list[tuple[str, str]]:
+    """(title, text) of gensim's Wikipedia articles, in file order."""
+    return [(a.title, a.text) for a in wiki_articles()]
 
 
-def pydoc_documents() -> list[str]:
-    """Python's own help topics (``pydoc_data.topics``), in the module's order."""
+def pydoc_keyed() -> list[tuple[str, str]]:
+    """(topic, text) of Python's own help topics (``pydoc_data.topics``), in module order.
+
+    The text differs between Python versions, so 'pydoc' numbers are only
+    comparable under the same Python minor version.
+    """
     try:
         from pydoc_data.topics import topics
     except ImportError as e:  # some distributions strip pydoc_data
         raise SlimlmError("this Python has no pydoc_data module; use the 'wiki' text "
                           "(pip install gensim) or a text file") from e
-    return [text.strip() for text in topics.values() if text.strip()]
+    return [(name, text.strip()) for name, text in topics.items() if text.strip()]
 
 
-# The named built-in texts; load_documents dispatches here first.
-SOURCES: dict[str, Callable[[], list[str]]] = {
-    "wiki": wiki_documents,
-    "pydoc": pydoc_documents,
+# The named built-in texts, as (stable key, text) pairs: the key (article
+# title, topic name) is what a protocol's split hashes, so the split does not
+# move when the text extraction is refined. load_documents dispatches here first.
+SOURCES: dict[str, Callable[[], list[tuple[str, str]]]] = {
+    "wiki": wiki_keyed,
+    "pydoc": pydoc_keyed,
 }
+
+
+def wiki_documents() -> list[str]:
+    """gensim's Wikipedia articles (title dropped; the text is the document)."""
+    return [text for _, text in wiki_keyed()]
+
+
+def pydoc_documents() -> list[str]:
+    """Python's help topics as documents."""
+    return [text for _, text in pydoc_keyed()]
 
 
 def _read_utf8(path: Path) -> str:
@@ -109,7 +125,7 @@ def _load_path(source: str) -> list[str]:
 def load_documents(source: str) -> list[str]:
     """Documents (non-empty strings) of a named text, an hf: dataset or a file."""
     if source in SOURCES:
-        docs = SOURCES[source]()
+        docs = [text for _, text in SOURCES[source]()]
     elif source.startswith("hf:"):
         docs = load_hf_documents(source[len("hf:"):])
     elif _looks_like_path(source):

@@ -1,10 +1,12 @@
 """Locked calibration / evaluation splits, by document, identical everywhere.
 
-Each document goes to evaluation when a sha256 of (seed, index, text),
-read as a number in [0, 1), falls below ``eval_fraction``. The assignment
-depends on nothing but the inputs (not on Python's salted ``hash``, the
-machine or the run), and calibration never sees a sentence of an evaluation
-article because documents are never cut.
+Each document goes to evaluation when a sha256 of (seed, key), read as a
+number in [0, 1), falls below ``eval_fraction``. The key is the document's
+index and text, or a caller's stable key (a protocol uses the article
+title, so refining the markup stripper cannot move an article across). The
+assignment depends on nothing but the inputs (not on Python's salted
+``hash``, the machine or the run), and calibration never sees a sentence of
+an evaluation article because documents are never cut.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from slimlm.data.sources import load_documents
+from slimlm.data.sources import SOURCES
 from slimlm.errors import SlimlmError
 
 __all__ = ["Split", "ProtocolText", "PROTOCOL_TEXTS", "split_documents", "protocol_texts"]
@@ -41,25 +43,32 @@ PROTOCOL_TEXTS: dict[str, ProtocolText] = {
 }
 
 
-def _unit_hash(seed: int, index: int, doc: str) -> float:
-    """A stable number in [0, 1) for one document."""
-    h = hashlib.sha256(f"{seed}\x00{index}\x00".encode() + doc.encode("utf-8")).digest()
+def _unit_hash(seed: int, key: str) -> float:
+    """A stable number in [0, 1) for one document key."""
+    h = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).digest()
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
-def split_documents(docs: list[str], *, eval_fraction: float = 0.25, seed: int = 0) -> Split:
+def split_documents(docs: list[str], *, eval_fraction: float = 0.25, seed: int = 0,
+                    keys: list[str] | None = None) -> Split:
     """Disjoint calibration/evaluation sets covering ``docs``, in their original order.
 
-    Both sides are non-empty: if the hash leaves one side empty (possible for
-    a handful of documents), the document whose hash lies nearest the
-    threshold moves across.
+    ``keys`` (unique, one per document) replace the default key
+    ``"<index>\\x00<text>"``. Both sides are non-empty: if the hash leaves one
+    side empty (possible for a handful of documents), the document whose hash
+    lies nearest the threshold moves across.
     """
     if not 0.0 < eval_fraction < 1.0:
         raise SlimlmError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}")
     if len(docs) < 2:
         raise SlimlmError(f"splitting into calibration and evaluation text needs at least 2 "
                           f"documents, got {len(docs)}; split the text on blank lines or add more")
-    u = [_unit_hash(seed, i, d) for i, d in enumerate(docs)]
+    if keys is None:
+        keys = [f"{i}\x00{d}" for i, d in enumerate(docs)]
+    elif len(keys) != len(docs) or len(set(keys)) != len(keys):
+        raise SlimlmError(f"split keys must be unique and one per document: got {len(set(keys))} "
+                          f"distinct keys for {len(docs)} documents")
+    u = [_unit_hash(seed, k) for k in keys]
     is_eval = [x < eval_fraction for x in u]
     if not any(is_eval):
         is_eval[min(range(len(u)), key=u.__getitem__)] = True
@@ -77,5 +86,6 @@ def protocol_texts(name: str = "wiki-v1") -> Split:
     if name not in PROTOCOL_TEXTS:
         raise SlimlmError(f"unknown text protocol {name!r}; valid: {', '.join(PROTOCOL_TEXTS)}")
     spec = PROTOCOL_TEXTS[name]
-    docs = load_documents(spec.source)
-    return split_documents(docs, eval_fraction=spec.eval_fraction, seed=spec.seed)
+    keyed = SOURCES[spec.source]()
+    return split_documents([text for _, text in keyed], keys=[key for key, _ in keyed],
+                           eval_fraction=spec.eval_fraction, seed=spec.seed)
