@@ -65,8 +65,9 @@ def _check_2d(W: Tensor) -> tuple[int, int]:
 
 def _int_quantize(W: Tensor, s: IntScheme) -> QuantizedWeight:
     shape = _check_2d(W)
-    scale, zero = affine_params(W, bits=s.bits, symmetric=s.symmetric, granularity=s.granularity,
-                                clip_search=s.clip_search)  # fmt: skip
+    scale, zero = affine_params(
+        W, bits=s.bits, symmetric=s.symmetric, granularity=s.granularity, clip_search=s.clip_search
+    )
     codes = affine_quantize(W, scale, zero, bits=s.bits, symmetric=s.symmetric)
     return QuantizedWeight(s, shape, codes, scale=scale, zero=None if s.symmetric else zero)
 
@@ -78,8 +79,10 @@ def _int_dequantize(qw: QuantizedWeight) -> Tensor:
 def _int_pack(qw: QuantizedWeight) -> Tensors:
     s: IntScheme = qw.scheme
     offset = 2 ** (s.bits - 1) if s.symmetric else 0  # signed [-(2^(b-1)-1), ..] -> [1, 2^b - 1]
-    out = {"codes": pack_bits(qw.codes.to(torch.int16) + offset, s.bits),
-           "scale": _stored(qw.scale, torch.float16, "scale")}  # fmt: skip
+    out = {
+        "codes": pack_bits(qw.codes.to(torch.int16) + offset, s.bits),
+        "scale": _stored(qw.scale, torch.float16, "scale"),
+    }
     if not s.symmetric:
         out["zero"] = _stored(qw.zero, torch.float16, "zero")
     return out
@@ -149,8 +152,10 @@ def _kmeans_dequantize(qw: QuantizedWeight) -> Tensor:
 
 
 def _kmeans_pack(qw: QuantizedWeight) -> Tensors:
-    return {"codes": pack_bits(qw.codes, qw.scheme.bits),
-            "codebook": _stored(qw.codebook, kmeans.CODEBOOK_DTYPE, "codebook")}  # fmt: skip
+    return {
+        "codes": pack_bits(qw.codes, qw.scheme.bits),
+        "codebook": _stored(qw.codebook, kmeans.CODEBOOK_DTYPE, "codebook"),
+    }
 
 
 def _kmeans_unpack(t: Tensors, s: KMeansScheme, shape: tuple[int, int]) -> QuantizedWeight:
@@ -195,8 +200,10 @@ def _binary_dequantize(qw: QuantizedWeight) -> Tensor:
 
 
 def _binary_pack(qw: QuantizedWeight) -> Tensors:
-    return {"codes": pack_bits((qw.codes > 0).to(torch.uint8), 1),
-            "scale": _stored(qw.scale, binary.SCALE_DTYPE, "scale")}  # fmt: skip
+    return {
+        "codes": pack_bits((qw.codes > 0).to(torch.uint8), 1),
+        "scale": _stored(qw.scale, binary.SCALE_DTYPE, "scale"),
+    }
 
 
 def _binary_unpack(t: Tensors, s: BinaryScheme, shape: tuple[int, int]) -> QuantizedWeight:

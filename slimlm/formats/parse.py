@@ -41,7 +41,13 @@ STRING_FORMS = (
     "ternary",
     "binary",
 )
-FORMATS = {"int": IntScheme, "nf4": NF4Scheme, "kmeans": KMeansScheme, "ternary": TernaryScheme, "binary": BinaryScheme}
+FORMATS = {
+    "int": IntScheme,
+    "nf4": NF4Scheme,
+    "kmeans": KMeansScheme,
+    "ternary": TernaryScheme,
+    "binary": BinaryScheme,
+}
 
 _INT = re.compile(r"int(\d+)-(?:g(\d+)|(channel)|(tensor))(-sym|-asym)?(-clip)?")
 _NF4 = re.compile(r"nf4(?:-b(\d+))?(-dq)?")
@@ -89,22 +95,19 @@ def _parse_dict(obj: dict[str, Any]) -> Scheme:
     cls = FORMATS.get(kwargs.pop("format", None))
     if cls is None:
         raise _refuse(obj)
-    allowed = [f.name for f in fields(cls)]
-    if cls is IntScheme:
-        allowed = [a if a != "granularity" else "group_size" for a in allowed]
-        if "group_size" in kwargs:
-            kwargs["granularity"] = _granularity(kwargs.pop("group_size"))
-        elif "granularity" in kwargs:
-            raise SlimlmError("in a dict, write group_size: <int> | channel | tensor (not granularity)")
-    if cls is KMeansScheme and "init" in kwargs:
+    # In YAML an int scheme's granularity is written group_size: <int> | channel | tensor.
+    allowed = ["group_size" if f.name == "granularity" else f.name for f in fields(cls)]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        valid = ", ".join(["format", *allowed])
+        raise SlimlmError(f"unknown key(s) {', '.join(unknown)} for format {obj['format']}; valid: {valid}")
+    if "group_size" in kwargs:
+        kwargs["granularity"] = _granularity(kwargs.pop("group_size"))
+    if "init" in kwargs:
         valid = [m.value for m in KMeansInit]
         if kwargs["init"] not in valid:
             raise SlimlmError(f"kmeans init must be one of {', '.join(valid)}, got {kwargs['init']!r}")
         kwargs["init"] = KMeansInit(kwargs["init"])
-    unknown = sorted(set(kwargs) - set(allowed) - {"granularity"})
-    if unknown:
-        raise SlimlmError(f"unknown key(s) {', '.join(unknown)} for format {obj['format']}; valid: format, "
-                          + ", ".join(allowed))  # fmt: skip
     return cls(**kwargs)
 
 
@@ -119,8 +122,12 @@ def parse_scheme(obj: object) -> Scheme:
     raise _refuse(obj)
 
 
+def _granularity_value(g: PerTensor | PerChannel | PerGroup) -> int | str:
+    return g.size if isinstance(g, PerGroup) else "channel" if isinstance(g, PerChannel) else "tensor"
+
+
 def scheme_to_dict(scheme: Scheme) -> dict[str, Any]:
-    """The dict form of ``scheme``; ``parse_scheme(scheme_to_dict(s)) == s``."""
+    """The YAML dict form of ``scheme``; ``parse_scheme(scheme_to_dict(s)) == s``."""
     name = next((k for k, cls in FORMATS.items() if type(scheme) is cls), None)
     if name is None:
         raise _refuse(scheme)
@@ -128,9 +135,7 @@ def scheme_to_dict(scheme: Scheme) -> dict[str, Any]:
     for f in fields(scheme):
         value = getattr(scheme, f.name)
         if f.name == "granularity":
-            f_name = "group_size"
-            value = value.size if isinstance(value, PerGroup) else "channel" if isinstance(value, PerChannel) else "tensor"
-            out[f_name] = value
+            out["group_size"] = _granularity_value(value)
         else:
             out[f.name] = value.value if isinstance(value, KMeansInit) else value
     return out
