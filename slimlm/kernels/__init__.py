@@ -1,0 +1,38 @@
+"""Matmul kernels for quantized weights: the only package that asks what the device is.
+
+Every kernel has a reference path (dequantize, then ``F.linear``); fast paths
+are chosen by availability (:func:`select_weight_kernel`) and checked against
+the reference on first use (:func:`weight_matmul`).
+
+=====================================  =================================  ==========================
+format                                 CPU                                CUDA
+=====================================  =================================  ==========================
+int8 sym, per channel/tensor           ``_weight_int8pack_mm``            ``F.linear(x, q) * s``
+int4 grouped G in 32..256 (asym/sym)   ``_weight_int4pack_mm_for_cpu``    ``_weight_int4pack_mm`` (bf16)
+W8A8 (int8 sym per channel weights)    ``torch._int_mm``                  ``torch._int_mm`` (M padded to 17)
+everything else                        reference                          reference
+=====================================  =================================  ==========================
+"""
+
+from slimlm.kernels.base import REFERENCE, Tensors, WeightKernel, relative_error, reset_checks, weight_matmul
+from slimlm.kernels.select import (
+    KERNELS,
+    W8A8_REFERENCE,
+    get_kernel,
+    select_w8a8_kernel,
+    select_weight_kernel,
+)
+
+__all__ = [
+    "KERNELS",
+    "REFERENCE",
+    "W8A8_REFERENCE",
+    "Tensors",
+    "WeightKernel",
+    "get_kernel",
+    "relative_error",
+    "reset_checks",
+    "select_w8a8_kernel",
+    "select_weight_kernel",
+    "weight_matmul",
+]

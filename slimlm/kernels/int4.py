@@ -1,0 +1,106 @@
+"""int4 weight-only with groups along the input dimension: torch's int4pack kernels.
+
+slimlm's affine format reads ``w = (u - z) * s`` with unsigned codes ``u`` in
+``[0, 15]``, an integer zero ``z`` and a float16 scale ``s`` per group
+(symmetric int4 stores its signed codes offset by 8, so ``u = q + 8`` and
+``z = 8``). torch's int4 kernels read ``w = (u - 8) * s + t`` with a float
+offset ``t`` per group. Equal for every ``u`` when
+
+    t = (8 - z) * s        (t = 0 when symmetric)
+
+which is exact in float32 (``s`` has 11 significant bits, ``8 - z`` at most
+5). ``scale_zeros`` packs ``(s, t)`` as ``(in // G, out, 2)`` in the
+activation dtype, the layout both kernels read.
+
+* CPU: ``_convert_weight_to_int4pack_for_cpu(u int32 (N, K))`` once, then
+  ``_weight_int4pack_mm_for_cpu(x, w, G, scale_zeros)``; float32, bfloat16
+  and float16 activations. Needs ``G`` in 32/64/128/256 and ``N % 16 == 0``.
+* CUDA (sm80+): ``_convert_weight_to_int4pack(uint8 (N, K/2), inner_k_tiles)``
+  with two codes a byte, high nibble first, then ``_weight_int4pack_mm``;
+  bfloat16 activations only (others take the reference path). Needs ``G`` in
+  32/64/128/256, ``N % 8 == 0`` and ``K % (16 * inner_k_tiles) == 0``.
+
+The layout keeps the portable codes, scales and zeros beside the int4pack
+tensor (it cannot be inverted cheaply), so a checkpoint is written from
+them and the first-use check and fallback can dequantize.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slimlm.formats.granularity import PerGroup
+from slimlm.formats.packing import unpack_bits
+from slimlm.formats.scheme import IntScheme, Scheme
+from slimlm.kernels.base import Shape, Tensors, WeightKernel
+from slimlm.kernels.device import has_aten_op, is_cpu, is_cuda_sm80
+
+GROUP_SIZES = (32, 64, 128, 256)
+_PORTABLE_KEYS = ("codes", "scale", "zero")
+
+
+def is_int4_grouped(scheme: Scheme) -> bool:
+    return (isinstance(scheme, IntScheme) and scheme.bits == 4 and isinstance(scheme.granularity, PerGroup)
+            and scheme.granularity.size in GROUP_SIZES)  # fmt: skip
+
+
+def inner_k_tiles(in_features: int) -> int | None:
+    """Largest of 8, 4, 2 with ``in_features % (16 * tiles) == 0`` (CUDA layout), else None."""
+    return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
+def scale_zeros(tensors: Tensors, dtype: torch.dtype) -> Tensor:
+    """``(in // G, out, 2)`` pairs ``(s, (8 - z) * s)`` in ``dtype`` (see the module docstring)."""
+    s = tensors["scale"].float()  # (N, g)
+    zero = tensors.get("zero")
+    t = torch.zeros_like(s) if zero is None else (8.0 - zero.float()) * s  # (N, g)
+    return torch.stack([s, t], dim=-1).transpose(0, 1).contiguous().to(dtype)  # (g, N, 2)
+
+
+class Int4Grouped(WeightKernel):
+    """Layout: the portable ``codes``/``scale``/``zero``, plus ``int4pack`` and ``scale_zeros``."""
+
+    is_reference = False
+
+    def __init__(self, *, cpu: bool) -> None:
+        self.cpu = cpu
+        self.name = "int4_grouped_cpu" if cpu else "int4_grouped_cuda"
+
+    def supports(self, scheme: Scheme, shape: Shape, device: torch.device) -> bool:
+        if not is_int4_grouped(scheme):
+            return False
+        out_features, in_features = shape
+        if self.cpu:
+            ops = has_aten_op("_convert_weight_to_int4pack_for_cpu") and has_aten_op("_weight_int4pack_mm_for_cpu")
+            return is_cpu(device) and ops and out_features % 16 == 0
+        ops = has_aten_op("_convert_weight_to_int4pack") and has_aten_op("_weight_int4pack_mm")
+        return is_cuda_sm80(device) and ops and out_features % 8 == 0 and inner_k_tiles(in_features) is not None
+
+    def prepare(self, packed: Tensors, scheme: Scheme, shape: Shape, *, dtype: torch.dtype) -> Tensors:
+        u = unpack_bits(packed["codes"], 4, shape[1])  # (N, K) uint8 in [0, 15]
+        if self.cpu:
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 2)
+        else:
+            pairs = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).contiguous()  # (N, K/2), high nibble first
+            w = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(shape[1]))
+            dtype = torch.bfloat16
+        out = self.portable(packed, scheme, shape)
+        out["int4pack"] = w
+        out["scale_zeros"] = scale_zeros(packed, dtype)
+        return out
+
+    def portable(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensors:
+        return {k: tensors[k] for k in _PORTABLE_KEYS if k in tensors}
+
+    def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
+        group = scheme.granularity.size
+        if not self.cpu and x.dtype != torch.bfloat16:
+            return self.reference_matmul(x, tensors, scheme, shape)
+        sz = tensors["scale_zeros"]
+        if sz.dtype != x.dtype:
+            # Activations in another dtype than prepared for: re-derive the small
+            # (in // G, out, 2) table once and keep it (a one-entry cache).
+            sz = tensors["scale_zeros"] = scale_zeros(tensors, x.dtype)
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu if self.cpu else torch.ops.aten._weight_int4pack_mm
+        return op(x.contiguous(), tensors["int4pack"], group, sz)

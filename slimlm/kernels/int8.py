@@ -1,0 +1,69 @@
+"""int8 weight-only, symmetric, one scale per output row (or per tensor).
+
+``y = (x @ q^T) * s`` with int8 codes ``q (out, in)`` and float16 scales
+``s (out or 1, 1)``: the scale factors out of the sum, so the kernel never
+builds a float weight.
+
+* CPU: ``torch.ops.aten._weight_int8pack_mm(x (M, K), q int8 (N, K), s (N,))``
+  (scales in ``x.dtype``; float32, bfloat16 and float16 activations), which
+  reads one byte per weight instead of two or four.
+* other devices: ``F.linear(x, q.to(x.dtype)) * s`` -- one cast of the codes
+  per call, no multiply over the weight. float16 activations use the
+  reference path instead: an unscaled sum of codes up to 127 may overflow it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slimlm.formats import codec
+from slimlm.formats.granularity import PerChannel, PerTensor
+from slimlm.formats.scheme import IntScheme, QuantizedWeight, Scheme
+from slimlm.kernels.base import Shape, Tensors, WeightKernel
+from slimlm.kernels.device import has_aten_op, is_cpu
+
+
+def is_int8_symmetric_rowwise(scheme: Scheme) -> bool:
+    """int8, symmetric, one scale per row or per tensor: the scale factors out of ``x @ q^T``."""
+    return (isinstance(scheme, IntScheme) and scheme.bits == 8 and scheme.symmetric
+            and isinstance(scheme.granularity, (PerChannel, PerTensor)))  # fmt: skip
+
+
+class Int8WeightOnly(WeightKernel):
+    """Layout: ``qweight`` int8 (out, in) and the stored float16 ``scale`` (R, 1)."""
+
+    is_reference = False
+
+    def __init__(self, *, cpu: bool) -> None:
+        self.cpu = cpu
+        self.name = "int8_weight_only_cpu" if cpu else "int8_weight_only"
+
+    def supports(self, scheme: Scheme, shape: Shape, device: torch.device) -> bool:
+        if not is_int8_symmetric_rowwise(scheme):
+            return False
+        if self.cpu:
+            return is_cpu(device) and has_aten_op("_weight_int8pack_mm")
+        return not is_cpu(device)
+
+    def prepare(self, packed: Tensors, scheme: Scheme, shape: Shape, *, dtype: torch.dtype) -> Tensors:
+        qw = codec.unpack(packed, scheme, shape)
+        return {"qweight": qw.codes.contiguous(), "scale": packed["scale"]}
+
+    def portable(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensors:
+        qw = QuantizedWeight(scheme, shape, tensors["qweight"], scale=tensors["scale"].float())
+        return codec.pack(qw)
+
+    def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
+        return tensors["qweight"].float() * tensors["scale"].float()  # (out, in) * (R, 1)
+
+    def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
+        q, s = tensors["qweight"], tensors["scale"]  # (N, K) int8, (R, 1) float16
+        n = shape[0]
+        if self.cpu:
+            scales = s.to(x.dtype).expand(n, 1).reshape(n)  # (N,)
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scales)
+        if x.dtype == torch.float16:
+            return self.reference_matmul(x, tensors, scheme, shape)
+        return F.linear(x, q.to(x.dtype)) * s.to(x.dtype).reshape(1, -1)  # (M, N) * (1, R)

@@ -1,0 +1,57 @@
+"""The one table of kernels, and the choice of one for a scheme, shape and device.
+
+Weight-only kernels are tried in :data:`WEIGHT_ONLY_KERNELS` order; the first
+that supports the scheme, weight shape and device wins, else the reference
+path (dequantize per call, then ``F.linear``) -- which is what 2/3/5..7-bit
+int, int8 asymmetric or per group, NF4, k-means, ternary and binary weights
+use on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.formats.scheme import Scheme
+from slimlm.kernels.base import REFERENCE, Shape, WeightKernel
+from slimlm.kernels.int4 import Int4Grouped
+from slimlm.kernels.int8 import Int8WeightOnly
+from slimlm.kernels.w8a8 import W8A8
+
+WEIGHT_ONLY_KERNELS: tuple[WeightKernel, ...] = (
+    Int8WeightOnly(cpu=True),
+    Int8WeightOnly(cpu=False),
+    Int4Grouped(cpu=True),
+    Int4Grouped(cpu=False),
+)
+W8A8_KERNELS: tuple[WeightKernel, ...] = (W8A8(fast=True),)
+W8A8_REFERENCE = W8A8(fast=False)
+
+KERNELS: dict[str, WeightKernel] = {
+    k.name: k for k in (REFERENCE, *WEIGHT_ONLY_KERNELS, *W8A8_KERNELS, W8A8_REFERENCE)
+}
+
+
+def _first(kernels: tuple[WeightKernel, ...], scheme: Scheme, shape: Shape, device: torch.device) -> WeightKernel | None:
+    return next((k for k in kernels if k.supports(scheme, shape, torch.device(device))), None)
+
+
+def select_weight_kernel(scheme: Scheme, shape: Shape, device: torch.device, *, fast: bool = True) -> WeightKernel:
+    """The kernel a weight-only quantized linear of ``shape`` in ``scheme`` uses on ``device``."""
+    kernel = _first(WEIGHT_ONLY_KERNELS, scheme, shape, device) if fast else None
+    return kernel or REFERENCE
+
+
+def select_w8a8_kernel(scheme: Scheme, shape: Shape, device: torch.device, *, fast: bool = True) -> WeightKernel:
+    """The kernel a W8A8 linear uses: ``torch._int_mm`` where it applies, else float reference."""
+    if not W8A8_REFERENCE.supports(scheme, shape, device):
+        raise SlimlmError(f"W8A8 needs int8 symmetric per-channel weights, got {scheme!r}")
+    kernel = _first(W8A8_KERNELS, scheme, shape, device) if fast else None
+    return kernel or W8A8_REFERENCE
+
+
+def get_kernel(name: str) -> WeightKernel:
+    """The kernel registered under ``name`` (names appear in ``extra_repr``)."""
+    if name not in KERNELS:
+        raise SlimlmError(f"unknown kernel {name!r}; valid: {', '.join(KERNELS)}")
+    return KERNELS[name]

@@ -1,0 +1,139 @@
+"""Shared machinery of linears whose weight lives in a packed, kernel-chosen layout.
+
+A :class:`PackedLinear` holds its weight as a dict of tensors in the layout
+of the kernel chosen for its device (``slimlm.kernels``), plus a bias
+parameter. The layout is a private detail; what ``state_dict()`` writes is
+always the portable packed form of :mod:`slimlm.formats.codec` (keys such as
+``codes``, ``scale``, ``zero``), and ``load_state_dict`` re-derives the
+kernel layout from it. So checkpoints do not depend on the device or kernel.
+
+The packed tensors are plain attributes, not registered buffers, because a
+dtype cast of the model (``model.to(torch.bfloat16)``) must not round the
+float16 scales; :meth:`_apply` moves them when the device changes, and
+re-derives the kernel layout for the new device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.formats.scheme import Scheme
+from slimlm.kernels import REFERENCE, Tensors, WeightKernel, weight_matmul
+
+log = logging.getLogger("slimlm.nn")
+
+
+def _nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class PackedLinear(nn.Module):
+    """Base of :class:`QuantLinear` and :class:`W8A8Linear` (not used directly)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, *, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        self.compute_dtype = dtype
+        self.kernel: WeightKernel = REFERENCE
+        self._weight: Tensors = {}
+        self._extra: Tensors = {}  # stored beside the weight (e.g. a smoothing vector)
+        self._packed_bytes = 0
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.bias = nn.Parameter(b, requires_grad=False) if bias else None
+
+    # --- what subclasses decide -------------------------------------------
+
+    def _select_kernel(self, device: torch.device) -> WeightKernel:
+        raise NotImplementedError
+
+    # --- layout ---------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def weight_device(self) -> torch.device:
+        return next(iter(self._weight.values())).device
+
+    def _install(self, packed: Tensors, *, kernel: WeightKernel | None = None) -> None:
+        """Lay out portable ``packed`` tensors for the kernel of their device."""
+        device = next(iter(packed.values())).device
+        self.kernel = kernel or self._select_kernel(device)
+        self._packed_bytes = _nbytes(packed)
+        self._weight = self.kernel.prepare(packed, self.scheme, self.shape, dtype=self.compute_dtype)
+
+    def portable_tensors(self) -> Tensors:
+        """The checkpoint content besides the bias: portable packed weight and extras."""
+        return {**self.kernel.portable(self._weight, self.scheme, self.shape), **self._extra}
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 -- torch's signature
+        super()._apply(fn, recurse)
+        if not self._weight:
+            return self
+        device = fn(torch.empty(0, device=self.weight_device)).device  # where fn sends tensors
+        if device != self.weight_device:
+            packed = {k: v.to(device) for k, v in self.kernel.portable(self._weight, self.scheme, self.shape).items()}
+            self._extra = {k: v.to(device) for k, v in self._extra.items()}
+            self._install(packed)
+        return self
+
+    # --- state dict: always the portable form ------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 -- torch's signature
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self.portable_tensors().items():
+            destination[prefix + name] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: ANN001 -- torch's signature  # fmt: skip
+        expected = self.portable_tensors()
+        loaded: Tensors = {}
+        for name, ref in expected.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            t = state_dict[key]
+            if t.shape != ref.shape or t.dtype != ref.dtype:
+                error_msgs.append(f"{key}: expected {ref.dtype} {tuple(ref.shape)} for {self.scheme!r}, "
+                                  f"got {t.dtype} {tuple(t.shape)}")  # fmt: skip
+                continue
+            loaded[name] = t.detach().to(ref.device, copy=True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        ours = {prefix + name for name in expected}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in ours]
+        if len(loaded) == len(expected):
+            self._extra = {k: loaded.pop(k) for k in self._extra}
+            self._install(loaded)
+
+    # --- compute and accounting ---------------------------------------------
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """``x (..., in) -> (..., out)`` in ``x.dtype`` through the kernel, plus the bias."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        y = weight_matmul(self.kernel, x2, self._weight, self.scheme, self.shape)  # (M, out)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)  # (..., out)
+
+    def dequantized_weight(self) -> Tensor:
+        """The float32 weight ``(out, in)`` the packed tensors stand for."""
+        return self.kernel.dequantize(self._weight, self.scheme, self.shape)
+
+    def weight_storage(self) -> tuple[int, int]:
+        """``(number of weights, bytes)`` of the stored form: codes, scales, zeros,
+        codebooks and extras such as a smoothing vector -- not the bias, not the
+        kernel's private layout."""
+        return self.in_features * self.out_features, self._packed_bytes + _nbytes(self._extra)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme!r}, kernel={self.kernel.name}")  # fmt: skip
