@@ -60,12 +60,21 @@ def check_gguf(path: Path) -> str:
 
 def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     """The same weights in a freshly built model whose config has no quantization_config."""
+    from transformers.initialization import no_init_weights
+
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     dtype = next(model.parameters()).dtype
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init of a model we overwrite next is wasted seconds; skipping it
+    # may leave buffers that _init_weights would fill unset, so copy every
+    # buffer (non-persistent ones such as rotary inv_freq included) as well.
+    with no_init_weights():
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plain.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            plain.get_buffer(name).copy_(buf)
     plain.tie_weights()
     plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.eval()
