@@ -103,7 +103,7 @@ def _human(n: float, unit: str, *, binary: bool = False) -> str:
 
 def format_info(info: ModelInfo, *, linears: bool = True) -> str:
     """A readable multi-line table; ``linears=False`` leaves out the per-linear rows."""
-    h = info.heads
+    h, kv = info.heads, info.kv_bytes_per_token
     rows = [
         ("architecture", f"{info.architecture} ({info.model_type})"),
         ("parameters", f"{info.n_params:,} ({_human(info.n_params, '')})"),
@@ -111,7 +111,7 @@ def format_info(info: ModelInfo, *, linears: bool = True) -> str:
         ("size", f"{_human(info.size_bytes, 'B', binary=True)} ({info.size_bytes:,} bytes)"),
         ("decoder layers", str(info.n_layers)),
         ("heads", f"{h.n_heads} query, {h.n_kv_heads} kv, head dim {h.head_dim}"),
-        ("KV cache / token", f"{_human(info.kv_bytes_per_token, 'B', binary=True)} ({info.kv_bytes_per_token:,} bytes)"),
+        ("KV cache / token", f"{_human(kv, 'B', binary=True)} ({kv:,} bytes)"),
         ("tied embeddings", "yes" if info.tied_embeddings else "no"),
         ("linears", str(len(info.linears))),
     ]

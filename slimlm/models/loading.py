@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from slimlm.errors import SlimlmError
 from slimlm.models._common import short_error
@@ -84,16 +84,20 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer; returns (model in eval mode, tokenizer)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise SlimlmError(f"dtype {dtype!r} is not a floating torch dtype: use torch.float32, torch.bfloat16 or torch.float16")
+        raise SlimlmError(
+            f"dtype {dtype!r} is not a floating torch dtype: use torch.float32, torch.bfloat16 or torch.float16"
+        )
     resolved = resolve_source(source)
     model, tokenizer = _LOADERS[resolved.kind](resolved, dtype)
     model = _to_device(model, device)
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
-        log.warning("tokenizer of %s has %d tokens but the model embeds only %d", resolved.source, len(tokenizer), n_embeddings)
+        log.warning(
+            "tokenizer of %s has %d tokens but the model embeds only %d", resolved.source, len(tokenizer), n_embeddings
+        )
     log.info("loaded %s (%s) as %s on %s", resolved.source, resolved.kind, type(model).__name__, device)
     return model.eval(), tokenizer
 
@@ -104,7 +108,9 @@ def _to_device(model: PreTrainedModel, device: str) -> PreTrainedModel:
     # torch raises RuntimeError for an unknown device string and AssertionError
     # ("Torch not compiled with CUDA enabled") for a backend it was built without.
     except (RuntimeError, AssertionError) as e:
-        raise SlimlmError(f"cannot move the model to device {device!r} ({short_error(e)}): use 'cpu' or an available device") from e
+        raise SlimlmError(
+            f"cannot move the model to device {device!r} ({short_error(e)}): use 'cpu' or an available device"
+        ) from e
 
 
 def _load_builtin(src: ModelSource, dtype: torch.dtype):
