@@ -40,20 +40,35 @@ def _load(source: str, dtype: str):
     return load_model(source, dtype=getattr(torch, dtype))
 
 
+def _local_path(source: str) -> Path | None:
+    """Where the model's files are, for built-ins too (their converted cache)."""
+    from slimlm.models import builtin_dir, resolve_source
+
+    src = resolve_source(source)
+    return builtin_dir(source) if src.kind == "builtin" else src.path
+
+
 def _model_id(source: str) -> str:
     """A stable identity for caching: the source and a fingerprint of its files."""
     from slimlm.eval.cache import fingerprint_path
-    from slimlm.models import resolve_source
 
-    src = resolve_source(source)
-    return f"{source}@{fingerprint_path(src.path)}" if src.path else source
+    path = _local_path(source)
+    return f"{source}@{fingerprint_path(path)}" if path else source
 
 
 def _model_dir(source: str) -> str | None:
-    from slimlm.models import resolve_source
+    path = _local_path(source)
+    return str(path) if path and path.is_dir() else None
 
-    path = resolve_source(source).path
-    return str(path) if path and Path(path).is_dir() else None
+
+def _default_base(source: str) -> str | None:
+    """A compressed checkpoint is compared with the model it was made from."""
+    from slimlm.io import is_compressed_dir, read_manifest
+
+    path = _local_path(source)
+    if path and is_compressed_dir(path):
+        return read_manifest(path).get("base_model")
+    return None
 
 
 def _check_output(path: str | None, overwrite: bool) -> None:
@@ -71,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sources = args.models or [DEFAULT_MODEL]
     if len(sources) > 1 and not args.compare:
         raise SlimlmError("several models given: pass --compare to evaluate them side by side")
-    base = args.base or (sources[0] if len(sources) > 1 else None)
+    base = args.base or (sources[0] if len(sources) > 1 else _default_base(sources[0]))
     results: list[Result] = []
     for source in sources:
         if source.endswith(".json") and Path(source).is_file():

@@ -24,7 +24,7 @@ from slimlm.models.gguf import load_gguf
 
 log = logging.getLogger("slimlm.models")
 
-KINDS = ("builtin", "hf_dir", "gguf", "hub")
+KINDS = ("builtin", "hf_dir", "gguf", "hub", "slimlm")  # slimlm: a compressed checkpoint
 # org/name as the hub spells repo ids (one slash, no leading dot or dash).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -61,6 +61,8 @@ def resolve_source(source: str | os.PathLike) -> ModelSource:
                 f"{path} is a directory but not a model (no config.json): point at a Hugging Face model "
                 "directory (config.json + weights), e.g. one written by save_pretrained"
             )
+        if (path / "slimlm_manifest.json").is_file():
+            return ModelSource("slimlm", text, path)
         return ModelSource("hf_dir", text, path)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -179,7 +181,14 @@ def _load_hub(src: ModelSource, dtype: torch.dtype):
     return model, _load_tokenizer(repo, repr(repo), **local_only)
 
 
+def _load_slimlm(src: ModelSource, dtype: torch.dtype):
+    from slimlm.io import load_compressed
+
+    return load_compressed(src.path)  # keeps the dtype it was saved in
+
+
 _LOADERS = {
+    "slimlm": _load_slimlm,
     "builtin": _load_builtin,
     "hf_dir": _load_hf_dir,
     "gguf": _load_gguf,
