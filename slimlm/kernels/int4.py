@@ -31,12 +31,16 @@ import torch
 from torch import Tensor
 
 from slimlm.formats.granularity import PerGroup
-from slimlm.formats.packing import unpack_bits
 from slimlm.formats.scheme import IntScheme, Scheme
 from slimlm.kernels.base import Shape, Tensors, WeightKernel
 from slimlm.kernels.device import has_aten_op, is_cpu, is_cuda_sm80
 
 GROUP_SIZES = (32, 64, 128, 256)
+# The CPU int4 kernel's time grows linearly with the rows M (a GEMV per row,
+# roughly); dequantizing once (a fixed cost per weight) and running the dtype's
+# GEMM wins from about M = 64 on 576x1536 and M = 512 on 4096x4096 (1 thread,
+# benchmarks/kernels.py). Prefill-sized batches take that path.
+CPU_LARGE_M = 256
 _PORTABLE_KEYS = ("codes", "scale", "zero")
 
 
@@ -48,6 +52,16 @@ def is_int4_grouped(scheme: Scheme) -> bool:
 def inner_k_tiles(in_features: int) -> int | None:
     """Largest of 8, 4, 2 with ``in_features % (16 * tiles) == 0`` (CUDA layout), else None."""
     return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
+
+
+def unpack_int4(codes: Tensor, in_features: int) -> Tensor:
+    """Portable 4-bit codes ``(N, K/2)`` (code ``2k`` in the low nibble of byte ``k``) -> ``(N, K)`` uint8.
+
+    The same result as ``formats.packing.unpack_bits(codes, 4, K)`` for even
+    ``K``, in uint8 arithmetic (the generic unpacker works in int64).
+    """
+    pairs = torch.stack([codes & 0x0F, codes >> 4], dim=-1)  # (N, K/2, 2)
+    return pairs.reshape(codes.shape[0], in_features)  # (N, K)
 
 
 def scale_zeros(tensors: Tensors, dtype: torch.dtype) -> Tensor:
@@ -78,7 +92,7 @@ class Int4Grouped(WeightKernel):
         return is_cuda_sm80(device) and ops and out_features % 8 == 0 and inner_k_tiles(in_features) is not None
 
     def prepare(self, packed: Tensors, scheme: Scheme, shape: Shape, *, dtype: torch.dtype) -> Tensors:
-        u = unpack_bits(packed["codes"], 4, shape[1])  # (N, K) uint8 in [0, 15]
+        u = unpack_int4(packed["codes"], shape[1])  # (N, K) uint8 in [0, 15]
         if self.cpu:
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 2)
         else:
@@ -93,9 +107,21 @@ class Int4Grouped(WeightKernel):
     def portable(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensors:
         return {k: tensors[k] for k in _PORTABLE_KEYS if k in tensors}
 
+    def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
+        """``(u - z) * s`` in float32 (equal to the codec's dequantize), from uint8 unpacking."""
+        n, k = shape
+        g = k // scheme.granularity.size
+        u = unpack_int4(tensors["codes"], k).float().reshape(n, g, -1)  # (N, g, G)
+        zero = tensors.get("zero")
+        if zero is not None:
+            u = u - zero.float().unsqueeze(-1)
+        else:
+            u = u - 8.0  # symmetric codes are stored offset by 8
+        return (u * tensors["scale"].float().unsqueeze(-1)).reshape(n, k)  # (N, K)
+
     def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         group = scheme.granularity.size
-        if not self.cpu and x.dtype != torch.bfloat16:
+        if (not self.cpu and x.dtype != torch.bfloat16) or (self.cpu and x.shape[0] >= CPU_LARGE_M):
             return self.reference_matmul(x, tensors, scheme, shape)
         sz = tensors["scale_zeros"]
         if sz.dtype != x.dtype:

@@ -32,7 +32,9 @@ KERNELS: dict[str, WeightKernel] = {
 }
 
 
-def _first(kernels: tuple[WeightKernel, ...], scheme: Scheme, shape: Shape, device: torch.device) -> WeightKernel | None:
+def _first(
+    kernels: tuple[WeightKernel, ...], scheme: Scheme, shape: Shape, device: torch.device
+) -> WeightKernel | None:
     return next((k for k in kernels if k.supports(scheme, shape, torch.device(device))), None)
 
 

@@ -67,8 +67,8 @@ class W8A8Linear(PackedLinear):
         module = cls(in_features, out_features, bias=bias, dtype=dtype, device=device)
         if smooth:
             module._extra = {SMOOTH_KEY: torch.ones(in_features, device=device)}
-        module._install(zero_packed(module.scheme, module.shape, device),
-                        kernel=select_w8a8_kernel(module.scheme, module.shape, torch.device("cpu"), fast=False))  # fmt: skip
+        reference = select_w8a8_kernel(module.scheme, module.shape, torch.device("cpu"), fast=False)
+        module._install(zero_packed(module.scheme, module.shape, device), kernel=reference)
         return module
 
     def forward(self, x: Tensor) -> Tensor:

@@ -44,15 +44,17 @@ def test_int8_weight_only_matches_reference(device, dtype, m):
     ((1536, 576), 64, False), ((576, 1536), 128, False), ((64, 256), 32, False),
     ((64, 512), 256, False), ((32, 576), 64, True),
 ])  # fmt: skip
-def test_int4_grouped_matches_reference(device, dtype, shape, group, symmetric):
+@pytest.mark.parametrize("m", [5, 300])  # decode-sized and prefill-sized batches take different paths
+def test_int4_grouped_matches_reference(device, dtype, shape, group, symmetric, m):
     scheme = IntScheme(4, symmetric=symmetric, granularity=PerGroup(group))
-    kernel, t, _ = _prepared(scheme, shape, device, dtype)
+    kernel, t, packed = _prepared(scheme, shape, device, dtype)
     if device == "cpu":
         assert kernel.name == "int4_grouped_cpu"
-    x = _x(5, shape[1], device, dtype)
+    x = _x(m, shape[1], device, dtype)
     y = kernel.matmul(x, t, scheme, shape)
     assert y.dtype == dtype
-    assert relative_error(y, kernel.reference_matmul(x, t, scheme, shape)) < TIGHT[dtype]
+    assert relative_error(y, REFERENCE.matmul(x, packed, scheme, shape)) < TIGHT[dtype]
+    assert torch.equal(kernel.dequantize(t, scheme, shape), codec.dequantize(codec.unpack(packed, scheme, shape)))
 
 
 def test_int4_zero_convention_is_exact():
