@@ -11,8 +11,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SizeReport:
-    params: int  # parameters, shared (tied) tensors counted once
-    model_bytes: int  # bytes of all parameters and buffers in memory, shared counted once
+    params: int  # parameters (a compressed linear counts its logical weights), shared tensors once
+    model_bytes: int  # bytes of parameters, buffers and packed weights, shared counted once
     linear_weights: int  # weights in the decoder blocks' linears
     linear_bytes: int  # bytes those weights take, with scales, zeros, masks and codebooks
     bits_per_weight: float  # 8 * linear_bytes / linear_weights
@@ -58,10 +58,26 @@ def block_linears_of(model: nn.Module) -> list[nn.Module]:
     return [m for block in decoder_blocks(model) for m in block_linears(block, adapter).values()]
 
 
+def packed_storage(model: nn.Module) -> tuple[int, int]:
+    """(weights, bytes) held by compressed runtime modules outside parameters and buffers.
+
+    Runtime modules (QuantLinear, ...) keep their packed tensors as plain
+    attributes (so a dtype cast cannot round their scales); they report them
+    through ``weight_storage()``.
+    """
+    n_w = n_b = 0
+    for m in model.modules():
+        if hasattr(m, "weight_storage"):
+            w, b = m.weight_storage()
+            n_w, n_b = n_w + w, n_b + b
+    return n_w, n_b
+
+
 def measure_size(model: nn.Module, *, model_dir: str | Path | None = None) -> SizeReport:
     tensors = unique_tensors(model)
-    params = sum(p.numel() for p in unique_params(model))
-    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    packed_w, packed_b = packed_storage(model)
+    params = sum(p.numel() for p in unique_params(model)) + packed_w
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors) + packed_b
     n_w = n_b = 0
     for m in block_linears_of(model):
         w, b = weight_storage(m)
@@ -82,7 +98,7 @@ def measure_size(model: nn.Module, *, model_dir: str | Path | None = None) -> Si
 def bytes_read_per_token(model: nn.Module) -> int:
     """Weight bytes one decode step reads: every parameter once, except that
     an untied input embedding table is only indexed (one row), not read whole."""
-    total = sum(t.numel() * t.element_size() for t in unique_params(model))
+    total = sum(t.numel() * t.element_size() for t in unique_params(model)) + packed_storage(model)[1]
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is not None and (head is None or head.weight.data_ptr() != emb.weight.data_ptr()):

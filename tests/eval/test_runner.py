@@ -86,3 +86,18 @@ def test_result_json_rejects_foreign_files(tmp_path):
     with pytest.raises(SlimlmError, match="not a slimlm result"):
         load_result(p)
     assert isinstance(Result, type)
+
+
+def test_size_of_a_quantized_model_counts_packed_weights():
+    from slimlm.api import apply
+    from slimlm.quant import RTN
+
+    dense = measure_size(tiny_model("llama"))
+    model = tiny_model("llama")
+    apply(model, RTN(scheme="int4-g16"))
+    q = measure_size(model)
+    assert q.params == dense.params  # the logical weights are all still there
+    assert q.bits_per_weight == pytest.approx(4 + 32 / 16)  # int4 codes + fp16 scale and zero per 16
+    saved = dense.linear_bytes - q.linear_bytes
+    assert dense.model_bytes - q.model_bytes == saved
+    assert bytes_read_per_token(model) == bytes_read_per_token(tiny_model("llama")) - saved
