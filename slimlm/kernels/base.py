@@ -49,6 +49,10 @@ class WeightKernel:
     def supports(self, scheme: Scheme, shape: Shape, device: torch.device) -> bool:
         return True
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype activations of ``dtype`` are multiplied in (the self-check tolerance follows it)."""
+        return dtype
+
     def prepare(self, packed: Tensors, scheme: Scheme, shape: Shape, *, dtype: torch.dtype) -> Tensors:
         """This kernel's layout of the portable ``packed`` tensors (done once, at load)."""
         return dict(packed)
@@ -92,7 +96,7 @@ def _first_use(kernel: WeightKernel, key: tuple, x: Tensor, tensors: Tensors, sc
         _CHECKED[key] = False
         return ref
     err = relative_error(y, ref)
-    tol = SELF_CHECK_TOL.get(x.dtype, 1e-4)
+    tol = SELF_CHECK_TOL.get(kernel.compute_dtype(x.dtype), 1e-4)
     if not err <= tol:
         log.warning("kernel %s disagrees with the reference on %s/%s (relative error %.2e > %.0e); "
                     "using the reference path", kernel.name, key[1], key[2], err, tol)  # fmt: skip

@@ -119,8 +119,15 @@ class Int4Grouped(WeightKernel):
             u = u - 8.0  # symmetric codes are stored offset by 8
         return (u * tensors["scale"].float().unsqueeze(-1)).reshape(n, k)  # (N, K)
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16 if self.cpu and dtype == torch.float32 else dtype
+
     def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         group = scheme.granularity.size
+        if self.cpu and x.dtype == torch.float32 and x.shape[0] < CPU_LARGE_M:
+            # torch's CPU int4 kernel is ~25x slower with float32 activations than with
+            # bfloat16 (1.5 vs 0.056 ms for 1x576x1536 on this machine): multiply in bf16.
+            return self.matmul(x.to(torch.bfloat16), tensors, scheme, shape).float()
         if (not self.cpu and x.dtype != torch.bfloat16) or (self.cpu and x.shape[0] >= CPU_LARGE_M):
             return self.reference_matmul(x, tensors, scheme, shape)
         sz = tensors["scale_zeros"]

@@ -62,9 +62,16 @@ class Int8WeightOnly(WeightKernel):
     def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         return tensors["qweight"].float() * tensors["scale"].float()  # (out, in) * (R, 1)
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16 if self.cpu and dtype == torch.float32 else dtype
+
     def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         q, s = tensors["qweight"], tensors["scale"]  # (N, K) int8, (R, 1) float16
         n = shape[0]
+        if self.cpu and x.shape[0] < CPU_LARGE_M and x.dtype == torch.float32:
+            # torch's CPU int8 kernel is ~12x slower with float32 activations than with
+            # bfloat16 (0.74 vs 0.06 ms for 1x576x1536 on this machine): multiply in bf16.
+            return self.matmul(x.to(torch.bfloat16), tensors, scheme, shape).float()
         if self.cpu and x.shape[0] < CPU_LARGE_M:
             scales = s.to(x.dtype).expand(n, 1).reshape(n)  # (N,)
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scales)
