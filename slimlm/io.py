@@ -112,6 +112,11 @@ def save_compressed(
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    if not path.is_dir():
+        raise SlimlmError(f"checkpoint {path} does not exist: give a directory written by `slimlm compress`")
+    if not (path / MANIFEST).is_file():
+        raise SlimlmError(f"{path} is not a slimlm checkpoint (no {MANIFEST}): give a directory written by "
+                          "`slimlm compress`")  # fmt: skip
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
