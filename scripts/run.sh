@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/slimlm eval "$@"
+# Compress the built-in model with the default recipe, save it under out/, and
+# print base vs compressed on the wiki-v1 protocol (re-running replaces out/).
+exec .venv/bin/slimlm compress --overwrite "$@"
