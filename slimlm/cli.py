@@ -1,4 +1,4 @@
-"""`slimlm compress | eval | export | info | generate`: parse arguments, call the library, print.
+"""`slimlm compress | eval | export | recipes | info | generate`: parse arguments, call the library, print.
 
 Library errors (SlimlmError) become one line on stderr and a non-zero exit;
 anything else is a bug and shows its traceback under --debug.
@@ -181,6 +181,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from slimlm.recipe import load_recipe, shipped_recipes
+
+    for name, path in sorted(shipped_recipes().items()):
+        comment = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        steps = ", ".join(type(s).__name__ for s in load_recipe(name).steps)
+        print(f"{name:22s} {steps:10s} {comment}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from slimlm.models import format_info, model_info
 
@@ -252,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(func=cmd_recipes)
 
     i = sub.add_parser("info", help="architecture, parameters, size and linears of a model")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL)

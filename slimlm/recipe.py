@@ -8,6 +8,9 @@
         lm_head: false
         overrides: {"*.self_attn.v_proj": int8-channel}
 
+A step may also be written with the method as its only key and the scheme's
+fields inline: ``- rtn: {bits: 4, group_size: 64, symmetric: false}``.
+
 Shorthand (schemes, patterns) is parsed here, once, into typed configs.
 """
 
@@ -27,6 +30,29 @@ from slimlm.targets import Targets
 
 METHODS: dict[str, type] = {"rtn": RTN}
 _TARGET_KEYS = ("include", "exclude", "lm_head")
+# Scheme fields a step may give inline instead of ``scheme:`` (see formats.parse_scheme).
+_SCHEME_KEYS = ("format", "bits", "group_size", "symmetric", "clip_search", "block_size", "double_quant",
+                "per_row", "iters", "init", "threshold", "pack_base3")  # fmt: skip
+
+
+def _normalise(step: Any) -> dict[str, Any]:
+    """``{rtn: {...}}`` -> ``{method: rtn, ...}``; inline scheme fields -> ``scheme: {...}``."""
+    if isinstance(step, dict) and len(step) == 1 and "method" not in step:
+        (method, body), = step.items()
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise SlimlmError(f"recipe step {method!r} must map to its fields, e.g. {{bits: 4, group_size: 64}}")
+        step = {"method": method, **body}
+    if not isinstance(step, dict):
+        return step
+    inline = {k: step[k] for k in _SCHEME_KEYS if k in step}
+    if inline:
+        if "scheme" in step:
+            raise SlimlmError(f"give either scheme: or the inline fields {', '.join(inline)}, not both")
+        step = {k: v for k, v in step.items() if k not in inline}
+        step["scheme"] = {"format": "int", **inline}
+    return step
 
 
 @dataclass(frozen=True)
@@ -38,6 +64,7 @@ class Recipe:
 
 def config_from_dict(step: dict[str, Any]) -> Any:
     """One recipe step (``method`` plus that config's fields) -> a typed config."""
+    step = _normalise(step)
     if not isinstance(step, dict) or "method" not in step:
         raise SlimlmError(f"each recipe step needs a 'method' ({', '.join(METHODS)}), got {step!r}")
     kwargs = dict(step)
@@ -45,7 +72,7 @@ def config_from_dict(step: dict[str, Any]) -> Any:
     cls = METHODS.get(method)
     if cls is None:
         raise SlimlmError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    allowed = [f.name for f in fields(cls) if f.name != "targets"] + list(_TARGET_KEYS)
+    allowed = [f.name for f in fields(cls) if f.name != "targets"] + list(_TARGET_KEYS) + list(_SCHEME_KEYS)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise SlimlmError(f"unknown key(s) {', '.join(unknown)} for method {method}; valid: {', '.join(allowed)}")

@@ -31,9 +31,10 @@ def test_step_fields_targets_and_overrides():
 
 @pytest.mark.parametrize("spec, message", [
     ({"steps": []}, "non-empty 'steps'"),
-    ({"steps": [{"scheme": "int4-g64"}]}, "needs a 'method'"),
+    ({"steps": [{"scheme": "int4-g64"}]}, "unknown method 'scheme'; valid: rtn"),
+    ({"steps": ["rtn"]}, "needs a 'method'"),
     ({"steps": [{"method": "magic"}]}, "unknown method 'magic'; valid: rtn"),
-    ({"steps": [{"method": "rtn", "bits": 4}]}, "unknown key"),
+    ({"steps": [{"method": "rtn", "colour": 4}]}, "unknown key"),
     ({"steps": [{"method": "rtn", "scheme": "int4"}]}, "unknown quantization scheme"),
     ({"steps": [{"method": "rtn", "overrides": ["*.x"]}]}, "overrides must be a mapping"),
 ])
@@ -52,3 +53,14 @@ def test_recipe_files(tmp_path):
     good = tmp_path / "mine.yaml"
     good.write_text("steps:\n  - method: rtn\n    scheme: nf4\n")
     assert load_recipe(str(good)).name == "mine"
+
+
+def test_inline_step_form_from_the_issue():
+    r = recipe_from_dict({"steps": [{"rtn": {"bits": 4, "group_size": 64, "symmetric": False}}]})
+    assert r.steps[0].scheme == IntScheme(bits=4, granularity=PerGroup(64))
+    r = recipe_from_dict({"steps": [{"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}]})
+    assert r.steps[0].scheme == IntScheme(bits=8, symmetric=True, granularity=PerChannel())
+    with pytest.raises(SlimlmError, match="not both"):
+        recipe_from_dict({"steps": [{"method": "rtn", "bits": 8, "scheme": "int8-channel"}]})
+    with pytest.raises(SlimlmError, match="must map to its fields"):
+        recipe_from_dict({"steps": [{"rtn": 4}]})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,8 +47,12 @@ def in_features_of(module: nn.Module) -> int:
 
 
 def check_schemes(plan: dict[str, tuple[nn.Module, Scheme]]) -> None:
-    """Refuse the whole plan before touching anything if a group size does not fit."""
+    """Refuse the whole plan before touching anything: a group size that does not fit,
+    or a weight holding NaN or Inf (rounding would spread it through its group)."""
     for name, (module, scheme) in plan.items():
+        if not torch.isfinite(module.weight).all():
+            bad = int((~torch.isfinite(module.weight)).sum())
+            raise SlimlmError(f"{name} holds {bad} NaN/Inf weight(s); fix or reload the model before quantizing")
         gran = getattr(scheme, "granularity", None)
         if isinstance(gran, PerGroup):
             try:

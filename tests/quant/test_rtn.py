@@ -70,3 +70,12 @@ def test_gpt2_conv1d_is_quantized():
 def test_unknown_config_is_refused():
     with pytest.raises(SlimlmError, match="known configs: RTN"):
         apply(tiny_model("llama"), object())
+
+
+def test_nan_weights_are_refused_with_the_module_name():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SlimlmError, match=r"model.layers.1.mlp.up_proj holds 1 NaN/Inf"):
+        apply(model, RTN(scheme="int8-channel-sym"))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
