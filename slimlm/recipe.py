@@ -39,6 +39,8 @@ def _normalise(step: Any) -> dict[str, Any]:
     """``{rtn: {...}}`` -> ``{method: rtn, ...}``; inline scheme fields -> ``scheme: {...}``."""
     if isinstance(step, dict) and len(step) == 1 and "method" not in step:
         (method, body), = step.items()
+        if method not in METHODS:
+            raise SlimlmError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         if body is None:
             body = {}
         if not isinstance(body, dict):
