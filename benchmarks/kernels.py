@@ -70,6 +70,24 @@ def bench_shape(m: int, k: int, n: int, device: str) -> dict[str, float]:
     return row
 
 
+# Weight bytes one call reads, per weight: codes plus fp16 scales (and zeros for asymmetric groups).
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4 g64": 0.5 + 4 / 64, "int4 g32": 0.5 + 4 / 32,
+                    "w8a8": 1.0}  # fmt: skip
+MACHINE_GBPS = 35.0  # measured read bandwidth of this machine (EVAL_PROTOCOL.md)
+
+
+def bandwidth_table(rows: dict) -> list[str]:
+    """Achieved GB/s = weight bytes / time, for the memory-bound GEMV rows (M = 1)."""
+    cols = list(BYTES_PER_WEIGHT)
+    out = [f"\nachieved weight bandwidth, GB/s (M = 1; this machine reads ~{MACHINE_GBPS:.0f} GB/s)",
+           f"| K x N | {' | '.join(cols)} |", "|" + "---|" * (len(cols) + 1)]  # fmt: skip
+    for (m, k, n), r in rows.items():
+        if m == 1:
+            gbps = [k * n * BYTES_PER_WEIGHT[c] / (r[c] * 1e-3) / 1e9 for c in cols]
+            out.append(f"| {k}x{n} | " + " | ".join(f"{v:.1f}" for v in gbps) + " |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +107,7 @@ def main() -> None:
         ratios = [r["int8 ref"] / r["int8"], r["bf16"] / r["int8"], r["int4 g64 ref"] / r["int4 g64"],
                   r["bf16"] / r["int4 g64"], r["bf16"] / r["w8a8"]]  # fmt: skip
         print(f"| {m}x{k}x{n} | " + " | ".join(f"{v:.2f}x" for v in ratios) + " |")
+    print("\n".join(bandwidth_table(rows)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""Every shipped recipe on the built-in model, protocol wiki-v1, one run.
+
+    .venv/bin/python benchmarks/recipes.py [--recipes default,rtn-int4-g64] [--tokens 16384] [--no-speed]
+
+Each recipe is applied to a fresh copy of the base model, saved with
+save_compressed, reloaded from disk and measured, so the numbers describe the
+checkpoint a user would get. Speed ratios are to the base measured in the same
+process (these machines are shared and noisy: compare ratios, not absolutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from slimlm.api import apply_all
+from slimlm.cli import _model_dir, _model_id
+from slimlm.eval import Result, evaluate
+from slimlm.io import load_compressed, save_compressed
+from slimlm.models import load_model
+from slimlm.recipe import load_recipe, shipped_recipes
+
+MODEL = "smollm2-135m"
+
+
+def measure(recipe_name: str, *, tmp: Path, common: dict) -> tuple[Result, float]:
+    recipe = load_recipe(recipe_name)
+    model, tok = load_model(MODEL)
+    t0 = time.perf_counter()
+    apply_all(model, list(recipe.steps))
+    seconds = time.perf_counter() - t0
+    out = save_compressed(model, tok, tmp / recipe.name, base_model=MODEL, recipe=recipe.spec)
+    del model
+    model, tok = load_compressed(out)
+    result = evaluate(model, tok, source=recipe.name, model_id=_model_id(str(out)), base_source=MODEL,
+                      base_id=_model_id(MODEL), load_base=lambda: load_model(MODEL)[0], model_dir=str(out),
+                      recipe=recipe.spec, **common)  # fmt: skip
+    return result, seconds
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def table(base: Result, rows: list[tuple[Result, float]]) -> str:
+    head = ("recipe", "ppl", "Δppl", "KLD", "top-1", "bpw", "ckpt MB", "prefill", "decode", "compress s")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r, secs in [(base, 0.0), *rows]:
+        sp, bsp = r.speed, base.speed
+        lines.append(" | ".join([
+            r.model, f"{r.quality.perplexity:.2f}", f"{r.quality.perplexity / base.quality.perplexity - 1:+.1%}",
+            f"{r.quality.kld:.4f}", f"{r.quality.top1_agreement:.1%}", f"{r.size.bits_per_weight:.2f}",
+            f"{(r.size.checkpoint_bytes or 0) / 1e6:.0f}",
+            _ratio(sp and sp.prefill_tokens_per_s, bsp and bsp.prefill_tokens_per_s),
+            _ratio(sp and sp.decode_tokens_per_s, bsp and bsp.decode_tokens_per_s), f"{secs:.1f}",
+        ]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", default=",".join(sorted(shipped_recipes())))
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=not args.no_speed)
+    model, tok = load_model(MODEL)
+    base = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), model_dir=_model_dir(MODEL), **common)
+    del model
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.recipes.split(","):
+            rows.append(measure(name, tmp=Path(tmp), common=common))
+            print(table(base, rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\nprotocol wiki-v1, {base.quality.tokens:,} tokens, {torch.get_num_threads()} threads; "
+          f"base decode {base.speed.decode_tokens_per_s:.1f} tok/s, prefill {base.speed.prefill_tokens_per_s:.0f} tok/s\n"
+          if base.speed else "")  # fmt: skip
+    print(table(base, rows))
+    if args.json:
+        doc = {"base": base.to_dict(), "recipes": [dict(r.to_dict(), compress_seconds=s) for r, s in rows]}
+        Path(args.json).write_text(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()
