@@ -91,7 +91,7 @@ _ROWS = [
     ("latency p50 (ms/token)", lambda r: r.speed and r.speed.latency_p50_ms, "{:.1f}", False),
     ("latency p95 (ms/token)", lambda r: r.speed and r.speed.latency_p95_ms, "{:.1f}", False),
     ("achieved bandwidth (GB/s)", lambda r: r.speed and r.speed.achieved_gb_per_s, "{:.2f}", True),
-    ("peak RSS (MB)", lambda r: r.speed and r.speed.peak_rss_mb, "{:.0f}", False),
+    ("process peak RSS (MB)", lambda r: r.speed and r.speed.peak_rss_mb, "{:.0f}", False),
 ]
 
 
