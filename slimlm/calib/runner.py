@@ -1,0 +1,168 @@
+"""Block-by-block calibration: the one driver every calibrated method uses.
+
+    capture the inputs of decoder block 0 (embeddings run, then a hook stops the model)
+    for each block i:
+        run block i on its inputs while the statistics its linears need accumulate
+        let the method rewrite block i (on_block)
+        run block i again: the compressed outputs are the inputs of block i+1
+
+Only the current block needs to be on the compute device; the others stay where
+they are (``offload=True`` moves each block back to the CPU when done), so the
+memory this takes is one block plus N x L x hidden activations, not the model.
+Where blocks sit is read from the family adapter table, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from slimlm.calib.stats import LinearStats, StatsSpec
+from slimlm.models.adapters import Adapter, block_linears, decoder_blocks, get_adapter
+
+log = logging.getLogger("slimlm.calib")
+
+
+class _Stop(Exception):
+    """Raised by the hook on block 0 once its inputs are captured."""
+
+
+@dataclass
+class Group:
+    """Linears of one block that read the same input, and the norm that produces it."""
+
+    norm: nn.Module | None
+    norm_name: str | None
+    linears: dict[str, nn.Module]  # full name -> linear
+
+
+@dataclass
+class BlockContext:
+    index: int
+    prefix: str  # full name of the block, e.g. "model.layers.3"
+    block: nn.Module
+    adapter: Adapter
+    groups: list[Group]
+    stats: dict[str, LinearStats]  # full linear name -> its input statistics
+    inputs: list[Tensor]  # block inputs, one (B, L, hidden) tensor per mini-batch
+    kwargs: list[dict[str, Any]]  # the block's keyword arguments per mini-batch
+    device: torch.device
+
+    @property
+    def linears(self) -> dict[str, nn.Module]:
+        return {n: m for g in self.groups for n, m in g.linears.items()}
+
+    def run(self, x: Tensor, i: int) -> Tensor:
+        """The block's output for mini-batch ``i`` given input ``x``."""
+        out = self.block(x.to(self.device), **self.kwargs[i])
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class CalibReport:
+    blocks: int
+    seconds: float
+    peak_activation_mb: float
+    per_block_seconds: list[float] = field(default_factory=list)
+
+
+def _groups(block: nn.Module, prefix: str, adapter: Adapter) -> list[Group]:
+    linears = block_linears(block, adapter)
+    return [
+        Group(
+            norm=block.get_submodule(g.norm) if g.norm else None,
+            norm_name=f"{prefix}.{g.norm}" if g.norm else None,
+            linears={f"{prefix}.{rel}": linears[rel] for rel in g.linears},
+        )
+        for g in adapter.groups
+    ]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calib: Tensor, *, batch_size: int) -> tuple[list[Tensor], list[dict]]:
+    """Run the model up to block 0 for each mini-batch of ``calib`` (N, L) token ids."""
+    block0 = decoder_blocks(model)[0]
+    device = next(block0.parameters()).device
+    inputs, kwargs = [], []
+
+    def hook(_module, args, kw):
+        hidden = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hidden.detach())
+        kwargs.append({k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "use_cache")})
+        raise _Stop
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            try:
+                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _collect(ctx: BlockContext, spec: StatsSpec) -> list[Tensor]:
+    """Run the block on every mini-batch with hooks that feed the statistics; return its outputs."""
+    handles = []
+    for name, lin in ctx.linears.items():
+        stats = ctx.stats[name] = LinearStats(in_features=_in_features(lin), spec=spec)
+        handles.append(lin.register_forward_pre_hook(lambda _m, args, s=stats: s.add(args[0])))
+    try:
+        return [ctx.run(x, i).to(x.device) for i, x in enumerate(ctx.inputs)]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _in_features(lin: nn.Module) -> int:
+    return lin.in_features if hasattr(lin, "in_features") else lin.weight.shape[0]  # Conv1D: (in, out)
+
+
+@torch.no_grad()
+def calibrate_blocks(
+    model: nn.Module,
+    calib: Tensor,
+    *,
+    on_block: Callable[[BlockContext], bool],
+    spec: StatsSpec = StatsSpec(),
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    offload: bool = False,
+    desc: str = "calibrate",
+) -> CalibReport:
+    """Walk the decoder blocks with calibration token ids ``calib`` (N, L).
+
+    ``on_block(ctx)`` rewrites ``ctx.block`` using ``ctx.stats`` and returns
+    True if it changed the block's function (its outputs are then recomputed
+    so the next block sees the compressed model's activations).
+    """
+    adapter = get_adapter(model)
+    blocks = decoder_blocks(model)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    t_start = time.perf_counter()
+    inputs, kwargs = capture_block_inputs(model, calib, batch_size=batch_size)
+    peak = sum(x.numel() * x.element_size() for x in inputs) * 2 / 1e6  # inputs + outputs alive at once
+    per_block = []
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
+        t0 = time.perf_counter()
+        home = next(block.parameters()).device
+        block.to(dev)
+        prefix = f"{adapter.blocks}.{i}"
+        ctx = BlockContext(i, prefix, block, adapter, _groups(block, prefix, adapter), {}, inputs, kwargs, dev)
+        outputs = _collect(ctx, spec)
+        if on_block(ctx):
+            outputs = [ctx.run(x, j).to(x.device) for j, x in enumerate(inputs)]
+        ctx.stats.clear()
+        if offload:
+            block.to(home)
+        inputs = outputs
+        per_block.append(time.perf_counter() - t0)
+    return CalibReport(len(blocks), time.perf_counter() - t_start, peak, per_block)

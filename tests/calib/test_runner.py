@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from slimlm.calib import StatsSpec, calibrate_blocks
+from slimlm.models.adapters import decoder_blocks
+from slimlm.models.tiny import tiny_model
+
+CALIB = torch.randint(3, 512, (6, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _block_inputs_from_full_forward(model):
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw, i=i: seen.setdefault(i, []).append(
+        (a[0] if a else kw["hidden_states"]).clone()), with_kwargs=True) for i, b in enumerate(decoder_blocks(model))]
+    with torch.no_grad():
+        for s in range(0, 6, 4):
+            model(CALIB[s:s + 4])
+    for h in hooks:
+        h.remove()
+    return {i: torch.cat(v) for i, v in seen.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "gpt2", "phi3"])
+def test_block_inputs_match_a_full_forward_when_nothing_changes(family):
+    model = tiny_model(family)
+    expected = _block_inputs_from_full_forward(model)
+    got = {}
+
+    def on_block(ctx):
+        got[ctx.index] = torch.cat(ctx.inputs)
+        return False
+
+    report = calibrate_blocks(model, CALIB, on_block=on_block, batch_size=4)
+    assert report.blocks == len(decoder_blocks(model))
+    for i in expected:
+        torch.testing.assert_close(got[i], expected[i], rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_are_those_of_the_linear_inputs():
+    model = tiny_model("llama")
+    q_inputs = []
+    h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: q_inputs.append(a[0].clone()))
+    with torch.no_grad():
+        model(CALIB[:4]), model(CALIB[4:])
+    h.remove()
+    X = torch.cat([x.reshape(-1, 64) for x in q_inputs])  # (rows, in)
+    found = {}
+
+    def on_block(ctx):
+        if ctx.index == 1:
+            found.update(ctx.stats)
+            assert [sorted(g.linears) for g in ctx.groups][0] == sorted(
+                f"model.layers.1.self_attn.{p}_proj" for p in "qkv")
+            assert ctx.groups[0].norm is ctx.block.input_layernorm
+        return False
+
+    spec = StatsSpec(hessian=True, absmax=True, sq_sum=True, keep_rows=50)
+    calibrate_blocks(model, CALIB, on_block=on_block, spec=spec, batch_size=4)
+    s = found["model.layers.1.self_attn.q_proj"]
+    assert s.n == X.shape[0]
+    torch.testing.assert_close(s.H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s.absmax, X.abs().amax(0))
+    torch.testing.assert_close(s.sq_sum, X.square().sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.sample_rows(), X[:50])
+
+
+def test_a_rewritten_block_feeds_its_new_outputs_forward():
+    model = tiny_model("llama")
+    seen = {}
+
+    def on_block(ctx):
+        seen[ctx.index] = torch.cat(ctx.inputs)
+        if ctx.index == 0:
+            ctx.block.mlp.down_proj.weight.zero_()  # changes block 0's function
+            return True
+        return False
+
+    calibrate_blocks(model, CALIB, on_block=on_block, batch_size=3)
+    expected = _block_inputs_from_full_forward(model)  # the model with block 0 rewritten
+    torch.testing.assert_close(seen[1], expected[1], rtol=1e-5, atol=1e-5)
