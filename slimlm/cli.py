@@ -139,7 +139,7 @@ def _default_out(model: str, recipe_name: str) -> Path:
 def cmd_compress(args: argparse.Namespace) -> int:
     import time
 
-    from slimlm.api import apply_all
+    from slimlm.api import apply_all, calibration_ids, needs_calibration
     from slimlm.eval import evaluate, format_results, get_protocol
     from slimlm.io import load_compressed, save_compressed
     from slimlm.recipe import load_recipe
@@ -153,10 +153,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model, args.dtype)
     base_id = _model_id(args.model)
     base = evaluate(model, tokenizer, source=args.model, model_id=base_id, model_dir=_model_dir(args.model), **common)
+    calib, calibration = None, None
+    if needs_calibration(list(recipe.steps)):
+        calib = calibration_ids(tokenizer, args.protocol, n_samples=args.calib_samples)
+        calibration = {"protocol": args.protocol, "samples": calib.shape[0], "seq_len": calib.shape[1], "seed": 0}
     t0 = time.perf_counter()
-    apply_all(model, list(recipe.steps))
+    apply_all(model, list(recipe.steps), calib)
     seconds = time.perf_counter() - t0
-    save_compressed(model, tokenizer, out, base_model=args.model, recipe=recipe.spec, overwrite=args.overwrite)
+    save_compressed(model, tokenizer, out, base_model=args.model, recipe=recipe.spec, calibration=calibration,
+                    overwrite=args.overwrite)  # fmt: skip
     del model
     model, tokenizer = load_compressed(out)  # measure what was saved, not what is in memory
     compressed = evaluate(
@@ -253,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--full", action="store_true", help="score the whole evaluation set")
     c.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     c.add_argument("--json", default=None, help="write base and compressed results as JSON")
+    c.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration sequences of 512 tokens for calibrated methods (default: the protocol's 128)")
     c.add_argument("--dtype", default="float32", choices=DTYPES)
     c.set_defaults(func=cmd_compress)
 

@@ -85,6 +85,7 @@ def save_compressed(
     *,
     base_model: str | None = None,
     recipe: Any = None,
+    calibration: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (compressed in place by slimlm) to ``out_dir`` atomically."""
@@ -95,6 +96,7 @@ def save_compressed(
         "slimlm_version": slimlm.__version__,
         "base_model": base_model,
         "recipe": recipe,
+        "calibration": calibration,
         "dtype": str(model.dtype).removeprefix("torch."),
         "modules": {name: _module_entry(m) for name, m in compressed_modules(model).items()},
     }
