@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm.api import apply_all
+from slimlm.api import apply_all, calibration_ids, needs_calibration
 from slimlm.cli import _model_dir, _model_id
 from slimlm.eval import Result, evaluate
 from slimlm.io import load_compressed, save_compressed
@@ -29,11 +29,13 @@ from slimlm.recipe import load_recipe, shipped_recipes
 MODEL = "smollm2-135m"
 
 
-def measure(recipe_name: str, *, tmp: Path, common: dict) -> tuple[Result, float]:
+def measure(recipe_name: str, *, tmp: Path, common: dict, calib_samples: int | None) -> tuple[Result, float]:
     recipe = load_recipe(recipe_name)
     model, tok = load_model(MODEL)
+    steps = list(recipe.steps)
+    calib = calibration_ids(tok, "wiki-v1", n_samples=calib_samples) if needs_calibration(steps) else None
     t0 = time.perf_counter()
-    apply_all(model, list(recipe.steps))
+    apply_all(model, steps, calib)
     seconds = time.perf_counter() - t0
     out = save_compressed(model, tok, tmp / recipe.name, base_model=MODEL, recipe=recipe.spec)
     del model
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: protocol's 128)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=not args.no_speed)
@@ -78,7 +81,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes.split(","):
-            rows.append(measure(name, tmp=Path(tmp), common=common))
+            rows.append(measure(name, tmp=Path(tmp), common=common, calib_samples=args.calib_samples))
             print(table(base, rows[-1:]).splitlines()[-1], flush=True)
     print(f"\nprotocol wiki-v1, {base.quality.tokens:,} tokens, {torch.get_num_threads()} threads; "
           f"base decode {base.speed.decode_tokens_per_s:.1f} tok/s, prefill {base.speed.prefill_tokens_per_s:.0f} tok/s\n"
