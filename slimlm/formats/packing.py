@@ -83,13 +83,19 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
             f"{n} codes of {bits} bits need {packed_length(n, bits)} bytes, got {packed.shape[-1]}"
         )
     per, nbytes = _block(bits)
+    if nbytes == 1:  # 1, 2, 4, 8 bits: whole codes per byte, shift bytes directly (the hot path)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
+        out = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., bytes, per)
+        return out.reshape(*packed.shape[:-1], -1)[..., :n]
+    # Otherwise assemble each block's bytes into one word: int32 holds 3- and 6-bit blocks (24 bits).
+    wide = torch.int32 if 8 * nbytes <= 31 else torch.int64
     blocks = -(-n // per)
-    p = torch.nn.functional.pad(packed.to(torch.int64), (0, blocks * nbytes - packed.shape[-1]))
+    p = torch.nn.functional.pad(packed.to(wide), (0, blocks * nbytes - packed.shape[-1]))
     p = p.reshape(*packed.shape[:-1], blocks, nbytes)  # (..., blocks, nbytes)
-    word = torch.zeros(p.shape[:-1], dtype=torch.int64, device=packed.device)  # (..., blocks)
+    word = torch.zeros(p.shape[:-1], dtype=wide, device=packed.device)  # (..., blocks)
     for j in range(nbytes):
         word |= p[..., j] << (8 * j)
-    shifts = torch.arange(0, bits * per, bits, dtype=torch.int64, device=packed.device)  # (per,)
+    shifts = torch.arange(0, bits * per, bits, dtype=wide, device=packed.device)  # (per,)
     out = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., blocks, per)
     out = out.reshape(*packed.shape[:-1], blocks * per)
     return out[..., :n].to(torch.uint8)
