@@ -1,0 +1,239 @@
+"""AWQ config and handler: search per-channel scales block by block, fold them, clip, quantize.
+
+For each group of linears that read one input (the adapter's groups), the
+scale ``s`` found by :func:`slimlm.quant.awq.awq_search_scale` multiplies the
+linears' input columns and ``1/s`` is folded exactly into the op that
+produces the input: the norm's weight (and bias), or the rows of the linear
+whose output it is (``v_proj`` for ``o_proj`` when there is no GQA,
+``up_proj`` for ``down_proj`` since ``act(gate) * up`` is elementwise, OPT's
+``fc1`` through ReLU). The float model computes the same function after the
+folding; only then are the block's linears clipped, quantized and swapped
+for QuantLinear. The algorithm itself is in :mod:`slimlm.quant.awq`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from slimlm.calib import BlockContext, Group, StatsSpec, calibrate_blocks
+from slimlm.errors import SlimlmError
+from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme, quantize
+from slimlm.quant.awq import awq_clip_quantize, awq_search_scale
+from slimlm.quant.rtn import check_schemes
+from slimlm.targets import Targets, replace_module, select_linears
+
+log = logging.getLogger("slimlm.quant")
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The linear whose output is a group's input (block-relative names)."""
+
+    linear: str
+    parts: int = 1  # its output stacks ``parts`` equal slices (fused qkv: 3); the group reads the last
+    relu: str | None = None  # an activation in between; scaling passes it only if it is ReLU
+
+
+_LLAMA = {"self_attn.o_proj": Producer("self_attn.v_proj"), "mlp.down_proj": Producer("mlp.up_proj")}
+# Groups without a norm, by family: which op's output rows take the 1/s.
+PRODUCERS: dict[str, dict[str, Producer]] = {
+    **{f: _LLAMA for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3")},
+    "phi3": {"self_attn.o_proj": Producer("self_attn.qkv_proj", parts=3),
+             "mlp.down_proj": Producer("mlp.gate_up_proj", parts=2)},  # fmt: skip
+    "opt": {"self_attn.out_proj": Producer("self_attn.v_proj"), "fc2": Producer("fc1", relu="activation_fn")},
+    "gpt2": {"attn.c_proj": Producer("attn.c_attn", parts=3)},  # mlp.c_proj reads GELU(c_fc): not scalable
+}
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """Activation-aware weight quantization (Lin et al. 2023) to ``scheme``.
+
+    ``grid``: alphas tried in [0, 1) (and range-shrink steps of the clipping
+    search); ``clip_search``: search each (row, group) range (IntScheme only),
+    skipping ``clip_exclude`` globs (q/k, whose errors the attention product
+    amplifies, as in the reference); ``n_sample_rows``: calibration tokens kept
+    per linear to measure mean |x|; ``quantize=False`` folds the scales and
+    leaves the weights in float (for a later quantizer such as GPTQ).
+    """
+
+    needs_calibration: ClassVar[bool] = True
+    scheme: Scheme = IntScheme(bits=4, granularity=PerGroup(64))
+    targets: Targets = field(default_factory=Targets)
+    grid: int = 20
+    clip_search: bool = True
+    max_shrink: float = 0.5
+    clip_exclude: tuple[str, ...] = ("*.q_proj", "*.k_proj")
+    n_sample_rows: int = 4096
+    batch_size: int = 8
+    quantize: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", parse_scheme(self.scheme))
+        object.__setattr__(self, "clip_exclude", tuple(self.clip_exclude))
+        if not isinstance(self.targets, Targets):
+            raise SlimlmError(f"targets must be a Targets(...), got {self.targets!r}")
+        for name in ("grid", "n_sample_rows", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SlimlmError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("clip_search", "quantize"):
+            if not isinstance(getattr(self, name), bool):
+                raise SlimlmError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.max_shrink, (int, float)) or not 0.0 < self.max_shrink < 1.0:
+            raise SlimlmError(f"max_shrink must be in (0, 1) (the paper uses 0.5), got {self.max_shrink!r}")
+        if self.clip_search and not isinstance(self.scheme, IntScheme):
+            raise SlimlmError(f"clip_search needs an IntScheme, got {self.scheme!r}; set clip_search=False")
+
+
+# --- exact folding of 1/s -----------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)  # GPT-2: weight (in, out)
+
+
+def _is_float_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _mul_(p: Tensor, factor: Tensor) -> None:
+    """``p *= factor`` computed in float32 (``factor`` broadcasts), stored in ``p``'s dtype."""
+    p.copy_((p.float() * factor).to(p.dtype))
+
+
+def scale_inputs(linear: nn.Module, s: Tensor) -> None:
+    """``W <- W diag(s)``: multiply input column j by ``s[j]``."""
+    _mul_(linear.weight.data, s[:, None] if _is_conv1d(linear) else s[None, :])  # Conv1D weight (in, out)
+
+
+def scale_outputs(linear: nn.Module, factor: Tensor) -> None:
+    """Multiply the last ``len(factor)`` outputs (weight rows and bias) by ``factor``."""
+    k = factor.shape[0]
+    if _is_conv1d(linear):
+        _mul_(linear.weight.data[:, -k:], factor[None, :])
+    else:
+        _mul_(linear.weight.data[-k:], factor[:, None])
+    if linear.bias is not None:
+        _mul_(linear.bias.data[-k:], factor)
+
+
+def fold_into_norm(norm: nn.Module, s: Tensor, *, offset: float) -> None:
+    """Divide the norm's output by ``s``: ``(offset + w) / s - offset``, and ``b / s`` for LayerNorm."""
+    w = norm.weight.data
+    w.copy_(((offset + w.float()) / s - offset).to(w.dtype))
+    if getattr(norm, "bias", None) is not None:
+        _mul_(norm.bias.data, 1.0 / s)
+
+
+def _out_features(linear: nn.Module) -> int:
+    return linear.weight.shape[1] if _is_conv1d(linear) else linear.weight.shape[0]
+
+
+def _in_features(linear: nn.Module) -> int:
+    return linear.weight.shape[0] if _is_conv1d(linear) else linear.weight.shape[1]
+
+
+def folder(ctx: BlockContext, group: Group):
+    """A function folding ``1/s`` into the op producing ``group``'s input, or None when that is not exact."""
+    if not all(_is_float_linear(m) for m in group.linears.values()):
+        return None
+    if group.norm is not None:
+        if getattr(group.norm, "weight", None) is None:
+            return None
+        return lambda s: fold_into_norm(group.norm, s, offset=ctx.adapter.norm_weight_offset)
+    rels = [name[len(ctx.prefix) + 1 :] for name in group.linears]
+    producer = PRODUCERS.get(ctx.adapter.family, {}).get(rels[0]) if len(rels) == 1 else None
+    if producer is None:
+        return None
+    prev = ctx.block.get_submodule(producer.linear)
+    n_in = _in_features(next(iter(group.linears.values())))
+    if not _is_float_linear(prev) or _out_features(prev) != producer.parts * n_in:
+        return None  # e.g. GQA: v_proj has fewer outputs than o_proj has inputs
+    if producer.relu is not None and not isinstance(ctx.block.get_submodule(producer.relu), nn.ReLU):
+        return None
+    return lambda s: scale_outputs(prev, 1.0 / s)
+
+
+# --- the block pass -------------------------------------------------------------
+
+
+def _search_and_fold(ctx: BlockContext, plan: dict[str, nn.Module], config: AWQ) -> dict[str, Tensor]:
+    """Search and fold the scale of every group with targets; returns full name -> s for scaled linears."""
+    scales: dict[str, Tensor] = {}
+    for group in ctx.groups:
+        names = [n for n in group.linears if n in plan]
+        fold = folder(ctx, group) if names else None
+        if fold is None:
+            continue
+        stats = ctx.stats[names[0]]  # every linear of the group reads the same input
+        s_x = stats.sample_rows().abs().mean(0)  # (in,) mean |x| per channel
+        Ws = [_weight(plan[n]) for n in names]
+        s, alpha, errors = awq_search_scale(Ws, stats.H, s_x.to(stats.H.device), config.scheme, grid=config.grid)
+        log.debug("%s: alpha %.2f, output error %.4g (RTN %.4g)", names, alpha, min(errors), errors[0])
+        if alpha == 0.0:
+            continue  # s == 1
+        fold(s)
+        for name, linear in group.linears.items():
+            scale_inputs(linear, s)
+            scales[name] = s
+    return scales
+
+
+def _weight(linear: nn.Module) -> Tensor:
+    """The weight as (out, in) float32."""
+    W = linear.weight.detach().float()
+    return W.t() if _is_conv1d(linear) else W
+
+
+def _quantize_block(ctx: BlockContext, plan: dict[str, nn.Module], config: AWQ, scales: dict[str, Tensor]) -> None:
+    from slimlm.nn import QuantLinear
+
+    for name, linear in ctx.linears.items():
+        if name not in plan:
+            continue
+        if config.clip_search and not any(fnmatchcase(name, p) for p in config.clip_exclude):
+            H = ctx.stats[name].H
+            if name in scales:  # the inputs are now X / s: Gram diag(1/s) H diag(1/s)
+                inv = 1.0 / scales[name]
+                H = H * inv[:, None] * inv[None, :]
+            qw = awq_clip_quantize(_weight(linear), H, config.scheme, grid=config.grid, max_shrink=config.max_shrink)
+        else:
+            qw = quantize(_weight(linear), config.scheme)
+        rel = name[len(ctx.prefix) + 1 :]  # block-relative
+        replace_module(ctx.block, rel, QuantLinear.from_linear(linear, config.scheme, qweight=qw))
+
+
+def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.Module:
+    """Search, fold, clip and quantize block by block on calibration token ids ``calib`` (N, L)."""
+    from slimlm.nn import QuantLinear
+
+    if calib is None:
+        raise SlimlmError("AWQ needs calibration data: pass calib token ids (N, L) "
+                          "(e.g. slimlm.data.calibration_batch) or use RTN")
+    plan = select_linears(model, config.targets)
+    check_schemes({name: (m, config.scheme) for name, m in plan.items()})
+    seen: set[str] = set()
+
+    def on_block(ctx: BlockContext) -> bool:
+        scales = _search_and_fold(ctx, plan, config)
+        seen.update(ctx.linears)
+        if not config.quantize:
+            return False  # the float function is unchanged
+        _quantize_block(ctx, plan, config, scales)
+        return True
+
+    spec = StatsSpec(hessian=True, keep_rows=config.n_sample_rows)
+    calibrate_blocks(model, calib, on_block=on_block, spec=spec, batch_size=config.batch_size, desc="AWQ")
+    for name in plan.keys() - seen:  # outside the decoder blocks (lm_head): no statistics, plain rounding
+        if config.quantize:
+            log.info("AWQ: %s is outside the decoder blocks; quantized by plain rounding", name)
+            replace_module(model, name, QuantLinear.from_linear(plan[name], config.scheme))
+    return model
