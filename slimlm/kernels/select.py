@@ -26,10 +26,15 @@ WEIGHT_ONLY_KERNELS: tuple[WeightKernel, ...] = (
 )
 W8A8_KERNELS: tuple[WeightKernel, ...] = (W8A8(fast=True),)
 W8A8_REFERENCE = W8A8(fast=False)
+# Per-tensor activation scales: the naive W8A8 baseline.
+W8A8_TENSOR_KERNELS: tuple[WeightKernel, ...] = (W8A8(fast=True, per_tensor=True),)
+W8A8_TENSOR_REFERENCE = W8A8(fast=False, per_tensor=True)
 
 KERNELS: dict[str, WeightKernel] = {
-    k.name: k for k in (REFERENCE, *WEIGHT_ONLY_KERNELS, *W8A8_KERNELS, W8A8_REFERENCE)
-}
+    k.name: k
+    for k in (REFERENCE, *WEIGHT_ONLY_KERNELS, *W8A8_KERNELS, W8A8_REFERENCE, *W8A8_TENSOR_KERNELS,
+              W8A8_TENSOR_REFERENCE)
+}  # fmt: skip
 
 
 def _first(
@@ -44,10 +49,16 @@ def select_weight_kernel(scheme: Scheme, shape: Shape, device: torch.device, *, 
     return kernel or REFERENCE
 
 
-def select_w8a8_kernel(scheme: Scheme, shape: Shape, device: torch.device, *, fast: bool = True) -> WeightKernel:
-    """The kernel a W8A8 linear uses: ``torch._int_mm`` where it applies, else float reference."""
+def select_w8a8_kernel(scheme: Scheme, shape: Shape, device: torch.device, *, fast: bool = True,
+                       per_tensor: bool = False) -> WeightKernel:  # fmt: skip
+    """The kernel a W8A8 linear uses: ``torch._int_mm`` where it applies, else float reference.
+
+    ``per_tensor`` picks one activation scale per call instead of one per token."""
     if not W8A8_REFERENCE.supports(scheme, shape, device):
         raise SlimlmError(f"W8A8 needs int8 symmetric per-channel weights, got {scheme!r}")
+    if per_tensor:
+        kernel = _first(W8A8_TENSOR_KERNELS, scheme, shape, device) if fast else None
+        return kernel or W8A8_TENSOR_REFERENCE
     kernel = _first(W8A8_KERNELS, scheme, shape, device) if fast else None
     return kernel or W8A8_REFERENCE
 

@@ -1,7 +1,9 @@
-"""W8A8: int8 weights (symmetric, per row) times int8 activations (symmetric, per token).
+"""W8A8: int8 weights (symmetric, per row) times int8 activations (symmetric, per token or per tensor).
 
 ``y = (xq @ wq^T) * xs * ws^T``: activations are quantized at run time, one
-absmax scale per token (``slimlm.formats.activation``); the integer product
+absmax scale per token (``slimlm.formats.activation``) or -- the naive
+baseline that activation outliers break -- one scale for the whole
+activation matrix (``per_tensor=True``); the integer product
 accumulates exactly in int32, then the outer product of the two scale
 vectors restores the magnitude. The weight layout is the int8 weight-only
 one (``qweight`` int8 (out, in), float16 ``scale`` (out, 1)).
@@ -35,14 +37,23 @@ def _rescale(acc: Tensor, xs: Tensor, ws: Tensor, dtype: torch.dtype) -> Tensor:
     return (acc.float() * xs * ws.float().reshape(1, -1)).to(dtype)
 
 
-class W8A8(Int8WeightOnly):
-    """int8 x int8 -> int32 matmul with dynamic per-token activation scales."""
+def quantize_activations(x: Tensor, *, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    """``x (M, K) -> (codes int8 (M, K), scale float32 (M, 1))``, one scale per row or one for all."""
+    if not per_tensor:
+        return quantize_per_token(x)
+    codes, scale = quantize_per_token(x.reshape(1, -1))  # (1, M*K), (1, 1)
+    return codes.reshape(x.shape), scale.expand(x.shape[0], 1)
 
-    def __init__(self, *, fast: bool) -> None:
+
+class W8A8(Int8WeightOnly):
+    """int8 x int8 -> int32 matmul with dynamic per-token (or per-tensor) activation scales."""
+
+    def __init__(self, *, fast: bool, per_tensor: bool = False) -> None:
         super().__init__(cpu=False)
         self.fast = fast
+        self.per_tensor = per_tensor
         self.is_reference = not fast
-        self.name = "w8a8_int_mm" if fast else "w8a8_reference"
+        self.name = ("w8a8_int_mm" if fast else "w8a8_reference") + ("_tensor" if per_tensor else "")
 
     def supports(self, scheme: Scheme, shape: Shape, device: torch.device) -> bool:
         if not is_int8_symmetric_rowwise(scheme):
@@ -55,14 +66,14 @@ class W8A8(Int8WeightOnly):
         return is_cpu(device) or (in_features % 8 == 0 and out_features % 8 == 0)
 
     def reference_matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
-        xq, xs = quantize_per_token(x)  # (M, K) int8, (M, 1) float32
+        xq, xs = quantize_activations(x, per_tensor=self.per_tensor)  # (M, K) int8, (M, 1) float32
         acc = F.linear(xq.float(), tensors["qweight"].float())  # (M, N), exact integers up to 2^24
         return _rescale(acc, xs, tensors["scale"], x.dtype)
 
     def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         if not self.fast:
             return self.reference_matmul(x, tensors, scheme, shape)
-        xq, xs = quantize_per_token(x)  # (M, K) int8, (M, 1) float32
+        xq, xs = quantize_activations(x, per_tensor=self.per_tensor)  # (M, K) int8, (M, 1) float32
         m = xq.shape[0]
         if not is_cpu(x.device) and m < _CUDA_MIN_ROWS:
             xq = F.pad(xq, (0, 0, 0, _CUDA_MIN_ROWS - m))  # (17, K), zero rows

@@ -4,13 +4,17 @@
 to the classes whose ``empty(...)`` shells ``load_state_dict`` fills.
 """
 
+from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import QuantLinear, linear_weight
-from slimlm.nn.w8a8_linear import W8A8_WEIGHT_SCHEME, W8A8Linear
+from slimlm.nn.w8a8_linear import W8A8_CLASSES, W8A8_WEIGHT_SCHEME, W8A8Linear, W8A8PerTensorLinear
 
 RUNTIME_MODULES: dict[str, type[PackedLinear]] = {
     "QuantLinear": QuantLinear,
     "W8A8Linear": W8A8Linear,
+    "W8A8PerTensorLinear": W8A8PerTensorLinear,
+    "OutlierLinear": OutlierLinear,
 }
 
-__all__ = ["RUNTIME_MODULES", "W8A8_WEIGHT_SCHEME", "PackedLinear", "QuantLinear", "W8A8Linear", "linear_weight"]
+__all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear",
+           "W8A8Linear", "W8A8PerTensorLinear", "linear_weight"]
