@@ -1,0 +1,144 @@
+"""The Optimal Brain Surgeon column solver shared by GPTQ and SparseGPT.
+
+Frantar, Ashkboos, Hoefler, Alistarh. "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers", ICLR 2023
+(arXiv:2210.17323), Algorithm 1; Frantar & Alistarh. "SparseGPT: Massive
+Language Models Can Be Accurately Pruned in One-Shot", ICML 2023
+(arXiv:2301.00774), Algorithm 1.
+
+Both minimise the layer-wise error ``||W X - W' X||^2`` one input column at
+a time. With ``H = 2/n X X^T``, fixing column ``j`` of ``W`` to a value
+``q`` (a rounded or a pruned column) costs ``(w_j - q)^2 / (2 [H^-1]_jj)``
+and is best compensated by moving the columns not yet fixed by
+
+    W[:, j:] -= (w_j - q) / [H^-1]_jj * [H^-1]_{j, j:}
+
+where ``H^-1`` is the inverse Hessian of the columns not yet fixed. Row
+``j`` of the upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``)
+holds exactly those entries (up to a per-row factor that cancels), so one
+Cholesky replaces the sequence of inverse updates. Updates are applied
+lazily: within a block of ``blocksize`` columns immediately, to the columns
+after the block once per block as one matrix product.
+
+What "fixing a column" means is left to the caller: ``quantize_column(j, w)``
+returns the new column (GPTQ rounds it to the grid, SparseGPT zeroes the
+masked entries). ``on_block(block)`` is called at the start of each lazy
+block with its live state, where SparseGPT chooses its adaptive mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from slimlm.errors import SlimlmError
+
+log = logging.getLogger("slimlm.solvers")
+
+ColumnFn = Callable[[int, Tensor], Tensor]
+
+
+@dataclass
+class LazyBlock:
+    """The lazy block being solved: columns ``i1:i2`` (in solve order) of the working weight.
+
+    ``W1`` is live: the loop updates it in place, so a callback may read the
+    current value of a later column of the block (SparseGPT's N:M mask is
+    chosen every M columns from the updated weights). Columns at and after
+    ``i2`` of ``W`` still lack this block's updates; :meth:`current` adds them.
+    """
+
+    i1: int
+    i2: int
+    W: Tensor  # (out, in) working weight; columns >= i2 are stale by this block's pending update
+    W1: Tensor  # (out, i2 - i1) live copy of this block's columns
+    Hinv: Tensor  # (in, in) upper Cholesky factor of H^-1
+    Err1: Tensor  # (out, i2 - i1) scaled errors (w - q) / d of the columns fixed so far
+    done: int = 0  # columns of this block fixed so far
+
+    @property
+    def Hinv1(self) -> Tensor:
+        return self.Hinv[self.i1 : self.i2, self.i1 : self.i2]  # (B, B)
+
+    def current(self, cols: Tensor) -> Tensor:
+        """Up-to-date values ``(out, len(cols))`` of not-yet-fixed columns ``cols`` (solve-order indices)."""
+        cols = torch.as_tensor(cols, device=self.W.device)
+        if bool((cols < self.i1 + self.done).any()):
+            raise SlimlmError("LazyBlock.current reads only columns not yet fixed")
+        out = torch.empty(self.W.shape[0], cols.numel(), device=self.W.device)
+        inside = cols < self.i2
+        out[:, inside] = self.W1[:, cols[inside] - self.i1]
+        later = cols[~inside]
+        pending = self.Err1[:, : self.done] @ self.Hinv[self.i1 : self.i1 + self.done][:, later]  # (out, k)
+        out[:, ~inside] = self.W[:, later] - pending
+        return out
+
+
+def dampen_and_invert(H: Tensor, percdamp: float) -> tuple[Tensor, float]:
+    """``(U, damp)``: the upper Cholesky factor of ``(H + damp I)^-1``, ``damp = percdamp * mean(diag H)``.
+
+    If rounding leaves the dampened ``H`` not positive definite, the
+    dampening is raised tenfold (logged) until the factorisation succeeds.
+    """
+    H = H.float()
+    mean_diag = H.diagonal().mean().item()
+    eye = torch.eye(H.shape[0], device=H.device)
+    damp = percdamp * mean_diag
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U, damp
+        damp = max(damp * 10, 1e-6 * max(mean_diag, 1e-12))
+        log.warning("Hessian not positive definite; raising dampening to %.3g", damp)
+    raise SlimlmError("the Hessian stays singular after dampening; check the calibration inputs for NaN/Inf")
+
+
+@torch.no_grad()
+def obs_solve(
+    W: Tensor,
+    Hinv: Tensor,
+    quantize_column: ColumnFn,
+    *,
+    on_block: Callable[[LazyBlock], None] | None = None,
+    blocksize: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """Fix the columns of ``W (out, in)`` left to right, compensating each on the ones after it.
+
+    ``Hinv`` is the upper Cholesky factor of the dampened inverse Hessian
+    (:func:`dampen_and_invert`), in the same column order as ``W``.
+    ``quantize_column(j, w)`` maps the current column ``j`` ``(out,)`` to its
+    fixed value ``(out,)``. Returns ``(Q, losses)``: the fixed weight
+    ``(out, in)`` float32 and each column's loss ``sum_rows (w - q)^2 / (2 d^2)``
+    ``(in,)``, whose sum is GPTQ's estimate of the layer-output error.
+    """
+    if W.dim() != 2 or Hinv.shape != (W.shape[1], W.shape[1]):
+        raise SlimlmError(f"W must be (out, in) and Hinv (in, in); got {tuple(W.shape)} and {tuple(Hinv.shape)}")
+    W = W.float().clone()
+    n_out, n_in = W.shape
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(n_in, device=W.device)
+    # --- the paper's core loop (GPTQ Algorithm 1) ---
+    for i1 in range(0, n_in, blocksize):
+        i2 = min(i1 + blocksize, n_in)
+        block = LazyBlock(i1, i2, W, W[:, i1:i2].clone(), Hinv, torch.zeros(n_out, i2 - i1, device=W.device))
+        W1, Err1, Hinv1 = block.W1, block.Err1, block.Hinv1
+        if on_block is not None:
+            on_block(block)
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]  # (out,), scalar
+            q = quantize_column(i1 + i, w.clone()).float()  # (out,)
+            Q[:, i1 + i] = q
+            losses[i1 + i] = ((w - q) ** 2).sum() / d**2 / 2
+            err = (w - q) / d  # (out,)
+            W1[:, i + 1 :] -= err.unsqueeze(1) @ Hinv1[i, i + 1 :].unsqueeze(0)  # in-block OBS update
+            Err1[:, i] = err
+            block.done = i + 1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of every later column, (out, n_in - i2)
+    return Q, losses
