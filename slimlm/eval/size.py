@@ -73,11 +73,15 @@ def packed_storage(model: nn.Module) -> tuple[int, int]:
     return n_w, n_b
 
 
-def measure_size(model: nn.Module, *, model_dir: str | Path | None = None) -> SizeReport:
-    tensors = unique_tensors(model)
+def measure_size_light(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of any module tree: shared tensors once, packed weights included."""
     packed_w, packed_b = packed_storage(model)
     params = sum(p.numel() for p in unique_params(model)) + packed_w
-    model_bytes = sum(t.numel() * t.element_size() for t in tensors) + packed_b
+    return params, sum(t.numel() * t.element_size() for t in unique_tensors(model)) + packed_b
+
+
+def measure_size(model: nn.Module, *, model_dir: str | Path | None = None) -> SizeReport:
+    params, model_bytes = measure_size_light(model)
     n_w = n_b = 0
     for m in block_linears_of(model):
         w, b = weight_storage(m)

@@ -37,9 +37,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def scheme_label(scheme) -> str:
+    """Short name of a scheme in the YAML shorthand where one exists ("int4-g64", "nf4 ...")."""
+    from slimlm.formats import scheme_to_dict
+
+    d = scheme_to_dict(scheme)
+    fmt = d.pop("format")
+    if fmt == "int":
+        gs = d["group_size"]
+        return (f"int{d['bits']}-" + (f"g{gs}" if isinstance(gs, int) else gs)
+                + ("-sym" if d["symmetric"] else "") + ("-clip" if d.get("clip_search") else ""))  # fmt: skip
+    return fmt + "".join(f" {k}={v}" for k, v in d.items())
+
+
 def _linear_info(name: str, module: nn.Module) -> LinearInfo | None:
     weight = getattr(module, "weight", None)
     dtype = _dtype_name(weight.dtype) if isinstance(weight, torch.Tensor) else "unknown"
+    if getattr(module, "scheme", None) is not None:  # a compressed runtime module: show its format
+        dtype = scheme_label(module.scheme)
     if isinstance(module, Conv1D):  # weight (in, out)
         return LinearInfo(name, int(module.weight.shape[0]), int(module.weight.shape[1]), dtype)
     if isinstance(module, nn.Linear):
@@ -77,12 +92,15 @@ def model_info(model: nn.Module) -> ModelInfo:
     in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight is in_emb.weight
     kv_bytes = 2 * n_layers * heads.n_kv_heads * heads.head_dim * torch.empty((), dtype=dtype).element_size()
+    from slimlm.eval.size import measure_size_light
+
+    n_params, size_bytes = measure_size_light(model)  # packed weights of compressed modules included
     return ModelInfo(
         architecture=type(model).__name__,
         model_type=config.model_type,
-        n_params=sum(p.numel() for p in params),
+        n_params=n_params,
         dtype=_dtype_name(dtype),
-        size_bytes=sum(t.numel() * t.element_size() for t in params + buffers),
+        size_bytes=size_bytes,
         n_layers=n_layers,
         heads=heads,
         kv_bytes_per_token=kv_bytes,
