@@ -88,3 +88,11 @@ def test_export_hf_loads_in_stock_transformers(tmp_path):
     assert not any(isinstance(m, QuantLinear) for m in stock.modules())
     with torch.no_grad():
         torch.testing.assert_close(stock(IDS).logits, model(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_info_of_a_compressed_model_counts_packed_weights():
+    from slimlm.models import model_info
+
+    info, dense = model_info(_compressed("int4-g16")), model_info(tiny_model("llama"))
+    assert info.n_params == dense.n_params and info.size_bytes < dense.size_bytes
+    assert sum(lin.dtype == "int4-g16" for lin in info.linears) == 14
