@@ -1,0 +1,164 @@
+"""Mixed-precision bit allocation: one scheme per linear under an average bits-per-weight budget.
+
+HAWQ-V2/V3 (Dong et al., arXiv:1911.03852; Yao et al., arXiv:2011.10680)
+measure each layer's sensitivity with second-order information and pick bit
+widths by an integer program under a size budget. Here, as in HAWQ-V3's
+"Hessian-aware" objective and in the layer-wise setting of OBQ/GPTQ
+(Frantar et al., arXiv:2208.11580), the sensitivity of linear ``l`` to
+scheme ``c`` is the error its quantization adds to the layer's output on the
+calibration inputs X::
+
+    err[l, c] = tr((W - Q_c(W)) H (W - Q_c(W))^T),   H = 2/n X^T X
+              = 2/n || X (W - Q_c(W))^T ||_F^2
+
+and the allocation solves the multiple-choice knapsack::
+
+    minimise   sum_l err[l, choice_l]
+    subject to sum_l n_l * bpw[l, choice_l] <= budget * sum_l n_l
+
+where ``n_l`` is the layer's number of weights and ``bpw`` the true stored
+bits per weight (codes, scales and zeros; :func:`slimlm.formats.bits_per_weight`).
+
+The knapsack is solved by dynamic programming over a discretised budget
+(:func:`allocate`): costs are the extra bits over each layer's cheapest
+scheme, rounded *up* to units of 1/resolution of the largest possible extra,
+so a solution feasible in units is feasible in bits. A greedy pass with the
+exact costs then spends the slack the rounding left (best error reduction
+per extra bit first), so the result never exceeds the budget and ends close
+to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from slimlm.errors import SlimlmError
+from slimlm.formats import Scheme, fake_quantize
+
+
+@torch.no_grad()
+def hessian_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:
+    """``tr(E H E^T)`` with ``E = W - Wq``: the layer-output squared error (float32)."""
+    E = W.float() - Wq.float()  # (out, in)
+    return float(((E @ H.float()) * E).sum())
+
+
+@torch.no_grad()
+def sensitivities(W: Tensor, H: Tensor, schemes: Sequence[Scheme], *, normalize: bool = False) -> Tensor:
+    """``(K,)`` float64 Hessian-weighted error of RTN at each scheme for ``W (out, in)``.
+
+    With ``normalize`` each error is divided by ``tr(W H W^T)`` (the layer's
+    output energy), so the objective is a sum of relative output errors.
+    """
+    errs = torch.tensor([hessian_error(W, fake_quantize(W, s), H) for s in schemes], dtype=torch.float64)
+    if normalize:
+        W32 = W.float()
+        errs = errs / max(float(((W32 @ H.float()) * W32).sum()), 1e-30)
+    return errs
+
+
+def _check_problem(errors: Tensor, bpw: Tensor, n_weights: Tensor) -> None:
+    if errors.dim() != 2 or errors.shape != bpw.shape or n_weights.shape != errors.shape[:1]:
+        raise SlimlmError(f"errors and bpw must be (layers, choices) and n_weights (layers,); got "
+                          f"{tuple(errors.shape)}, {tuple(bpw.shape)}, {tuple(n_weights.shape)}")  # fmt: skip
+    if not torch.isfinite(errors).all() or (errors < 0).any():
+        raise SlimlmError("sensitivities must be finite and >= 0; check the calibration data and weights")
+
+
+def min_bpw(bpw: Tensor, n_weights: Tensor) -> float:
+    """The smallest average bits per weight any allocation reaches (every layer at its cheapest)."""
+    n = n_weights.double()
+    return float((bpw.double().amin(dim=1) * n).sum() / n.sum())
+
+
+def average_bpw(choice: Tensor, bpw: Tensor, n_weights: Tensor) -> float:
+    """Average bits per weight of an allocation, weighted by each layer's number of weights."""
+    n = n_weights.double()
+    picked = bpw.double().gather(1, choice.view(-1, 1)).squeeze(1)
+    return float((picked * n).sum() / n.sum())
+
+
+def total_error(choice: Tensor, errors: Tensor) -> float:
+    return float(errors.double().gather(1, choice.view(-1, 1)).sum())
+
+
+@torch.no_grad()
+def _knapsack_dp(errors: Tensor, units: Tensor, capacity: int) -> Tensor:
+    """Multiple-choice knapsack: min sum errors[l, c_l] with sum units[l, c_l] <= capacity.
+
+    Core loop (one layer at a time): ``best[b]`` is the least error of the
+    layers so far using at most ``b`` units; ``arg[l, b]`` the choice of
+    layer ``l`` on that optimum, for backtracking.
+    """
+    L, K = errors.shape
+    best = torch.zeros(capacity + 1, dtype=torch.float64)  # no layers: zero error at any budget
+    arg = torch.zeros(L, capacity + 1, dtype=torch.int8)
+    for layer in range(L):
+        cand = torch.full((K, capacity + 1), float("inf"), dtype=torch.float64)  # (K, B+1)
+        for c in range(K):
+            u = int(units[layer, c])
+            if u <= capacity:
+                cand[c, u:] = best[: capacity + 1 - u] + errors[layer, c]
+        best, arg[layer] = cand.min(dim=0)
+    choice = torch.empty(L, dtype=torch.long)
+    b = capacity
+    for layer in reversed(range(L)):
+        choice[layer] = int(arg[layer, b])
+        b -= int(units[layer, choice[layer]])
+    return choice
+
+
+def _greedy_fill(choice: Tensor, errors: Tensor, cost: Tensor, slack: float) -> Tensor:
+    """Spend ``slack`` bits on the upgrades that cut error most per extra bit, exact costs."""
+    choice = choice.clone()
+    while True:
+        extra = cost - cost.gather(1, choice.view(-1, 1))  # (L, K) bits each switch adds
+        gain = errors.gather(1, choice.view(-1, 1)) - errors  # (L, K) error each switch removes
+        ok = (gain > 0) & (extra <= slack)
+        if not ok.any():
+            return choice
+        free = ok & (extra <= 0)  # switches that also save bits come first, largest gain
+        if free.any():
+            score = torch.where(free, gain, torch.full_like(gain, -1.0))
+        else:
+            score = torch.where(ok, gain / extra.clamp(min=1e-300), torch.full_like(gain, -1.0))
+        flat = int(torch.argmax(score))
+        layer, c = divmod(flat, errors.shape[1])
+        slack -= float(extra[layer, c])
+        choice[layer] = c
+
+
+@torch.no_grad()
+def allocate(errors: Tensor, bpw: Tensor, n_weights: Tensor, budget_bpw: float, *,
+             resolution: int = 1 << 16) -> Tensor:  # fmt: skip
+    """Choice ``(L,)`` long per layer minimising summed ``errors (L, K)`` under ``budget_bpw``.
+
+    ``bpw (L, K)`` are each layer's true bits per weight per choice and
+    ``n_weights (L,)`` its size. The average bpw of the result is
+    ``<= budget_bpw`` (exactly checked); raises if even the cheapest
+    allocation exceeds the budget.
+    """
+    errors, bpw, n = errors.double(), bpw.double(), n_weights.double()
+    _check_problem(errors, bpw, n)
+    floor = min_bpw(bpw, n)
+    if budget_bpw < floor - 1e-12:
+        raise SlimlmError(f"budget {budget_bpw:.4f} bpw is below the cheapest allocation {floor:.4f} bpw; "
+                          f"raise budget_bpw or add a cheaper candidate scheme")  # fmt: skip
+    cost = bpw * n[:, None]  # (L, K) stored bits
+    extra = cost - cost.amin(dim=1, keepdim=True)  # (L, K) bits over each layer's cheapest
+    slack = budget_bpw * float(n.sum()) - float(cost.amin(dim=1).sum())  # bits to spend
+    span = float(extra.amax(dim=1).sum())
+    if span <= 0 or slack <= 0:
+        choice = torch.argmin(torch.where(extra == 0, errors, torch.full_like(errors, float("inf"))), dim=1)
+    else:
+        unit = span / resolution
+        units = torch.ceil(extra / unit - 1e-9).clamp(min=0).long()  # (L, K), rounded up: feasible in bits
+        choice = _knapsack_dp(errors, units, min(resolution, int(slack // unit)))
+    used = float(extra.gather(1, choice.view(-1, 1)).sum())
+    choice = _greedy_fill(choice, errors, extra, slack - used)
+    if average_bpw(choice, bpw, n) > budget_bpw + 1e-9:
+        raise SlimlmError("allocation exceeds the budget")  # the exactness check; unreachable by construction
+    return choice

@@ -1,0 +1,143 @@
+import itertools
+
+import pytest
+import torch
+
+from slimlm.calib import StatsSpec, calibrate_blocks
+from slimlm.errors import SlimlmError
+from slimlm.eval.size import measure_size
+from slimlm.formats import IntScheme, PerGroup, fake_quantize, parse_scheme
+from slimlm.models.tiny import tiny_model
+from slimlm.nn import QuantLinear
+from slimlm.quant.mixed import allocate, average_bpw, hessian_error, min_bpw, sensitivities, total_error
+from slimlm.quant.mixed_handler import MixedPrecision, apply_mixed, mixed_allocation, summarize
+from slimlm.targets import Targets
+
+def apply(model, config, calib):
+    """Like slimlm.api.apply (handlers run under no_grad), without needing the registry entry."""
+    with torch.no_grad():
+        return apply_mixed(model, config, calib)
+
+
+CALIB = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+CANDIDATES = ("int2-g32", "int3-g32", "int4-g32", "int8-channel-sym")
+
+
+def _problem(L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bpw = torch.tensor([2.5, 3.5, 4.5, 8.25]).repeat(L, 1)
+    n = torch.randint(1, 10, (L,), generator=g).double() * 4096
+    scale = torch.rand(L, 1, generator=g).double() * 10
+    errors = scale * torch.tensor([16.0, 4.0, 1.0, 0.004]).double() * (0.5 + torch.rand(L, 4, generator=g).double())
+    return errors, bpw.double(), n
+
+
+def test_allocation_never_exceeds_the_budget_and_comes_close():
+    errors, bpw, n = _problem(60)
+    for budget in (2.5, 2.8, 3.0, 3.5, 4.0, 4.25, 5.0, 7.0, 8.25, 9.0):
+        choice = allocate(errors, bpw, n, budget, resolution=4096)
+        got = average_bpw(choice, bpw, n)
+        assert got <= budget + 1e-12
+        # the smallest layer upgrade step bounds how much budget may remain unused
+        assert got >= min(budget, 8.25) - 4096 * 9 * 3.75 / n.sum()
+
+
+def test_allocation_is_optimal_against_brute_force():
+    errors, bpw, n = _problem(6, seed=1)
+    errors, bpw = errors[:, :3], bpw[:, :3]
+    combos = torch.tensor(list(itertools.product(range(3), repeat=6)))  # (729, 6)
+    rows = torch.arange(6)
+    combo_err = errors[rows, combos].sum(1)  # (729,)
+    combo_bpw = (bpw[rows, combos] * n).sum(1) / n.sum()
+    for budget in (2.5, 2.9, 3.2, 3.5, 3.8, 4.1, 4.5):
+        best = combo_err[combo_bpw <= budget + 1e-12].min()
+        choice = allocate(errors, bpw, n, budget)
+        assert average_bpw(choice, bpw, n) <= budget
+        assert total_error(choice, errors) <= float(best) * (1 + 1e-9)
+
+
+def test_more_budget_never_increases_total_error():
+    errors, bpw, n = _problem(40, seed=2)
+    totals = [total_error(allocate(errors, bpw, n, b, resolution=4096), errors) for b in torch.linspace(2.5, 8.5, 25).tolist()]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(totals, totals[1:]))
+    assert totals[-1] < totals[0]
+
+
+def test_budget_below_the_cheapest_allocation_is_refused():
+    errors, bpw, n = _problem(4)
+    assert min_bpw(bpw, n) == pytest.approx(2.5)
+    with pytest.raises(SlimlmError, match="below the cheapest allocation 2.5000"):
+        allocate(errors, bpw, n, 2.0)
+
+
+def test_hessian_error_is_the_layer_output_error():
+    g = torch.Generator().manual_seed(0)
+    X, W = torch.randn(200, 64, generator=g), torch.randn(32, 64, generator=g)
+    H = 2.0 / 200 * X.t() @ X
+    Wq = fake_quantize(W, parse_scheme("int3-g32"))
+    expected = 2.0 / 200 * (X @ (W - Wq).t()).square().sum()
+    assert hessian_error(W, Wq, H) == pytest.approx(float(expected), rel=1e-4)
+    errs = sensitivities(W, H, [parse_scheme(s) for s in CANDIDATES])
+    assert (errs[:-1] > errs[1:]).all()  # more bits, less output error
+
+
+def test_handler_meets_the_budget_from_real_buffers_and_mixes_schemes():
+    model = tiny_model("llama")
+    apply(model, MixedPrecision(budget_bpw=3.5, candidates=CANDIDATES), CALIB)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14
+    bpw = measure_size(model).bits_per_weight
+    assert 3.4 <= bpw <= 3.5
+    assert len({m.scheme for m in layers}) >= 2
+    assert model(CALIB[:2]).logits.shape == (2, 32, 512)
+
+
+def test_allocation_extremes_and_beats_uniform_at_equal_size():
+    model = tiny_model("llama")
+    # in_features 64 with groups of 32: int2/int3/int4-g32 store 3.0/4.0/5.0 bits per weight
+    low = mixed_allocation(model, MixedPrecision(budget_bpw=3.0, candidates=CANDIDATES), CALIB)
+    assert set(low.schemes.values()) == {IntScheme(2, granularity=PerGroup(32))}
+    high = mixed_allocation(model, MixedPrecision(budget_bpw=9.0, candidates=CANDIDATES), CALIB)
+    assert {s.bits for s in high.schemes.values()} == {8}
+    mid = mixed_allocation(model, MixedPrecision(budget_bpw=4.0, candidates=CANDIDATES), CALIB)
+    uniform_int3 = sum(float(e[1]) for e in mid.errors.values())  # int3-g32 is exactly 4.0 bpw
+    assert mid.total_error <= uniform_int3
+    assert set(summarize(mid)) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}  # fmt: skip
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # allocation alone changes nothing
+
+
+def test_mixed_beats_rtn_int3_on_layer_output_error():
+    """Summed Hessian-weighted error of the layers on float block inputs, vs RTN int3 at the same 4.0 bpw."""
+    model = tiny_model("llama")
+    alloc = mixed_allocation(model, MixedPrecision(budget_bpw=4.0, candidates=CANDIDATES), CALIB)
+    int3 = parse_scheme("int3-g32")
+    err_mixed = err_rtn = 0.0
+
+    def on_block(ctx):
+        nonlocal err_mixed, err_rtn
+        for name, lin in ctx.linears.items():
+            W, H = lin.weight.detach(), ctx.stats[name].H
+            err_mixed += hessian_error(W, fake_quantize(W, alloc.schemes[name]), H)
+            err_rtn += hessian_error(W, fake_quantize(W, int3), H)
+        return False
+
+    calibrate_blocks(model, CALIB, on_block=on_block, spec=StatsSpec(hessian=True))
+    assert err_mixed < err_rtn
+
+
+def test_refusals():
+    with pytest.raises(SlimlmError, match="calibration token ids"):
+        apply_mixed(tiny_model("llama"), MixedPrecision(), None)
+    with pytest.raises(SlimlmError, match="budget_bpw must be a positive"):
+        MixedPrecision(budget_bpw=0)
+    with pytest.raises(SlimlmError, match="unknown quantization scheme"):
+        MixedPrecision(candidates=("int4-g64", "fp5"))
+    with pytest.raises(SlimlmError, match="lm_head"):
+        MixedPrecision(targets=Targets(lm_head=True))
+    with pytest.raises(SlimlmError, match="below 3.0000"):
+        mixed_allocation(tiny_model("llama"), MixedPrecision(budget_bpw=2.0, candidates=CANDIDATES), CALIB)
+    model = tiny_model("llama")
+    with pytest.raises(SlimlmError, match="does not divide in_features 64"):
+        apply_mixed(model, MixedPrecision(candidates=("int4-g48",)), CALIB)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
