@@ -80,7 +80,8 @@ class OutlierLinear(PackedLinear):
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, scheme: Scheme | None = None, *, bias: bool,
-              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> OutlierLinear:  # fmt: skip
+              dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> OutlierLinear:  # fmt: skip
         """A zero-weight shell; ``load_state_dict`` fills it, outlier columns and threshold included."""
         _check_scheme(scheme)
         module = cls(in_features, out_features, bias=bias, dtype=dtype, device=device)

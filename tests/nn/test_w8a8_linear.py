@@ -61,3 +61,32 @@ def test_state_dict_round_trip_is_bit_identical(device, smooth):
     n, nbytes = q.weight_storage()
     assert n == 576 * 256
     assert nbytes == 576 * 256 + 256 * 2 + (576 * 4 if smooth else 0)  # codes, fp16 scales, fp32 smoothing
+
+
+def test_per_tensor_activation_scale_is_one_scale_for_the_whole_input(device):
+    from slimlm.formats.activation import quantize_per_token
+    from slimlm.nn import W8A8PerTensorLinear
+
+    lin = _linear(device)
+    x = torch.randn(2, 20, 576, device=device)
+    q = W8A8PerTensorLinear.from_linear(lin)
+    assert q.kernel.name == "w8a8_int_mm_tensor"
+    codes, scale = quantize_per_token(x.reshape(1, -1))  # one absmax scale over every element
+    x_fake = (codes.float() * scale).reshape(x.shape)
+    ref = torch.nn.functional.linear(x_fake, q.dequantized_weight(), lin.bias)
+    assert torch.allclose(q(x), ref, rtol=1e-4, atol=1e-4)
+    x[0, 0, 7] = 500.0  # one outlier coarsens every token's grid in per-tensor mode, only its own per token
+    assert sqnr_db(W8A8Linear.from_linear(lin)(x), lin(x)) > sqnr_db(q(x), lin(x)) + 10
+
+
+def test_empty_takes_the_scheme_a_checkpoint_records_and_adopts_a_smoothing_slot():
+    from slimlm.nn import W8A8_WEIGHT_SCHEME
+
+    q = W8A8Linear.from_linear(_linear(), smooth_scale=torch.rand(576) + 0.5)
+    shell = W8A8Linear.empty(576, 256, W8A8_WEIGHT_SCHEME, bias=True)  # no smooth flag: the manifest lacks it
+    result = shell.load_state_dict(q.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(3, 576)
+    assert torch.equal(shell(x), q(x))
+    with pytest.raises(SlimlmError, match="W8A8 weights"):
+        W8A8Linear.empty(576, 256, W8A8_WEIGHT_SCHEME.__class__(bits=4), bias=True)
