@@ -21,9 +21,24 @@ Handler = Callable[[nn.Module, Any, Any], nn.Module]
 
 def handlers() -> dict[type, Handler]:
     """Config type -> handler. Imported here, once, so the table is greppable."""
+    from slimlm.quant.awq_handler import AWQ, apply_awq
+    from slimlm.quant.gptq_handler import GPTQ, apply_gptq
+    from slimlm.quant.llm_int8 import LLMInt8, apply_llm_int8
+    from slimlm.quant.mixed_handler import MixedPrecision, apply_mixed
+    from slimlm.quant.qat import QAT, apply_qat
     from slimlm.quant.rtn import RTN, apply_rtn
+    from slimlm.quant.w8a8 import W8A8, SmoothQuant, apply_smoothquant, apply_w8a8
 
-    return {RTN: apply_rtn}
+    return {
+        RTN: apply_rtn,
+        GPTQ: apply_gptq,
+        AWQ: apply_awq,
+        W8A8: apply_w8a8,
+        SmoothQuant: apply_smoothquant,
+        LLMInt8: apply_llm_int8,
+        MixedPrecision: apply_mixed,
+        QAT: apply_qat,
+    }
 
 
 def apply(model: nn.Module, config: Any, calib: torch.Tensor | None = None) -> nn.Module:

@@ -192,7 +192,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, path in sorted(shipped_recipes().items()):
         comment = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
         steps = ", ".join(type(s).__name__ for s in load_recipe(name).steps)
-        print(f"{name:22s} {steps:10s} {comment}")
+        print(f"{name:20s} {steps:16s} {comment}")
     return 0
 
 

@@ -25,10 +25,25 @@ from typing import Any
 import yaml
 
 from slimlm.errors import SlimlmError
+from slimlm.quant.awq_handler import AWQ
+from slimlm.quant.gptq_handler import GPTQ
+from slimlm.quant.llm_int8 import LLMInt8
+from slimlm.quant.mixed_handler import MixedPrecision
+from slimlm.quant.qat import QAT
 from slimlm.quant.rtn import RTN
+from slimlm.quant.w8a8 import W8A8, SmoothQuant
 from slimlm.targets import Targets
 
-METHODS: dict[str, type] = {"rtn": RTN}
+METHODS: dict[str, type] = {
+    "rtn": RTN,
+    "gptq": GPTQ,
+    "awq": AWQ,
+    "w8a8": W8A8,
+    "smoothquant": SmoothQuant,
+    "llm_int8": LLMInt8,
+    "mixed_precision": MixedPrecision,
+    "qat": QAT,
+}
 _TARGET_KEYS = ("include", "exclude", "lm_head")
 # Scheme fields a step may give inline instead of ``scheme:`` (see formats.parse_scheme).
 _SCHEME_KEYS = ("format", "bits", "group_size", "symmetric", "clip_search", "block_size", "double_quant",
@@ -46,9 +61,12 @@ def _normalise(step: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise SlimlmError(f"recipe step {method!r} must map to its fields, e.g. {{bits: 4, group_size: 64}}")
         step = {"method": method, **body}
-    if not isinstance(step, dict):
+    if not isinstance(step, dict) or step.get("method") not in METHODS:
         return step
-    inline = {k: step[k] for k in _SCHEME_KEYS if k in step}
+    own = {f.name for f in fields(METHODS[step["method"]])}
+    if "scheme" not in own:
+        return step
+    inline = {k: step[k] for k in _SCHEME_KEYS if k in step and k not in own}
     if inline:
         if "scheme" in step:
             raise SlimlmError(f"give either scheme: or the inline fields {', '.join(inline)}, not both")
@@ -74,7 +92,7 @@ def config_from_dict(step: dict[str, Any]) -> Any:
     cls = METHODS.get(method)
     if cls is None:
         raise SlimlmError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    allowed = [f.name for f in fields(cls) if f.name != "targets"] + list(_TARGET_KEYS) + list(_SCHEME_KEYS)
+    allowed = [f.name for f in fields(cls) if f.name != "targets"] + list(_TARGET_KEYS)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise SlimlmError(f"unknown key(s) {', '.join(unknown)} for method {method}; valid: {', '.join(allowed)}")
@@ -86,6 +104,7 @@ def config_from_dict(step: dict[str, Any]) -> Any:
         if not isinstance(kwargs["overrides"], dict):
             raise SlimlmError("overrides must be a mapping of glob -> scheme, e.g. {'*.down_proj': int8-channel}")
         kwargs["overrides"] = tuple(kwargs["overrides"].items())
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # frozen configs hold tuples
     return cls(targets=Targets(**targets), **kwargs)
 
 
