@@ -89,3 +89,14 @@ def test_generate_streams_text(capsys, tiny_dir):
     assert main(["generate", tiny_dir, "The capital", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
     _one_line_error(capsys, main(["generate", tiny_dir, "x", "--temperature", "-1"]), "--temperature")
+
+
+def test_compress_with_a_calibrated_recipe_records_its_calibration(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "g"
+    assert main(["compress", "--model", tiny_dir, "--recipe", "gptq-int4-g64", "--out", str(out),
+                 "--calib-samples", "2", *FAST]) == 0
+    manifest = json.loads((out / "slimlm_manifest.json").read_text())
+    assert manifest["calibration"] == {"protocol": "pydoc-v1", "samples": 2, "seq_len": 512, "seed": 0}
+    assert manifest["recipe"]["name"] == "gptq-int4-g64"
+    _one_line_error(capsys, main(["compress", "--model", tiny_dir, "--recipe", "gptq-int4-g64", "--out",
+                                  str(tmp_path / "h"), "--calib-samples", "0", *FAST]), "--calib-samples")
