@@ -58,7 +58,8 @@ def test_allocation_is_optimal_against_brute_force():
 
 def test_more_budget_never_increases_total_error():
     errors, bpw, n = _problem(40, seed=2)
-    totals = [total_error(allocate(errors, bpw, n, b, resolution=4096), errors) for b in torch.linspace(2.5, 8.5, 25).tolist()]
+    budgets = torch.linspace(2.5, 8.5, 25).tolist()
+    totals = [total_error(allocate(errors, bpw, n, b, resolution=4096), errors) for b in budgets]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(totals, totals[1:]))
     assert totals[-1] < totals[0]
 

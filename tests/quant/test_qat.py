@@ -103,3 +103,14 @@ def test_refusals():
     with pytest.raises(SlimlmError, match="does not divide in_features 64"):
         apply_qat(model, QAT(scheme="int4-g48", targets=Targets()), CALIB)
     assert not any(isinstance(m, (FakeQuantLinear, QuantLinear)) for m in model.modules())
+
+
+def test_gpt2_conv1d_converts_exactly():
+    model = tiny_model("gpt2")  # Conv1D weights are (in, out); FakeQuantLinear keeps (out, in)
+    config = _quick("int3-g32", steps=2, distill=False)
+    fake = swap_fake_quant(model, config.scheme, config.targets)
+    train_qat(model, [p for m in fake.values() for p in m.parameters()], CALIB, config)
+    with torch.no_grad():
+        fake_logits = model(HELD_OUT).logits
+        to_quant_linears(model, fake)
+        torch.testing.assert_close(model(HELD_OUT).logits, fake_logits, rtol=0, atol=1e-5)
