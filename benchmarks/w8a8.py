@@ -105,7 +105,8 @@ def main() -> None:
     print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
-            lines.append(row(name, *measure(name, calib, tmp=Path(tmp), common=common), fp32, bf16))
+            r, secs, tps = measure(name, calib, tmp=Path(tmp), common=common)
+            lines.append(row(name, r, base, secs, tps, fp32, bf16))
             print(lines[-1], flush=True)
     print(f"\nprotocol wiki-v1, {base.quality.tokens:,} eval tokens, {calib.shape[0]}x{calib.shape[1]} calibration "
           f"tokens, {torch.get_num_threads()} threads; prefill = batch 1 x 512 tokens, median of 5; "
