@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/mixed_qat.py [--budgets 3.5,4.25] [--samples 32] [--seq-len 512] [--tokens 8192]
         [--qat-steps 40] [--qat-lr 3e-4] [--qat-seq-len 256] [--qat-batch 4] [--qat-loss kl|ce] [--only ...]
+        [--base-ppl PPL]
 
-Rows: base; RTN int3-g64 and int4-g64; MixedPrecision at each budget over
-{int2-g64, int3-g64, int4-g64, int8-channel-sym}; RTN ternary and QAT
-ternary (a short run: steps x batch x seq_len tokens, stated below the
-table). Compressed models are measured in memory; KLD and top-1 agreement
+Rows: base; RTN ternary and QAT ternary (a short run: steps x batch x
+seq_len tokens, stated below the table); RTN int3-g64 and int4-g64;
+MixedPrecision at each budget over {int2-g64, int3-g64, int4-g64,
+int8-channel-sym}. ``--base-ppl`` skips re-scoring the base when its
+perplexity on the same windows is known (KLD uses its cached outputs). Compressed models are measured in memory; KLD and top-1 agreement
 are to the base model's cached outputs on the same windows. The mixed
 allocation (bits per layer type and depth) is logged for each budget.
 """
@@ -35,13 +37,13 @@ def methods(args) -> list[tuple[str, object]]:
               batch_size=args.qat_batch, distill=args.qat_loss == "kl",
               warmup=max(1, args.qat_steps // 10))  # fmt: skip
     return [
+        ("rtn ternary", RTN(scheme="ternary")),
+        (f"qat ternary ({args.qat_loss})", qat),
         ("rtn int3-g64", RTN(scheme="int3-g64")),
         ("rtn int4-g64", RTN(scheme="int4-g64")),
         *[(f"mixed {b} bpw", MixedPrecision(budget_bpw=float(b))) for b in args.budgets.split(",")],
         *[(f"mixed {b} bpw norm", MixedPrecision(budget_bpw=float(b), normalize=True))
           for b in args.norm_budgets.split(",") if b],
-        ("rtn ternary", RTN(scheme="ternary")),
-        (f"qat ternary ({args.qat_loss})", qat),
     ]  # fmt: skip
 
 
@@ -58,9 +60,11 @@ def run_one(config: object, calib: torch.Tensor) -> tuple[torch.nn.Module, objec
     return model, tok, time.perf_counter() - t0
 
 
-def row(name: str, r: Result, base: Result, seconds: float) -> str:
+def row(name: str, r: Result | None, base_ppl: float, seconds: float) -> str:
+    if r is None:  # the base itself
+        return " | ".join([name, f"{base_ppl:.2f}", "+0.0%", "0.0000", "100.0%", "32.000", "0"])
     q = r.quality
-    return " | ".join([name, f"{q.perplexity:.2f}", f"{q.perplexity / base.quality.perplexity - 1:+.1%}",
+    return " | ".join([name, f"{q.perplexity:.2f}", f"{q.perplexity / base_ppl - 1:+.1%}",
                        f"{q.kld:.4f}", f"{q.top1_agreement:.1%}", f"{r.size.bits_per_weight:.3f}",
                        f"{seconds:.0f}"])  # fmt: skip
 
@@ -77,18 +81,22 @@ def main() -> None:
     p.add_argument("--qat-seq-len", type=int, default=256)
     p.add_argument("--qat-batch", type=int, default=4)
     p.add_argument("--qat-loss", choices=("kl", "ce"), default="kl")
+    p.add_argument("--base-ppl", type=float, default=None,
+                   help="skip scoring the base (KLD still uses its cached outputs) and use this perplexity")
     p.add_argument("--only", default=None, help="comma list of row-name substrings to run (e.g. 'mixed,qat')")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("slimlm.quant").setLevel(logging.INFO)
     common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=False)
     model, tok = load_model(MODEL)
-    base = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), **common)
+    base_ppl = args.base_ppl
+    if base_ppl is None:
+        base_ppl = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), **common).quality.perplexity
     calib = calibration_batch(tok, protocol_texts("wiki-v1").calibration, n_samples=args.samples,
                               seq_len=args.seq_len, seed=0)  # fmt: skip
     del model
     head = ("method", "ppl", "Δppl", "KLD", "top-1", "bpw", "compress s")
-    lines = [" | ".join(head), " | ".join("---" for _ in head), row("base", base, base, 0.0)]
+    lines = [" | ".join(head), " | ".join("---" for _ in head), row("base", None, base_ppl, 0.0)]
     print(lines[-1], flush=True)
     for name, config in methods(args):
         if args.only and not any(s in name for s in args.only.split(",")):
@@ -96,11 +104,11 @@ def main() -> None:
         model, tok, seconds = run_one(config, calib)
         r = evaluate(model, tok, source=name, base_source=MODEL, base_id=_model_id(MODEL),
                      load_base=lambda: load_model(MODEL)[0], **common)  # fmt: skip
-        lines.append(row(name, r, base, seconds))
+        lines.append(row(name, r, base_ppl, seconds))
         print(lines[-1], flush=True)
         del model
     qat_tokens = args.qat_steps * args.qat_batch * args.qat_seq_len
-    print(f"\nprotocol wiki-v1, {base.quality.tokens:,} eval tokens; calibration {args.samples} x {args.seq_len} "
+    print(f"\nprotocol wiki-v1, {args.tokens:,} eval tokens; calibration {args.samples} x {args.seq_len} "
           f"tokens (seed 0); {torch.get_num_threads()} thread(s); QAT: {args.qat_steps} steps x {args.qat_batch} x "
           f"{args.qat_seq_len} = {qat_tokens:,} tokens, lr {args.qat_lr}, cosine, loss {args.qat_loss}\n")  # fmt: skip
     print("\n".join(lines))
