@@ -8,7 +8,8 @@ Rows: base; RTN ternary and QAT ternary (a short run: steps x batch x
 seq_len tokens, stated below the table); RTN int3-g64 and int4-g64;
 MixedPrecision at each budget over {int2-g64, int3-g64, int4-g64,
 int8-channel-sym}. ``--base-ppl`` skips re-scoring the base when its
-perplexity on the same windows is known (KLD uses its cached outputs). Compressed models are measured in memory; KLD and top-1 agreement
+perplexity on the same windows is known (KLD uses its cached outputs).
+Compressed models are measured in memory; KLD and top-1 agreement
 are to the base model's cached outputs on the same windows. The mixed
 allocation (bits per layer type and depth) is logged for each budget.
 """
@@ -41,9 +42,9 @@ def methods(args) -> list[tuple[str, object]]:
         (f"qat ternary ({args.qat_loss})", qat),
         ("rtn int3-g64", RTN(scheme="int3-g64")),
         ("rtn int4-g64", RTN(scheme="int4-g64")),
-        *[(f"mixed {b} bpw", MixedPrecision(budget_bpw=float(b))) for b in args.budgets.split(",")],
-        *[(f"mixed {b} bpw norm", MixedPrecision(budget_bpw=float(b), normalize=True))
-          for b in args.norm_budgets.split(",") if b],
+        *[(f"mixed {b} bpw", MixedPrecision(budget_bpw=float(b))) for b in args.budgets.split(",") if b],
+        *[(f"mixed {b} bpw raw", MixedPrecision(budget_bpw=float(b), normalize=False))
+          for b in args.raw_budgets.split(",") if b],
     ]  # fmt: skip
 
 
@@ -72,7 +73,7 @@ def row(name: str, r: Result | None, base_ppl: float, seconds: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", default="3.5,4.25")
-    p.add_argument("--norm-budgets", default="", help="budgets to also run with normalize=True")
+    p.add_argument("--raw-budgets", default="", help="budgets to also run with normalize=False (raw errors)")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--tokens", type=int, default=8192)

@@ -22,7 +22,8 @@ bits per weight (codes, scales and zeros; :func:`slimlm.formats.bits_per_weight`
 The knapsack is solved by dynamic programming over a discretised budget
 (:func:`allocate`): costs are the extra bits over each layer's cheapest
 scheme, rounded *up* to units of 1/resolution of the largest possible extra,
-so a solution feasible in units is feasible in bits. A greedy pass with the
+so a solution feasible in units is feasible in bits (the unit is the gcd of
+the integer bit costs when that fits, making the DP exact). A greedy pass with the
 exact costs then spends the slack the rounding left (best error reduction
 per extra bit first), so the result never exceeds the budget and ends close
 to it.
@@ -30,6 +31,7 @@ to it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -131,6 +133,15 @@ def _greedy_fill(choice: Tensor, errors: Tensor, cost: Tensor, slack: float) -> 
         choice[layer] = c
 
 
+def _exact_unit(extra: Tensor, span: float, resolution: int) -> float | None:
+    """The gcd of the integer extra costs when the budget fits ``resolution`` units of it (then the DP is exact)."""
+    ints = extra.round().long()
+    if not torch.equal(ints.double(), extra):
+        return None
+    g = math.gcd(*ints.flatten().unique().tolist())
+    return float(g) if g > 0 and span / g <= resolution else None
+
+
 @torch.no_grad()
 def allocate(errors: Tensor, bpw: Tensor, n_weights: Tensor, budget_bpw: float, *,
              resolution: int = 1 << 16) -> Tensor:  # fmt: skip
@@ -154,7 +165,7 @@ def allocate(errors: Tensor, bpw: Tensor, n_weights: Tensor, budget_bpw: float, 
     if span <= 0 or slack <= 0:
         choice = torch.argmin(torch.where(extra == 0, errors, torch.full_like(errors, float("inf"))), dim=1)
     else:
-        unit = span / resolution
+        unit = _exact_unit(extra, span, resolution) or span / resolution
         units = torch.ceil(extra / unit - 1e-9).clamp(min=0).long()  # (L, K), rounded up: feasible in bits
         choice = _knapsack_dp(errors, units, min(resolution, int(slack // unit)))
     used = float(extra.gather(1, choice.view(-1, 1)).sum())

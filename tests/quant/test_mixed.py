@@ -102,7 +102,7 @@ def test_allocation_extremes_and_beats_uniform_at_equal_size():
     assert {s.bits for s in high.schemes.values()} == {8}
     mid = mixed_allocation(model, MixedPrecision(budget_bpw=4.0, candidates=CANDIDATES), CALIB)
     uniform_int3 = sum(float(e[1]) for e in mid.errors.values())  # int3-g32 is exactly 4.0 bpw
-    assert mid.total_error <= uniform_int3
+    assert mid.total_error <= uniform_int3 * (1 + 1e-9)
     assert set(summarize(mid)) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}  # fmt: skip
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # allocation alone changes nothing
@@ -111,7 +111,7 @@ def test_allocation_extremes_and_beats_uniform_at_equal_size():
 def test_mixed_beats_rtn_int3_on_layer_output_error():
     """Summed Hessian-weighted error of the layers on float block inputs, vs RTN int3 at the same 4.0 bpw."""
     model = tiny_model("llama")
-    alloc = mixed_allocation(model, MixedPrecision(budget_bpw=4.0, candidates=CANDIDATES), CALIB)
+    alloc = mixed_allocation(model, MixedPrecision(budget_bpw=4.0, candidates=CANDIDATES, normalize=False), CALIB)
     int3 = parse_scheme("int3-g32")
     err_mixed = err_rtn = 0.0
 
