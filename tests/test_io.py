@@ -96,3 +96,19 @@ def test_info_of_a_compressed_model_counts_packed_weights():
     info, dense = model_info(_compressed("int4-g16")), model_info(tiny_model("llama"))
     assert info.n_params == dense.n_params and info.size_bytes < dense.size_bytes
     assert sum(lin.dtype == "int4-g16" for lin in info.linears) == 14
+
+
+def test_unknown_manifest_version_and_mismatched_tensors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = save_compressed(_compressed("int4-g16"), tiny_tokenizer(), tmp_path / "c")
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, format="slimlm.checkpoint/99")))
+    with pytest.raises(SlimlmError, match="this slimlm reads slimlm.checkpoint/1"):
+        load_compressed(out)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    tensors = load_file(str(out / WEIGHTS))
+    tensors.pop(next(k for k in tensors if k.endswith("q_proj.scale")))
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "slimlm.checkpoint/1"})
+    with pytest.raises(SlimlmError, match="does not match its manifest"):
+        load_compressed(out)
