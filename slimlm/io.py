@@ -149,7 +149,8 @@ def load_compressed(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn
     except (SafetensorError, OSError) as e:
         raise SlimlmError(f"{weights} is corrupt or truncated ({e}); compress again") from None
     if missing or unexpected:
-        raise SlimlmError(f"{weights} does not match its manifest (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): compress again")
+        raise SlimlmError(f"{weights} does not match its manifest (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}): compress again")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 
