@@ -228,26 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimlm", description="Compress language models and measure what it cost.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("-v", "--verbose", action="store_true", help="show info logs from libraries too")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    e = sub.add_parser("eval", help="measure models on a locked protocol")
-    e.add_argument("models", nargs="*", help=f"built-in name, HF directory, hub id, .gguf, or a result .json (default {DEFAULT_MODEL})")
-    e.add_argument("--protocol", default="wiki-v1", help="measurement protocol (default wiki-v1)")
-    e.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's 16,384)")
-    e.add_argument("--full", action="store_true", help="score the whole evaluation set")
-    e.add_argument("--compare", action="store_true", help="evaluate several models side by side, deltas vs the first")
-    e.add_argument("--base", default=None, help="model that KL divergence is measured against (default: the first model)")
-    e.add_argument("--json", default=None, help="write the result(s) as JSON")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
-    e.add_argument("--dtype", default="float32", choices=DTYPES)
-    e.set_defaults(func=cmd_eval)
-
+def _add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compress", help="compress a model with a recipe, save it, and compare it with the base")
     c.add_argument("--model", default=DEFAULT_MODEL, help=f"model to compress (default {DEFAULT_MODEL})")
     c.add_argument("--recipe", default="default", help="shipped recipe name or YAML file (default: 'default', int8)")
@@ -269,6 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimlm", description="Compress language models and measure what it cost.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-v", "--verbose", action="store_true", help="show info logs from libraries too")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("eval", help="measure models on a locked protocol")
+    e.add_argument("models", nargs="*", help=f"built-in name, HF directory, hub id, .gguf, or a result .json (default {DEFAULT_MODEL})")
+    e.add_argument("--protocol", default="wiki-v1", help="measurement protocol (default wiki-v1)")
+    e.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's 16,384)")
+    e.add_argument("--full", action="store_true", help="score the whole evaluation set")
+    e.add_argument("--compare", action="store_true", help="evaluate several models side by side, deltas vs the first")
+    e.add_argument("--base", default=None, help="model that KL divergence is measured against (default: the first model)")
+    e.add_argument("--json", default=None, help="write the result(s) as JSON")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    e.add_argument("--dtype", default="float32", choices=DTYPES)
+    e.set_defaults(func=cmd_eval)
+
+    _add_compress_parsers(sub)
 
     r = sub.add_parser("recipes", help="list the shipped recipes")
     r.set_defaults(func=cmd_recipes)
