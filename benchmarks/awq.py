@@ -25,14 +25,13 @@ from slimlm.models import load_model
 from slimlm.quant import RTN
 from slimlm.quant.awq_handler import AWQ, apply_awq
 from slimlm.quant.rtn import apply_rtn
+from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
 
 
 def row(name: str, r: Result, base: Result, secs: float) -> str:
-    q, bq = r.quality, base.quality
-    return " | ".join([name, f"{q.perplexity:.2f}", f"{q.perplexity / bq.perplexity - 1:+.1%}", f"{q.kld:.4f}",
-                       f"{q.top1_agreement:.1%}", f"{r.size.bits_per_weight:.2f}", f"{secs:.1f}"])  # fmt: skip
+    return " | ".join([name, *quality_cells(r, base.quality.perplexity), f"{secs:.1f}"])
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from slimlm.data import calibration_batch, protocol_texts
 from slimlm.eval import Result, evaluate
 from slimlm.models import load_model
 from slimlm.quant import GPTQ, RTN, apply_gptq, apply_rtn
+from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
 
@@ -48,10 +49,7 @@ def run_one(config: object, calib: torch.Tensor) -> tuple[torch.nn.Module, objec
 
 
 def row(name: str, r: Result, base: Result, seconds: float) -> str:
-    q = r.quality
-    return " | ".join([name, f"{q.perplexity:.2f}", f"{q.perplexity / base.quality.perplexity - 1:+.1%}",
-                       f"{q.kld:.4f}", f"{q.top1_agreement:.1%}", f"{r.size.bits_per_weight:.2f}",
-                       f"{seconds:.0f}"])  # fmt: skip
+    return " | ".join([name, *quality_cells(r, base.quality.perplexity), f"{seconds:.0f}"])
 
 
 def main() -> None:

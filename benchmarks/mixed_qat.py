@@ -29,6 +29,7 @@ from slimlm.models import load_model
 from slimlm.quant import RTN, apply_rtn
 from slimlm.quant.mixed_handler import MixedPrecision, apply_mixed
 from slimlm.quant.qat import QAT, apply_qat
+from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
 
@@ -64,10 +65,7 @@ def run_one(config: object, calib: torch.Tensor) -> tuple[torch.nn.Module, objec
 def row(name: str, r: Result | None, base_ppl: float, seconds: float) -> str:
     if r is None:  # the base itself
         return " | ".join([name, f"{base_ppl:.2f}", "+0.0%", "0.0000", "100.0%", "32.000", "0"])
-    q = r.quality
-    return " | ".join([name, f"{q.perplexity:.2f}", f"{q.perplexity / base_ppl - 1:+.1%}",
-                       f"{q.kld:.4f}", f"{q.top1_agreement:.1%}", f"{r.size.bits_per_weight:.3f}",
-                       f"{seconds:.0f}"])  # fmt: skip
+    return " | ".join([name, *quality_cells(r, base_ppl, bpw_digits=3), f"{seconds:.0f}"])
 
 
 def main() -> None:

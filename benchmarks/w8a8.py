@@ -33,6 +33,7 @@ from slimlm.io import load_compressed, save_compressed
 from slimlm.models import load_model
 from slimlm.quant.llm_int8 import LLMInt8, apply_llm_int8
 from slimlm.quant.w8a8 import W8A8, SmoothQuant, apply_smoothquant, apply_w8a8
+from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
 METHODS = {
@@ -75,12 +76,8 @@ def measure(name: str, calib: torch.Tensor, *, tmp: Path, common: dict) -> tuple
 
 
 def row(name: str, r: Result, base: Result, secs: float, tps: float, fp32: float, bf16: float) -> str:
-    q, bq = r.quality, base.quality
-    return " | ".join([
-        name, f"{q.perplexity:.2f}", f"{q.perplexity / bq.perplexity - 1:+.1%}", f"{q.kld:.4f}",
-        f"{q.top1_agreement:.1%}", f"{r.size.bits_per_weight:.2f}", f"{tps:.0f}", f"{tps / fp32:.2f}x",
-        f"{tps / bf16:.2f}x", f"{secs:.1f}",
-    ])  # fmt: skip
+    return " | ".join([name, *quality_cells(r, base.quality.perplexity), f"{tps:.0f}", f"{tps / fp32:.2f}x",
+                       f"{tps / bf16:.2f}x", f"{secs:.1f}"])  # fmt: skip
 
 
 def main() -> None:
