@@ -1,0 +1,305 @@
+"""A lean forward for llama-like decoders over slimlm's KV-cache protocol (see cache.py).
+
+``FastDecoder`` walks the HF model's own modules (read through the adapter
+table): norms and embeddings are called as modules, every linear that is not
+a plain float ``nn.Linear`` (QuantLinear, W8A8Linear, sparse or pruned
+replacements) is called as a module too, and plain float q/k/v and gate/up
+linears are fused into one matmul each. Head counts are read per layer from
+the linears' shapes, so structurally pruned models (fewer heads, neurons or
+layers) run as they are. The attention goes through a :class:`KVCache`.
+
+``HFDecoder`` is the generic path for every other family: the HF forward
+with a transformers cache, behind the same ``forward`` signature.
+``make_decoder(model)`` picks one.
+
+Signature shared by both::
+
+    logits = decoder(input_ids, positions, cache, n_logits=None)
+    # input_ids, positions: (B, T) long; positions < 0 mark left padding
+    # logits: (B, T, V), or (B, n_logits, V) for the last n_logits tokens
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slimlm.errors import SlimlmError
+from slimlm.generation.cache import CacheSpec, KVCache, KVView, StaticKVCache
+from slimlm.generation.rope import Rope, apply_rotary
+from slimlm.models.adapters import ADAPTERS, decoder_blocks, head_layout, text_config
+
+log = logging.getLogger("slimlm.generation")
+
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+def _plain(m: nn.Module) -> bool:
+    return type(m) is nn.Linear
+
+
+def _linear_fn(m: nn.Module) -> Callable[[Tensor], Tensor]:
+    if _plain(m):
+        w, b = m.weight, m.bias
+        return lambda x: F.linear(x, w, b)
+    return m  # a runtime module: its own kernel
+
+
+def _split_fn(mods: list[nn.Module], fuse: bool) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """One callable x -> (y_1, ..., y_n) for linears reading the same input; one matmul when fusable."""
+    if fuse and all(_plain(m) for m in mods) and len({m.weight.dtype for m in mods}) == 1:
+        w = torch.cat([m.weight.detach() for m in mods])  # (sum out, in)
+        has_bias = any(m.bias is not None for m in mods)
+        b = torch.cat([m.bias.detach() if m.bias is not None else w.new_zeros(m.out_features) for m in mods]) \
+            if has_bias else None
+        sizes = [m.out_features for m in mods]
+        return lambda x: F.linear(x, w, b).split(sizes, dim=-1)
+    fns = [_linear_fn(m) for m in mods]
+    return lambda x: tuple(f(x) for f in fns)
+
+
+def _out_features(m: nn.Module) -> int:
+    n = getattr(m, "out_features", None)
+    if not isinstance(n, int):
+        raise SlimlmError(f"{type(m).__name__} has no integer out_features; the fast decoder needs it "
+                          "(use make_decoder(model, fast=False))")
+    return n
+
+
+@dataclass
+class _Layer:
+    in_norm: nn.Module
+    qkv: Callable[[Tensor], tuple[Tensor, ...]]
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    o_proj: Callable[[Tensor], Tensor]
+    mlp_norm: nn.Module
+    gate_up: Callable[[Tensor], tuple[Tensor, ...]]
+    act: Callable[[Tensor], Tensor]
+    down: Callable[[Tensor], Tensor]
+    n_q: int
+    n_kv: int
+    scale: float
+
+
+def _fast_refusal(model: nn.Module) -> str | None:
+    """Why the fast path cannot run this model, or None."""
+    cfg = model.config
+    if cfg.model_type not in FAST_FAMILIES:
+        return f"model type {cfg.model_type!r} is not one of the fast families ({', '.join(FAST_FAMILIES)})"
+    tcfg = text_config(cfg, ADAPTERS[cfg.model_type])
+    rope = getattr(tcfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") == "dynamic":
+        return "dynamic rope scaling depends on the sequence length"
+    layer_types = getattr(tcfg, "layer_types", None) or ()
+    if len(set(layer_types)) > 1:  # one window for all layers is all the static cache knows
+        return f"mixed attention layer types {sorted(set(layer_types))}"
+    return None
+
+
+class FastDecoder(nn.Module):
+    """Lean forward of a llama-like HF model (``FAST_FAMILIES``); see the module docstring."""
+
+    def __init__(self, model: nn.Module, *, fuse: bool = True):
+        super().__init__()
+        why = _fast_refusal(model)
+        if why is not None:
+            raise SlimlmError(f"the fast decoder cannot run this model: {why}; use make_decoder(model) "
+                              "to fall back to the HF forward")
+        self.model = model
+        cfg = text_config(model.config, ADAPTERS[model.config.model_type])
+        adapter = ADAPTERS[model.config.model_type]
+        self.head_dim = head_layout(model.config).head_dim
+        self.embed = model.get_submodule(adapter.embeddings[0])
+        self.final_norm = model.get_submodule(adapter.final_norm)
+        self.lm_head = _linear_fn(model.get_submodule(adapter.lm_head))
+        self.layers = [self._layer(block, fuse) for block in decoder_blocks(model)]
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.device = next(model.parameters()).device
+        self.sliding_window = self._window(cfg)
+        rotary = model.get_submodule(adapter.blocks.rsplit(".", 1)[0] + ".rotary_emb")
+        n_pos = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)
+        self.rope = Rope.from_module(rotary, n_pos, dtype=self.dtype, device=self.device)
+        self._rotary = rotary
+
+    def _window(self, cfg) -> int | None:
+        types = getattr(cfg, "layer_types", None) or ()
+        window = getattr(cfg, "sliding_window", None)
+        if cfg.model_type == "mistral" or "sliding_attention" in types:
+            return window
+        return None
+
+    def _layer(self, block: nn.Module, fuse: bool) -> _Layer:
+        attn, mlp = block.self_attn, block.mlp
+        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        n_q, n_kv = _out_features(q) // self.head_dim, _out_features(k) // self.head_dim
+        if n_kv < 1 or n_q % n_kv:
+            raise SlimlmError(f"a layer has {n_q} query heads and {n_kv} KV heads; the query heads must be a "
+                              "multiple of the KV heads")
+        return _Layer(
+            in_norm=block.input_layernorm,
+            qkv=_split_fn([q, k, v], fuse),
+            q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+            o_proj=_linear_fn(attn.o_proj),
+            mlp_norm=block.post_attention_layernorm,
+            gate_up=_split_fn([mlp.gate_proj, mlp.up_proj], fuse),
+            act=mlp.act_fn,
+            down=_linear_fn(mlp.down_proj),
+            n_q=n_q,
+            n_kv=n_kv,
+            scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
+        )
+
+    def cache_spec(self) -> CacheSpec:
+        return CacheSpec(kv_heads=tuple(layer.n_kv for layer in self.layers), head_dim=self.head_dim,
+                         dtype=self.dtype, device=self.device, sliding_window=self.sliding_window)
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        self.ensure_positions(max_len)
+        return StaticKVCache(self.cache_spec(), batch=batch, max_len=max_len)
+
+    def ensure_positions(self, n: int) -> None:
+        """Grow the rotary table to cover positions 0..n-1."""
+        if n > self.rope.max_positions:
+            self.rope = Rope.from_module(self._rotary, n, dtype=self.dtype, device=self.device)
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, *, n_logits: int | None = None) -> Tensor:
+        x = self.embed(input_ids)  # (B, T, H)
+        cos, sin = self.rope.cos_sin(positions)  # (B, 1, T, D) each
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, layer.in_norm(x), cache, positions, cos, sin)
+            g, u = layer.gate_up(layer.mlp_norm(x))
+            x = x + layer.down(layer.act(g) * u)
+        if n_logits is not None:
+            x = x[:, -n_logits:]
+        return self.lm_head(self.final_norm(x))
+
+    def _attention(self, i: int, layer: _Layer, h: Tensor, cache: KVCache, positions: Tensor,
+                   cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = h.shape
+        D = self.head_dim
+        q, k, v = layer.qkv(h)
+        q = q.view(B, T, layer.n_q, D)
+        k = k.view(B, T, layer.n_kv, D)
+        if layer.q_norm is not None:  # qwen3: RMSNorm over each head before rotary
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq, T, D), (B, Hkv, T, D)
+        v = v.view(B, T, layer.n_kv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if cache.raw_keys:
+            view = cache.update(i, k, v, positions=positions, rope=self.rope)
+            q = self.rope(q, view.q_positions)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            view = cache.update(i, k, v, positions=positions, rope=self.rope)
+        out = attend(q, view, scale=layer.scale, observe=cache.observe if cache.wants_scores(i) else None, layer=i)
+        return layer.o_proj(out.transpose(1, 2).reshape(B, T, layer.n_q * D))  # (B, T, Hq*D) -> (B, T, H)
+
+
+def attend(q: Tensor, view: KVView, *, scale: float, observe=None, layer: int = 0) -> Tensor:
+    """Attention of q (B, Hq, T, D) over a cache view; GQA by folding query groups into rows.
+
+    With ``observe`` the probabilities are computed explicitly and handed to
+    ``observe(layer, probs)`` as (B, Hq, T, S) float32.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = view.k.shape[1], view.k.shape[2]
+    g = Hq // Hkv
+    qf = q.reshape(B, Hkv, g * T, D)  # (B, Hkv, g*T, D): the g query heads of a KV head stacked
+    mask = view.mask
+    if mask is not None and g > 1:
+        mask = mask.expand(B, 1, T, S).repeat(1, 1, g, 1)  # (B, 1, g*T, S) in the same (g, T) order
+    if observe is None:
+        out = F.scaled_dot_product_attention(qf, view.k, view.v, attn_mask=mask, scale=scale)
+    else:
+        scores = (qf.float() @ view.k.float().transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        observe(layer, probs.view(B, Hq, T, S))
+        out = (probs @ view.v.float()).to(q.dtype)
+    return out.view(B, Hq, T, D)
+
+
+class HFCache:
+    """A transformers ``DynamicCache`` behind the slimlm cache interface (generic path only).
+
+    It keeps the 2D padding mask HF expects; eviction and quantization caches
+    need the fast path.
+    """
+
+    raw_keys = False
+
+    def __init__(self, model: nn.Module, *, batch: int, max_len: int):
+        from transformers import DynamicCache
+
+        self.hf = DynamicCache(config=model.config)
+        self.batch, self.max_len = batch, max_len
+        self.mask2d = torch.zeros(batch, 0, dtype=torch.long, device=next(model.parameters()).device)
+
+    @property
+    def length(self) -> int:
+        return self.mask2d.shape[1]
+
+    def update(self, *args, **kwargs) -> KVView:
+        raise SlimlmError("HFCache only serves the HF forward (HFDecoder); it has no per-layer update")
+
+    def wants_scores(self, layer: int) -> bool:
+        return False
+
+    def observe(self, layer: int, probs: Tensor) -> None:
+        return None
+
+    def crop(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise SlimlmError(f"cannot crop the KV cache to {length}; it holds {self.length} slots")
+        self.hf.crop(length)
+        self.mask2d = self.mask2d[:, :length]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.hf.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if isinstance(t, Tensor))
+
+
+class HFDecoder(nn.Module):
+    """The generic path: the HF model's forward with a transformers cache, same signature as FastDecoder."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def new_cache(self, batch: int, max_len: int) -> HFCache:
+        return HFCache(self.model, batch=batch, max_len=max_len)
+
+    @torch.no_grad()
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: HFCache, *, n_logits: int | None = None) -> Tensor:
+        if not isinstance(cache, HFCache):
+            raise SlimlmError(f"the HF forward needs an HFCache (decoder.new_cache), got {type(cache).__name__}; "
+                              "custom KV caches need a fast-path family: " + ", ".join(FAST_FAMILIES))
+        if cache.length + input_ids.shape[1] > cache.max_len:
+            raise SlimlmError(f"KV cache full: {cache.length + input_ids.shape[1]} slots needed, max_len is "
+                              f"{cache.max_len}; build the cache with a larger max_len")
+        cache.mask2d = torch.cat([cache.mask2d, (positions >= 0).long()], dim=1)  # (B, S)
+        out = self.model(input_ids=input_ids, attention_mask=cache.mask2d, position_ids=positions.clamp_min(0),
+                         cache=cache.hf, use_cache=True, logits_to_keep=n_logits or 0)
+        return out.logits
+
+
+def make_decoder(model: nn.Module, *, fast: bool | None = None, fuse: bool = True) -> nn.Module:
+    """FastDecoder when the family allows it (``fast=None``: automatic), else HFDecoder."""
+    if fast is False:
+        return HFDecoder(model)
+    why = _fast_refusal(model)
+    if why is None:
+        return FastDecoder(model, fuse=fuse)
+    if fast:
+        raise SlimlmError(f"the fast decoder cannot run this model: {why}")
+    log.info("generic decode path (HF forward): %s", why)
+    return HFDecoder(model)
