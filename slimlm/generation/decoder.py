@@ -259,7 +259,8 @@ class HFCache:
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise SlimlmError(f"cannot crop the KV cache to {length}; it holds {self.length} slots")
-        self.hf.crop(length)
+        if length < self.length:
+            self.hf.crop(length - self.length)  # transformers 5: a negative count of tokens to remove
         self.mask2d = self.mask2d[:, :length]
 
     def nbytes(self) -> int:
