@@ -4,7 +4,8 @@
 
 Each recipe is applied to a fresh copy of the base model, saved with
 save_compressed, reloaded from disk and measured, so the numbers describe the
-checkpoint a user would get. Speed ratios are to the base measured in the same
+checkpoint a user would get. "peak MB" is the process's peak resident memory from
+loading the model to the end of compression (Linux VmHWM, reset per recipe). Speed ratios are to the base measured in the same
 process (these machines are shared and noisy: compare ratios, not absolutes).
 """
 
@@ -29,31 +30,53 @@ from slimlm.recipe import load_recipe, shipped_recipes
 MODEL = "smollm2-135m"
 
 
-def measure(recipe_name: str, *, tmp: Path, common: dict, calib_samples: int | None) -> tuple[Result, float]:
+def _reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS counter (VmHWM), so the next reading covers one step."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not permitted: the reading then covers the whole process
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return kb / 1024 if kb is not None else None
+
+
+def measure(recipe_name: str, *, tmp: Path, common: dict,
+            calib_samples: int | None) -> tuple[Result, float, float | None]:  # fmt: skip
+    """(result, compress seconds, peak RSS MB from loading the model to the end of compression)."""
     recipe = load_recipe(recipe_name)
+    _reset_peak_rss()
     model, tok = load_model(MODEL)
     steps = list(recipe.steps)
     calib = calibration_ids(tok, "wiki-v1", n_samples=calib_samples) if needs_calibration(steps) else None
     t0 = time.perf_counter()
     apply_all(model, steps, calib)
     seconds = time.perf_counter() - t0
+    peak = _peak_rss_mb()
     out = save_compressed(model, tok, tmp / recipe.name, base_model=MODEL, recipe=recipe.spec)
     del model
     model, tok = load_compressed(out)
     result = evaluate(model, tok, source=recipe.name, model_id=_model_id(str(out)), base_source=MODEL,
                       base_id=_model_id(MODEL), load_base=lambda: load_model(MODEL)[0], model_dir=str(out),
                       recipe=recipe.spec, **common)  # fmt: skip
-    return result, seconds
+    return result, seconds, peak
 
 
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def table(base: Result, rows: list[tuple[Result, float]]) -> str:
-    head = ("recipe", "ppl", "Δppl", "KLD", "top-1", "bpw", "ckpt MB", "prefill", "decode", "compress s")
+def table(base: Result, rows: list[tuple[Result, float, float | None]]) -> str:
+    head = ("recipe", "ppl", "Δppl", "KLD", "top-1", "bpw", "ckpt MB", "prefill", "decode", "compress s",
+            "peak MB")  # fmt: skip
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for r, secs in [(base, 0.0), *rows]:
+    for r, secs, peak in [(base, 0.0, None), *rows]:
         sp, bsp = r.speed, base.speed
         lines.append(" | ".join([
             r.model, f"{r.quality.perplexity:.2f}", f"{r.quality.perplexity / base.quality.perplexity - 1:+.1%}",
@@ -61,6 +84,7 @@ def table(base: Result, rows: list[tuple[Result, float]]) -> str:
             f"{(r.size.checkpoint_bytes or 0) / 1e6:.0f}",
             _ratio(sp and sp.prefill_tokens_per_s, bsp and bsp.prefill_tokens_per_s),
             _ratio(sp and sp.decode_tokens_per_s, bsp and bsp.decode_tokens_per_s), f"{secs:.1f}",
+            f"{peak:.0f}" if peak else "-",
         ]))  # fmt: skip
     return "\n".join(lines)
 
@@ -88,7 +112,7 @@ def main() -> None:
           if base.speed else "")  # fmt: skip
     print(table(base, rows))
     if args.json:
-        doc = {"base": base.to_dict(), "recipes": [dict(r.to_dict(), compress_seconds=s) for r, s in rows]}
+        doc = {"base": base.to_dict(), "recipes": [dict(r.to_dict(), compress_seconds=s, compress_peak_rss_mb=m) for r, s, m in rows]}
         Path(args.json).write_text(json.dumps(doc, indent=2))
 
 
