@@ -21,6 +21,8 @@ Handler = Callable[[nn.Module, Any, Any], nn.Module]
 
 def handlers() -> dict[type, Handler]:
     """Config type -> handler. Imported here, once, so the table is greppable."""
+    from slimlm.prune.structured_handler import (PruneDepth, PruneWidth, Structured, apply_prune_depth,
+                                                   apply_prune_width, apply_structured)
     from slimlm.quant.awq_handler import AWQ, apply_awq
     from slimlm.quant.gptq_handler import GPTQ, apply_gptq
     from slimlm.quant.llm_int8 import LLMInt8, apply_llm_int8
@@ -38,6 +40,9 @@ def handlers() -> dict[type, Handler]:
         LLMInt8: apply_llm_int8,
         MixedPrecision: apply_mixed,
         QAT: apply_qat,
+        PruneWidth: apply_prune_width,
+        PruneDepth: apply_prune_depth,
+        Structured: apply_structured,
     }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from slimlm.errors import SlimlmError
+from slimlm.prune.structured_handler import PruneDepth, PruneWidth, Structured
 from slimlm.quant.awq_handler import AWQ
 from slimlm.quant.gptq_handler import GPTQ
 from slimlm.quant.llm_int8 import LLMInt8
@@ -43,6 +44,9 @@ METHODS: dict[str, type] = {
     "llm_int8": LLMInt8,
     "mixed_precision": MixedPrecision,
     "qat": QAT,
+    "prune_width": PruneWidth,
+    "prune_depth": PruneDepth,
+    "structured": Structured,
 }
 _TARGET_KEYS = ("include", "exclude", "lm_head")
 # Scheme fields a step may give inline instead of ``scheme:`` (see formats.parse_scheme).
