@@ -51,19 +51,24 @@ def _device(decoder: nn.Module):
 
 
 def decode_steps(decoder: nn.Module, rows: Sequence[Sequence[int]], cfg: GenerationConfig,
-                 *, step: Callable | None = None) -> Iterator[Tensor]:
+                 *, step: Callable | None = None, cache_fn: Callable | None = None) -> Iterator[Tensor]:
     """Yield the (B,) tokens chosen at each step for a batch of prompts; rows that stopped repeat PAD_FILL.
 
     ``step`` replaces the one-token forward (e.g. a compiled one); it is
     called as ``step(ids (B, 1), positions (B, 1), cache) -> logits (B, 1, V)``.
+    ``cache_fn(batch, max_len)`` builds the cache (default
+    ``decoder.new_cache``; e.g. a paged one). Finished rows continue at
+    position -1 (padding), so caches store nothing more for them, and a
+    cache with a ``release(row)`` method frees their memory.
     """
     device = _device(decoder)
     ids, pos = left_pad(rows, device)
     B = ids.shape[0]
-    cache = decoder.new_cache(B, ids.shape[1] + cfg.max_new_tokens)
+    cache = (cache_fn or decoder.new_cache)(B, ids.shape[1] + cfg.max_new_tokens)
     gen = None if cfg.sampling.greedy else cfg.sampling.generator(device)
     stop = torch.tensor(cfg.stop_tokens, dtype=torch.long, device=device)
     step = step or decoder
+    release = getattr(cache, "release", None)
     logits = decoder(ids, pos, cache, n_logits=1)[:, -1]  # prefill: (B, V)
     next_pos = pos[:, -1:] + 1  # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -71,11 +76,15 @@ def decode_steps(decoder: nn.Module, rows: Sequence[Sequence[int]], cfg: Generat
         tok = next_tokens(logits, cfg.sampling, gen).masked_fill(done, PAD_FILL)  # (B,)
         yield tok
         if stop.numel():
-            done |= torch.isin(tok, stop)
+            newly = torch.isin(tok, stop) & ~done
+            done |= newly
+            if release is not None:  # e.g. PagedKVCache: a finished row's blocks go back to the pool
+                for row in newly.nonzero()[:, 0].tolist():
+                    release(row)
             if bool(done.all()):
                 return
         if i + 1 < cfg.max_new_tokens:
-            logits = step(tok[:, None], next_pos, cache)[:, -1]
+            logits = step(tok[:, None], next_pos.masked_fill(done[:, None], -1), cache)[:, -1]
             next_pos = next_pos + 1
 
 

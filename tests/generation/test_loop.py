@@ -7,8 +7,9 @@ from slimlm.formats import parse_scheme
 from slimlm.generation.decoder import FAST_FAMILIES, make_decoder
 from slimlm.generation.loop import GenerationConfig, generate, stream_text, stream_tokens
 from slimlm.generation.sampling import Sampling
-from slimlm.models.tiny import EOS_ID, PAD_ID, tiny_model, tiny_tokenizer
+from slimlm.models.tiny import EOS_ID, PAD_ID, tiny_tokenizer
 from slimlm.quant import RTN
+from tests.generation.conftest import varied_tiny
 
 PROMPTS = [[5, 17, 99, 230, 41], [8, 300, 77], [12, 450, 64, 3, 200, 201, 202], [9]]
 
@@ -22,7 +23,7 @@ def _hf_greedy(model, prompt, n):
 
 @pytest.mark.parametrize("family", [*FAST_FAMILIES, "gpt2", "opt"])
 def test_greedy_equals_hf_generate(family):
-    model = tiny_model(family)
+    model = varied_tiny(family)
     dec = make_decoder(model)
     ours = generate(dec, PROMPTS[:2], GenerationConfig(max_new_tokens=24))
     assert ours == [_hf_greedy(model, p, 24) for p in PROMPTS[:2]]
@@ -30,7 +31,7 @@ def test_greedy_equals_hf_generate(family):
 
 @pytest.mark.parametrize("scheme", ["int8-channel-sym", "int4-g16"])
 def test_greedy_equals_hf_generate_quantized(scheme):
-    model = tiny_model("llama")
+    model = varied_tiny("llama")
     apply(model, RTN(scheme=parse_scheme(scheme)))
     dec = make_decoder(model)
     assert generate(dec, PROMPTS[:1], GenerationConfig(max_new_tokens=24)) == [_hf_greedy(model, PROMPTS[0], 24)]
@@ -38,7 +39,7 @@ def test_greedy_equals_hf_generate_quantized(scheme):
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_batched_equals_one_by_one(family):
-    dec = make_decoder(tiny_model(family))
+    dec = make_decoder(varied_tiny(family))
     cfg = GenerationConfig(max_new_tokens=16)
     one = generate(dec, PROMPTS, cfg, batch_size=1)
     assert generate(dec, PROMPTS, cfg, batch_size=4) == one
@@ -46,7 +47,7 @@ def test_batched_equals_one_by_one(family):
 
 
 def test_sampling_reproducible_with_a_seed_and_batched_rows_differ():
-    dec = make_decoder(tiny_model("qwen2"))
+    dec = make_decoder(varied_tiny("qwen2"))
     cfg = lambda seed: GenerationConfig(max_new_tokens=20, sampling=Sampling(1.0, top_k=50, top_p=0.95, seed=seed))
     a, b, c = (generate(dec, [PROMPTS[0]] * 2, cfg(s), batch_size=2) for s in (3, 3, 4))
     assert a == b
@@ -57,7 +58,7 @@ def test_sampling_reproducible_with_a_seed_and_batched_rows_differ():
 
 
 def test_stop_tokens_stop_each_row():
-    dec = make_decoder(tiny_model("llama"))
+    dec = make_decoder(varied_tiny("llama"))
     free = generate(dec, PROMPTS, GenerationConfig(max_new_tokens=12))
     stop = free[0][4]
     out = generate(dec, PROMPTS, GenerationConfig(max_new_tokens=12, stop_tokens=(stop,)), batch_size=4)
@@ -69,7 +70,7 @@ def test_stop_tokens_stop_each_row():
 
 
 def test_stream_text_pieces_join_to_the_decoded_text():
-    dec, tok = make_decoder(tiny_model("llama")), tiny_tokenizer()
+    dec, tok = make_decoder(varied_tiny("llama")), tiny_tokenizer()
     ids = tok("The capital of France").input_ids
     cfg = GenerationConfig(max_new_tokens=20, stop_tokens=(EOS_ID,))
     pieces = list(stream_text(dec, tok, ids, cfg))
@@ -83,6 +84,6 @@ def test_bad_configs_refused():
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(SlimlmError, match="top_p"):
         Sampling(1.0, top_p=1.5)
-    dec = make_decoder(tiny_model("llama"))
+    dec = make_decoder(varied_tiny("llama"))
     with pytest.raises(SlimlmError, match="at least one token"):
         generate(dec, [[]], GenerationConfig(4))
