@@ -7,6 +7,7 @@ to the classes whose ``empty(...)`` shells ``load_state_dict`` fills.
 from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import QuantLinear, linear_weight
+from slimlm.nn.sparse_linear import SparseLinear, SparseQuantLinear
 from slimlm.nn.w8a8_linear import W8A8_CLASSES, W8A8_WEIGHT_SCHEME, W8A8Linear, W8A8PerTensorLinear
 
 RUNTIME_MODULES: dict[str, type[PackedLinear]] = {
@@ -14,7 +15,9 @@ RUNTIME_MODULES: dict[str, type[PackedLinear]] = {
     "W8A8Linear": W8A8Linear,
     "W8A8PerTensorLinear": W8A8PerTensorLinear,
     "OutlierLinear": OutlierLinear,
+    "SparseLinear": SparseLinear,
+    "SparseQuantLinear": SparseQuantLinear,
 }
 
 __all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear",
-           "W8A8Linear", "W8A8PerTensorLinear", "linear_weight"]
+           "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "linear_weight"]

@@ -116,6 +116,20 @@ class _TernaryGrid:
         return QuantizedWeight(self.s, shape, self.codes, scale=self.scale)
 
 
+def column_grid(W: Tensor, scheme: Scheme, perm: Tensor, *, static_groups: bool = True) -> _IntGrid | _TernaryGrid:
+    """GPTQ's per-column rounding of ``W (out, in)`` solved in column order ``perm``.
+
+    The grid is the ``quantize_column`` callback of :func:`slimlm.solvers.obs_solve`
+    (call its ``on_block`` from the solver's hook); ``grid.result(shape)`` is the
+    :class:`QuantizedWeight`, codes in the original column order. SparseGPT's joint
+    mode rounds its surviving weights with the same grid.
+    """
+    check_gptq_scheme(scheme)
+    if isinstance(scheme, IntScheme):
+        return _IntGrid(W, scheme, perm.cpu(), static_groups)
+    return _TernaryGrid(W, scheme, perm.cpu())
+
+
 @torch.no_grad()
 def gptq_quantize(
     W: Tensor,
@@ -147,10 +161,7 @@ def gptq_quantize(
 
     n_in = W.shape[1]
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n_in, device=W.device)
-    if isinstance(scheme, IntScheme):
-        grid = _IntGrid(W, scheme, perm.cpu(), static_groups)
-    else:
-        grid = _TernaryGrid(W, scheme, perm.cpu())
+    grid = column_grid(W, scheme, perm, static_groups=static_groups)
     W, H = W[:, perm], H[perm][:, perm]  # solve order
     Hinv, damp = dampen_and_invert(H, percdamp)
     _, losses = obs_solve(W, Hinv, grid, on_block=grid.on_block, blocksize=blocksize)
