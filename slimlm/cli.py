@@ -221,6 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         chat=args.chat,
+        engine=args.engine,
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -290,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--engine", default="slimlm", choices=("slimlm", "hf"),
+                   help="slimlm's decode loop (default) or HF generate, for comparison")
     g.add_argument("--dtype", default="float32", choices=DTYPES)
     g.set_defaults(func=cmd_generate)
     return p

@@ -1,4 +1,4 @@
-"""Stream generated text piece by piece (greedy or sampled) through HF ``generate``."""
+"""Stream generated text piece by piece: slimlm's decode loop (default) or HF ``generate``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from transformers import TextIteratorStreamer
 
 from slimlm.errors import SlimlmError
+
+ENGINES = ("slimlm", "hf")
 
 
 def sampling_kwargs(*, temperature: float, top_k: int | None, top_p: float | None) -> dict[str, Any]:
@@ -24,6 +26,17 @@ def sampling_kwargs(*, temperature: float, top_k: int | None, top_p: float | Non
     return {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """End-of-sequence ids from the generation config and the tokenizer (what HF generate stops at)."""
+    ids: set[int] = set()
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
 def generate_text(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -35,15 +48,46 @@ def generate_text(
     top_p: float | None = None,
     seed: int = 0,
     chat: bool = False,
+    engine: str = "slimlm",
+    decoder: torch.nn.Module | None = None,
 ) -> Iterator[str]:
-    """Yield the continuation of ``prompt`` as text pieces while it is generated."""
+    """Yield the continuation of ``prompt`` as text pieces while it is generated.
+
+    ``engine="slimlm"`` runs :mod:`slimlm.generation.loop` (``decoder``: a
+    prebuilt one from ``make_decoder``, else built here); ``"hf"`` runs HF
+    ``generate`` for comparison.
+    """
     if max_new_tokens < 1:
         raise SlimlmError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if engine not in ENGINES:
+        raise SlimlmError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     kwargs = sampling_kwargs(temperature=temperature, top_k=top_k, top_p=top_p)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise SlimlmError("this tokenizer has no chat template; drop --chat")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    if engine == "slimlm":
+        yield from _slimlm_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, decoder=decoder)
+        return
+    yield from _hf_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
+
+
+def _slimlm_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, seed: int, decoder) -> Iterator[str]:
+    from slimlm.generation.decoder import make_decoder
+    from slimlm.generation.loop import GenerationConfig, stream_text
+    from slimlm.generation.sampling import Sampling
+
+    ids = tokenizer(prompt).input_ids
+    if not ids:
+        raise SlimlmError("the prompt is empty after tokenization; give some text")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
+                           stop_tokens=stop_token_ids(model, tokenizer))
+    yield from stream_text(decoder or make_decoder(model), tokenizer, ids, cfg)
+
+
+def _hf_text(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int, **kwargs) -> Iterator[str]:
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # (1, P)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
