@@ -139,7 +139,7 @@ def _default_out(model: str, recipe_name: str) -> Path:
 def cmd_compress(args: argparse.Namespace) -> int:
     import time
 
-    from slimlm.api import apply_all, calibration_ids, needs_calibration
+    from slimlm.api import apply_all
     from slimlm.eval import evaluate, format_results, get_protocol
     from slimlm.io import load_compressed, save_compressed
     from slimlm.recipe import load_recipe
@@ -150,18 +150,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _check_output(str(out), args.overwrite)
     _check_output(args.json, args.overwrite)
     common = dict(protocol=args.protocol, n_tokens=args.tokens, full=args.full, speed=not args.no_speed)
+    if args.lazy:  # compress first, one block in memory at a time; the evaluations below load models whole
+        seconds = _compress_lazy(args, recipe, out)
     model, tokenizer = _load(args.model, args.dtype)
     base_id = _model_id(args.model)
     base = evaluate(model, tokenizer, source=args.model, model_id=base_id, model_dir=_model_dir(args.model), **common)
-    calib, calibration = None, None
-    if needs_calibration(list(recipe.steps)):
-        calib = calibration_ids(tokenizer, args.protocol, n_samples=args.calib_samples)
-        calibration = {"protocol": args.protocol, "samples": calib.shape[0], "seq_len": calib.shape[1], "seed": 0}
-    t0 = time.perf_counter()
-    apply_all(model, list(recipe.steps), calib)
-    seconds = time.perf_counter() - t0
-    save_compressed(model, tokenizer, out, base_model=args.model, recipe=recipe.spec, calibration=calibration,
-                    overwrite=args.overwrite)  # fmt: skip
+    if not args.lazy:
+        calib, calibration = _calibration(args, recipe, tokenizer)
+        t0 = time.perf_counter()
+        apply_all(model, list(recipe.steps), calib)
+        seconds = time.perf_counter() - t0
+        save_compressed(model, tokenizer, out, base_model=args.model, recipe=recipe.spec, calibration=calibration,
+                        overwrite=args.overwrite)  # fmt: skip
     del model
     model, tokenizer = load_compressed(out)  # measure what was saved, not what is in memory
     compressed = evaluate(
@@ -173,6 +173,34 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.json:
         _write_results(args.json, [base, compressed], overwrite=args.overwrite)
     return 0
+
+
+def _calibration(args: argparse.Namespace, recipe, tokenizer) -> tuple:
+    """The calibration ids a recipe needs (or None) and their record for the manifest."""
+    from slimlm.api import calibration_ids, needs_calibration
+
+    if not needs_calibration(list(recipe.steps)):
+        return None, None
+    calib = calibration_ids(tokenizer, args.protocol, n_samples=args.calib_samples)
+    return calib, {"protocol": args.protocol, "samples": calib.shape[0], "seq_len": calib.shape[1], "seed": 0}
+
+
+def _compress_lazy(args: argparse.Namespace, recipe, out: Path) -> float:
+    """Block weights read from disk as needed, compressed blocks streamed to ``out``; -> seconds."""
+    import time
+
+    import torch
+
+    from slimlm.calib.streaming import check_lazy, compress_lazy
+    from slimlm.models.lazy import load_lazy
+
+    check_lazy(list(recipe.steps))  # refuse before any slow work
+    model, tokenizer = load_lazy(args.model, dtype=getattr(torch, args.dtype))
+    calib, calibration = _calibration(args, recipe, tokenizer)
+    t0 = time.perf_counter()
+    compress_lazy(model, tokenizer, list(recipe.steps), out, calib=calib, base_model=args.model,
+                  recipe=recipe.spec, calibration=calibration, overwrite=args.overwrite)  # fmt: skip
+    return time.perf_counter() - t0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -243,6 +271,9 @@ def _add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-samples", type=int, default=None,
                    help="calibration sequences of 512 tokens for calibrated methods (default: the protocol's 128)")
     c.add_argument("--dtype", default="float32", choices=DTYPES)
+    c.add_argument("--lazy", action="store_true",
+                   help="read block weights from disk as needed and write the checkpoint block by block, for "
+                        "models larger than memory (one-step RTN/GPTQ/AWQ/mixed-precision recipes)")
     c.set_defaults(func=cmd_compress)
 
     x = sub.add_parser("export", help="write a compressed checkpoint as a plain (dequantized) HF directory")

@@ -4,6 +4,9 @@ A checkpoint directory holds
 
     config.json, generation_config.json, tokenizer files   (as HF writes them)
     model.safetensors       every tensor of the model; compressed linears as their packed buffers
+      or, written block by block by lazy compression (``ShardWriter``):
+    model-00001-of-000NN.safetensors ...   one shard per decoder block, the last holds the rest
+    model.safetensors.index.json           the HF index: {"metadata": {...}, "weight_map": {tensor: shard}}
     slimlm_manifest.json    format version, slimlm version, base model, recipe, and per compressed
                             module its runtime type, scheme and shape
 
@@ -36,6 +39,7 @@ log = logging.getLogger("slimlm.io")
 MANIFEST = "slimlm_manifest.json"
 FORMAT = "slimlm.checkpoint/1"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's weight map (HF convention)
 
 
 def is_compressed_dir(path: str | os.PathLike) -> bool:
@@ -89,27 +93,94 @@ def save_compressed(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (compressed in place by slimlm) to ``out_dir`` atomically."""
+    modules = {name: _module_entry(m) for name, m in compressed_modules(model).items()}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        _write_rest(tmp, model, tokenizer, _manifest(model, modules, base_model, recipe, calibration))
+    log.info("saved compressed model to %s", out_dir)
+    return Path(out_dir)
+
+
+def _manifest(model: nn.Module, modules: dict[str, Any], base_model: str | None, recipe: Any,
+              calibration: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     import slimlm
 
-    manifest = {
+    return {
         "format": FORMAT,
         "slimlm_version": slimlm.__version__,
         "base_model": base_model,
         "recipe": recipe,
         "calibration": calibration,
         "dtype": str(model.dtype).removeprefix("torch."),
-        "modules": {name: _module_entry(m) for name, m in compressed_modules(model).items()},
+        "modules": modules,
     }
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("saved compressed model to %s", out_dir)
-    return Path(out_dir)
+
+
+def _write_rest(tmp: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any]) -> None:
+    """Config, generation config, tokenizer and the manifest (written last)."""
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of a tensor stored under several (tied embeddings); contiguous for safetensors."""
+    kept, seen = {}, set()
+    for name, t in state.items():
+        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        kept[name] = t.detach().contiguous()
+    return kept
+
+
+class ShardWriter:
+    """Write a sharded checkpoint into ``folder`` (an ``atomic_dir``) as decoder blocks finish.
+
+    ``write_block(i, block)`` is a lazy model's sink (see
+    :class:`slimlm.models.lazy.LazyBlocks`): shard ``i+1`` holds block ``i``.
+    ``finish(model, ...)`` writes the remaining tensors (embeddings, final norm,
+    lm_head) as the last shard, the index, config, tokenizer and manifest.
+    """
+
+    def __init__(self, folder: Path, *, blocks_prefix: str, n_blocks: int) -> None:
+        self.folder, self.prefix, self.n_blocks = Path(folder), blocks_prefix, n_blocks
+        self.weight_map: dict[str, str] = {}
+        self.modules: dict[str, dict[str, Any]] = {}
+        self.written: set[int] = set()
+        self.total_size = 0
+
+    def shard_name(self, k: int) -> str:
+        return f"model-{k + 1:05d}-of-{self.n_blocks + 1:05d}.safetensors"
+
+    def _write(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = _unique_tensors(state)
+        save_file(tensors, str(self.folder / self.shard_name(k)), metadata={"format": FORMAT})
+        self.weight_map.update(dict.fromkeys(tensors, self.shard_name(k)))
+        self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def write_block(self, i: int, block: nn.Module) -> None:
+        prefix = f"{self.prefix}.{i}"
+        self._write(i, {f"{prefix}.{k}": v for k, v in block.state_dict().items()})
+        self.modules.update({f"{prefix}.{n}": _module_entry(m) for n, m in compressed_modules(block).items()})
+        self.written.add(i)
+
+    def finish(self, model: nn.Module, tokenizer: Any, *, base_model: str | None = None, recipe: Any = None,
+               calibration: dict[str, Any] | None = None) -> None:  # fmt: skip
+        missing = sorted(set(range(self.n_blocks)) - self.written)
+        if missing:
+            raise SlimlmError(f"decoder blocks {missing[:5]} were never written; the checkpoint is incomplete")
+        self._write(self.n_blocks, model.state_dict())  # the blocks left are SpilledBlocks: no tensors
+        index = {"metadata": {"total_size": self.total_size, "format": FORMAT}, "weight_map": self.weight_map}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        modules = {**self.modules, **{n: _module_entry(m) for n, m in compressed_modules(model).items()}}
+        _write_rest(self.folder, model, tokenizer, _manifest(model, modules, base_model, recipe, calibration))
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -135,7 +206,8 @@ def load_compressed(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn
     path = Path(path)
     manifest = read_manifest(path)
     weights = path / WEIGHTS
-    if not weights.is_file():
+    sharded = not weights.is_file() and (path / INDEX).is_file()
+    if not weights.is_file() and not sharded:
         pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
         hint = f" (found {', '.join(pickles)}: slimlm never loads pickle files)" if pickles else ""
         raise SlimlmError(f"{path} has no {WEIGHTS}{hint}; the checkpoint is incomplete: compress again")
@@ -144,15 +216,55 @@ def load_compressed(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, entry in manifest["modules"].items():
         replace_module(model, name, _shell(entry, dtype))
-    try:
-        missing, unexpected = st_load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError) as e:
-        raise SlimlmError(f"{weights} is corrupt or truncated ({e}); compress again") from None
+    if sharded:
+        weights = path / INDEX
+        missing, unexpected = _load_shards(model, path)
+    else:
+        try:
+            missing, unexpected = st_load_model(model, str(weights), strict=False)
+        except (SafetensorError, OSError) as e:
+            raise SlimlmError(f"{weights} is corrupt or truncated ({e}); compress again") from None
     if missing or unexpected:
         raise SlimlmError(f"{weights} does not match its manifest (missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}): compress again")  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
+
+
+def _tied_names(model: nn.Module) -> list[set[str]]:
+    """Groups of state-dict names that are one parameter (tied embeddings)."""
+    by_id: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), set()).add(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _load_shards(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Load an index + shards one shard at a time. -> (missing, unexpected) names."""
+    from safetensors.torch import load_file
+
+    try:
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SlimlmError(f"{path / INDEX} is unreadable ({e}); the checkpoint is damaged: compress again") from None
+    expected, loaded, unexpected = set(model.state_dict()), set(), []
+    for shard in shards:
+        try:
+            state = load_file(str(path / shard))
+        except (SafetensorError, OSError) as e:
+            raise SlimlmError(f"{path / shard} is missing, corrupt or truncated ({e}); compress again") from None
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape or dtype mismatches
+            raise SlimlmError(f"{path / shard} does not match its manifest ({str(e).splitlines()[-1].strip()}): "
+                              "compress again") from None  # fmt: skip
+        unexpected += result.unexpected_keys
+        loaded |= state.keys()
+    for names in _tied_names(model):  # stored once, under any of its names
+        if names & loaded:
+            loaded |= names
+    return sorted(expected - loaded), unexpected
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:

@@ -9,12 +9,17 @@
 Only the current block needs to be on the compute device; the others stay where
 they are (``offload=True`` moves each block back to the CPU when done), so the
 memory this takes is one block plus N x L x hidden activations, not the model.
+A model from :func:`slimlm.models.lazy.load_lazy` goes further: block i is read
+from its safetensors just before it runs and, once its outputs are computed,
+handed to the model's sink (a shard writer) and freed, so the model itself
+never needs to fit in memory.
 Where blocks sit is read from the family adapter table, never hard-coded.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,6 +30,8 @@ from tqdm.auto import tqdm
 
 from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.models.adapters import Adapter, block_linears, decoder_blocks, get_adapter
+from slimlm.models.lazy import lazy_blocks
+from slimlm.nn.packed import PackedLinear
 
 log = logging.getLogger("slimlm.calib")
 
@@ -70,6 +77,40 @@ class CalibReport:
     seconds: float
     peak_activation_mb: float
     per_block_seconds: list[float] = field(default_factory=list)
+    # model tensors resident (parameters, buffers, packed weights; meta excluded) + activations
+    # + statistics, at its largest (after a block's re-run, before it is released)
+    peak_tracked_mb: float = 0.0
+    peak_rss_mb: float | None = None  # the process's peak resident set so far (None: not measurable here)
+    lazy: bool = False  # blocks were read from disk one at a time
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident set size in MB (getrusage), or None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors that are not on meta: parameters, buffers and packed weights."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_meta or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, PackedLinear) and m._weight:  # packed weights are plain attributes, not parameters
+            total += m.weight_storage()[1]
+    return total
+
+
+def _stats_bytes(stats: dict[str, LinearStats]) -> int:
+    tensors = [t for s in stats.values() for t in (s.H, s.absmax, s.sq_sum, *s.sample) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _groups(block: nn.Module, prefix: str, adapter: Adapter) -> list[Group]:
@@ -89,6 +130,8 @@ def capture_block_inputs(model: nn.Module, calib: Tensor, *, batch_size: int) ->
     """Run the model up to block 0 for each mini-batch of ``calib`` (N, L) token ids."""
     block0 = decoder_blocks(model)[0]
     device = next(block0.parameters()).device
+    if device.type == "meta":  # lazily loaded: block 0 is still on disk; the ids go where the embeddings are
+        device = model.get_input_embeddings().weight.device
     inputs, kwargs = [], []
 
     def hook(_module, args, kw):
@@ -142,27 +185,43 @@ def calibrate_blocks(
 
     ``on_block(ctx)`` rewrites ``ctx.block`` using ``ctx.stats`` and returns
     True if it changed the block's function (its outputs are then recomputed
-    so the next block sees the compressed model's activations).
+    so the next block sees the compressed model's activations). On a lazily
+    loaded model each block is read from disk before it runs and released
+    (to the model's sink, see :class:`slimlm.models.lazy.LazyBlocks`) after.
     """
     adapter = get_adapter(model)
     blocks = decoder_blocks(model)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    lazy = lazy_blocks(model)
+    default = lazy.device if lazy is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else default
     t_start = time.perf_counter()
     inputs, kwargs = capture_block_inputs(model, calib, batch_size=batch_size)
-    peak = sum(x.numel() * x.element_size() for x in inputs) * 2 / 1e6  # inputs + outputs alive at once
-    per_block = []
-    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
+    act_bytes = sum(x.numel() * x.element_size() for x in inputs) * 2  # inputs + outputs alive at once
+    per_block, tracked = [], 0
+    for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
         t0 = time.perf_counter()
-        home = next(block.parameters()).device
-        block.to(dev)
+        if lazy is not None:
+            block = lazy.materialize(i, dev)
+        else:
+            block = blocks[i]
+            home = next(block.parameters()).device
+            block.to(dev)
         prefix = f"{adapter.blocks}.{i}"
         ctx = BlockContext(i, prefix, block, adapter, _groups(block, prefix, adapter), {}, inputs, kwargs, dev)
         outputs = _collect(ctx, spec)
         if on_block(ctx):
             outputs = [ctx.run(x, j).to(x.device) for j, x in enumerate(inputs)]
+        tracked = max(tracked, resident_bytes(model) + act_bytes + _stats_bytes(ctx.stats))
         ctx.stats.clear()
-        if offload:
+        if lazy is not None:
+            lazy.release(i)  # to the sink, then freed
+            del ctx, block  # drop the last references to what the block held
+        elif offload:
             block.to(home)
         inputs = outputs
         per_block.append(time.perf_counter() - t0)
-    return CalibReport(len(blocks), time.perf_counter() - t_start, peak, per_block)
+    report = CalibReport(len(blocks), time.perf_counter() - t_start, act_bytes / 1e6, per_block,
+                         peak_tracked_mb=tracked / 1e6, peak_rss_mb=peak_rss_mb(), lazy=lazy is not None)  # fmt: skip
+    log.info("%s: %d blocks in %.1f s, peak tracked %.0f MB, process peak RSS %s MB", desc, report.blocks,
+             report.seconds, report.peak_tracked_mb, f"{report.peak_rss_mb:.0f}" if report.peak_rss_mb else "?")
+    return report

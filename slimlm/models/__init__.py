@@ -13,6 +13,7 @@ from slimlm.models.adapters import (
 )
 from slimlm.models.builtin import BUILTINS, BuiltinSpec, builtin_dir
 from slimlm.models.info import ModelInfo, format_info, model_info
+from slimlm.models.lazy import LazyBlocks, lazy_blocks, load_lazy
 from slimlm.models.loading import ModelSource, load_model, resolve_source
 from slimlm.models.tiny import TINY_FAMILIES, save_tiny_model_dir, tiny_model, tiny_tokenizer
 
@@ -22,6 +23,7 @@ __all__ = [
     "BUILTINS",
     "BuiltinSpec",
     "HeadLayout",
+    "LazyBlocks",
     "LinearGroup",
     "ModelInfo",
     "ModelSource",
@@ -33,6 +35,8 @@ __all__ = [
     "get_adapter",
     "head_layout",
     "kv_bytes_per_token",
+    "lazy_blocks",
+    "load_lazy",
     "load_model",
     "model_info",
     "resolve_source",

@@ -86,12 +86,22 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    lazy: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer; returns (model in eval mode, tokenizer)."""
+    """Load a causal LM and its tokenizer; returns (model in eval mode, tokenizer).
+
+    ``lazy=True`` leaves the decoder blocks' weights on disk until a block is
+    needed (see :func:`slimlm.models.lazy.load_lazy`; built-ins and local HF
+    directories of safetensors).
+    """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise SlimlmError(
             f"dtype {dtype!r} is not a floating torch dtype: use torch.float32, torch.bfloat16 or torch.float16"
         )
+    if lazy:
+        from slimlm.models.lazy import load_lazy
+
+        return load_lazy(source, dtype=dtype, device=device)
     resolved = resolve_source(source)
     model, tokenizer = _LOADERS[resolved.kind](resolved, dtype)
     model = _to_device(model, device)

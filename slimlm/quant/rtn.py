@@ -50,7 +50,8 @@ def check_schemes(plan: dict[str, tuple[nn.Module, Scheme]]) -> None:
     """Refuse the whole plan before touching anything: a group size that does not fit,
     or a weight holding NaN or Inf (rounding would spread it through its group)."""
     for name, (module, scheme) in plan.items():
-        if not torch.isfinite(module.weight).all():
+        # A lazily loaded block's weight is still on disk (meta); it is checked when read (slimlm.models.lazy).
+        if not module.weight.is_meta and not torch.isfinite(module.weight).all():
             bad = int((~torch.isfinite(module.weight)).sum())
             raise SlimlmError(f"{name} holds {bad} NaN/Inf weight(s); fix or reload the model before quantizing")
         gran = getattr(scheme, "granularity", None)
