@@ -85,12 +85,12 @@ class _Evicting:
             raise SlimlmError(f"KV budget {self.policy.budget} exceeds the model's {rope.max_positions} rotary "
                               "positions; use a smaller budget")
         T = positions.shape[1]
-        if self._n + T > self.policy.budget and T > self._max_forward():
-            raise SlimlmError(f"a forward of {T} tokens does not fit a full {type(self.policy).__name__} cache "
-                              f"(at most {self._max_forward()} at a time); feed the tokens in smaller pieces")
         if T > self.policy.budget:
             raise SlimlmError(f"a forward of {T} tokens exceeds the KV budget {self.policy.budget}; "
                               "feed the tokens in pieces of at most the budget")
+        if self._n + T > self.policy.budget and T > self._max_forward():
+            raise SlimlmError(f"a forward of {T} tokens does not fit a full {type(self.policy).__name__} cache "
+                              f"(at most {self._max_forward()} at a time); feed the tokens in smaller pieces")
         n_after = min(self._n + T, self.policy.budget)
         self.seen += T
         self._q_pos = torch.arange(n_after - T, n_after, device=positions.device).expand(self.batch, T)
