@@ -21,6 +21,8 @@ Handler = Callable[[nn.Module, Any, Any], nn.Module]
 
 def handlers() -> dict[type, Handler]:
     """Config type -> handler. Imported here, once, so the table is greppable."""
+    from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude
+    from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda, apply_magnitude, apply_sparsegpt, apply_wanda
     from slimlm.prune.structured_handler import (PruneDepth, PruneWidth, Structured, apply_prune_depth,
                                                    apply_prune_width, apply_structured)
     from slimlm.quant.awq_handler import AWQ, apply_awq
@@ -43,6 +45,10 @@ def handlers() -> dict[type, Handler]:
         PruneWidth: apply_prune_width,
         PruneDepth: apply_prune_depth,
         Structured: apply_structured,
+        Magnitude: apply_magnitude,
+        Wanda: apply_wanda,
+        SparseGPT: apply_sparsegpt,
+        GradualMagnitude: apply_gradual_magnitude,
     }
 
 

@@ -25,6 +25,9 @@ from typing import Any
 import yaml
 
 from slimlm.errors import SlimlmError
+from slimlm.prune.gradual import GradualMagnitude
+from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda
+from slimlm.prune.patterns import parse_pattern
 from slimlm.prune.structured_handler import PruneDepth, PruneWidth, Structured
 from slimlm.quant.awq_handler import AWQ
 from slimlm.quant.gptq_handler import GPTQ
@@ -47,6 +50,10 @@ METHODS: dict[str, type] = {
     "prune_width": PruneWidth,
     "prune_depth": PruneDepth,
     "structured": Structured,
+    "magnitude": Magnitude,
+    "wanda": Wanda,
+    "sparsegpt": SparseGPT,
+    "gradual_magnitude": GradualMagnitude,
 }
 _TARGET_KEYS = ("include", "exclude", "lm_head")
 # Scheme fields a step may give inline instead of ``scheme:`` (see formats.parse_scheme).
@@ -68,6 +75,8 @@ def _normalise(step: Any) -> dict[str, Any]:
     if not isinstance(step, dict) or step.get("method") not in METHODS:
         return step
     own = {f.name for f in fields(METHODS[step["method"]])}
+    if "pattern" in own and "pattern" in step:  # sparsity pattern shorthand: "2:4" -> NM(2, 4)
+        step = {**step, "pattern": parse_pattern(step["pattern"])}
     if "scheme" not in own:
         return step
     inline = {k: step[k] for k in _SCHEME_KEYS if k in step and k not in own}

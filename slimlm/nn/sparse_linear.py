@@ -21,6 +21,7 @@ quantized) one. The stored tensors are plain attributes, as in
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
@@ -176,10 +177,13 @@ class SparseLinear(nn.Module):
             self._install({k: v.to(device, copy=True) for k, v in found.items()})
 
     def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kernel.is_reference:  # the dense cache: exactly nn.Linear on the pruned weight, bias fused
+            return F.linear(x, self.kernel.dense(self._weight).to(x.dtype), bias)
         lead = x.shape[:-1]
         y = weight_matmul(self.kernel, x.reshape(-1, self.in_features), self._weight, None, self.shape)  # (M, out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if bias is not None:
+            y = y + bias
         return y.reshape(*lead, self.out_features)  # (..., out)
 
     def extra_repr(self) -> str:

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -181,8 +181,14 @@ def _loss(model: nn.Module, teacher: nn.Module | None, ids: Tensor) -> Tensor:
 
 
 def train_qat(model: nn.Module, params: list[nn.Parameter], calib: Tensor, config: QAT, *,
-              teacher: nn.Module | None = None) -> QATReport:  # fmt: skip
-    """AdamW on ``params`` only (everything else frozen for the run); the model ends in eval mode."""
+              teacher: nn.Module | None = None, on_step: Callable[[int], None] | None = None,
+              desc: str = "QAT") -> QATReport:  # fmt: skip
+    """AdamW on ``params`` only (everything else frozen for the run); the model ends in eval mode.
+
+    ``config`` is any config with QAT's training fields (steps, lr, schedule, warmup, seq_len,
+    batch_size, weight_decay, grad_clip, seed): gradual magnitude pruning trains with it too.
+    ``on_step(step)`` runs after each optimizer step (pruning re-applies its masks there).
+    """
     device = params[0].device
     gen = torch.Generator().manual_seed(config.seed)
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -192,7 +198,7 @@ def train_qat(model: nn.Module, params: list[nn.Parameter], calib: Tensor, confi
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     losses, t0 = [], time.perf_counter()
-    bar = tqdm(range(config.steps), desc="QAT", unit="step", leave=False)
+    bar = tqdm(range(config.steps), desc=desc, unit="step", leave=False)
     try:
         model.train()
         with torch.enable_grad():  # apply() runs handlers under no_grad
@@ -206,6 +212,9 @@ def train_qat(model: nn.Module, params: list[nn.Parameter], calib: Tensor, confi
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 opt.step()
+                if on_step is not None:
+                    with torch.no_grad():
+                        on_step(step)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:

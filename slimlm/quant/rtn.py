@@ -49,6 +49,9 @@ def in_features_of(module: nn.Module) -> int:
 def check_schemes(plan: dict[str, tuple[nn.Module, Scheme]]) -> None:
     """Refuse the whole plan before touching anything: a group size that does not fit,
     or a weight holding NaN or Inf (rounding would spread it through its group)."""
+    from slimlm.prune.compose import check_pruned
+
+    plan = check_pruned(plan)  # pruned layers (SparseLinear, no .weight) are checked there, the others here
     for name, (module, scheme) in plan.items():
         # A lazily loaded block's weight is still on disk (meta); it is checked when read (slimlm.models.lazy).
         if not module.weight.is_meta and not torch.isfinite(module.weight).all():
@@ -63,10 +66,14 @@ def check_schemes(plan: dict[str, tuple[nn.Module, Scheme]]) -> None:
 
 
 def apply_rtn(model: nn.Module, config: RTN, calib=None) -> nn.Module:
-    from slimlm.nn import QuantLinear
+    from slimlm.nn import QuantLinear, SparseLinear
+    from slimlm.prune.compose import rtn_pruned
 
     plan = {name: (m, config.scheme_for(name)) for name, m in select_linears(model, config.targets).items()}
     check_schemes(plan)
     for name, (module, scheme) in tqdm(plan.items(), desc="RTN", unit="linear", leave=False):
+        if isinstance(module, SparseLinear):  # pruned earlier: keep its mask, round the survivors
+            replace_module(model, name, rtn_pruned(module, scheme))
+            continue
         replace_module(model, name, QuantLinear.from_linear(module, scheme))
     return model

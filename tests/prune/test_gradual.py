@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from slimlm.api import apply
+from slimlm.errors import SlimlmError
+from slimlm.models.tiny import tiny_model
+from slimlm.nn import SparseLinear
+from slimlm.prune import Magnitude
+from slimlm.prune.gradual import GradualMagnitude, _Masks, cubic_sparsity
+from slimlm.prune.patterns import n_pruned
+from slimlm.quant.qat import distill_loss
+from slimlm.targets import candidate_linears
+
+_g = torch.Generator().manual_seed(0)
+# a learnable pattern: each row counts up from a random start
+PATTERN = (torch.randint(0, 400, (16, 1), generator=_g) + torch.arange(48)) % 500 + 3
+HELD_OUT = (torch.randint(0, 400, (8, 1), generator=_g) + torch.arange(48)) % 500 + 3
+
+
+def test_cubic_schedule_prunes_most_early_and_ends_at_the_target():
+    s = [cubic_sparsity(k, 4, final=0.8) for k in range(5)]
+    assert s[0] == 0.0 and s[-1] == pytest.approx(0.8) and s == sorted(s)
+    steps = [b - a for a, b in zip(s, s[1:])]
+    assert steps == sorted(steps, reverse=True)  # each event removes less than the one before
+    assert cubic_sparsity(9, 4, final=0.8, initial=0.2) == pytest.approx(0.8)
+
+
+def _quick(**kw):
+    return GradualMagnitude(**{**dict(sparsity=0.6, steps=12, prune_every=3, prune_end=0.75, seq_len=32, batch_size=4,
+                                      lr=1e-3), **kw})  # fmt: skip
+
+
+def test_gradual_reaches_exact_sparsity_and_beats_one_shot_magnitude():
+    base = tiny_model("llama")
+    with torch.no_grad():
+        target = base(HELD_OUT).logits
+    gradual, one_shot = tiny_model("llama"), tiny_model("llama")
+    apply(gradual, _quick(), PATTERN)
+    apply(one_shot, Magnitude(sparsity=0.6))
+    for name in candidate_linears(gradual):
+        m = gradual.get_submodule(name)
+        assert isinstance(m, SparseLinear)
+        assert m.weight_storage()[0] - m.kept == n_pruned(m.weight_storage()[0], 0.6)
+    with torch.no_grad():
+        kl_gradual = distill_loss(gradual(HELD_OUT).logits, target)
+        kl_one_shot = distill_loss(one_shot(HELD_OUT).logits, target)
+    assert kl_gradual < kl_one_shot, (kl_gradual, kl_one_shot)
+    assert not gradual.training
+
+
+def test_a_schedule_longer_than_the_run_is_finished_and_masks_only_shrink():
+    model = tiny_model("llama")
+    config = _quick(steps=4, prune_every=3, prune_end=1.0, distill=False)  # one event during training
+    assert config.events == 1
+    apply(model, config, PATTERN)
+    m = model.model.layers[0].mlp.up_proj
+    assert m.weight_storage()[0] - m.kept == n_pruned(m.weight_storage()[0], 0.6)
+    W = torch.randn(16, 32)
+    masks = _Masks({"w": W}, _quick(steps=40, prune_every=5))
+    previous = torch.ones_like(W, dtype=torch.bool)
+    for event in range(masks.config.events + 1):
+        masks.prune_to(event)
+        assert not (masks.keep["w"] & ~previous).any() and bool((W[~masks.keep["w"]] == 0).all())
+        previous = masks.keep["w"].clone()
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(sparsity=1.0), r"in \[0, 1\)"), (dict(initial_sparsity=0.7), "exceeds the final sparsity"),
+    (dict(prune_end=0.0), r"prune_end must be in \(0, 1\]"), (dict(prune_every=0), "prune_every must be > 0"),
+    (dict(scope="global"), "scope must be one of row, layer"),
+])  # fmt: skip
+def test_bad_configs_one_line(kw, words):
+    with pytest.raises(SlimlmError, match=words):
+        _quick(**kw)
+
+
+def test_needs_calibration_ids():
+    with pytest.raises(SlimlmError, match="trains on calibration token ids"):
+        apply(tiny_model("llama"), _quick())
