@@ -45,6 +45,7 @@ class PagedKVCache:
         self.table = torch.zeros(batch, self.max_blocks, dtype=torch.long, device=spec.device)
         self.lens = [0] * batch  # tokens stored per row
         self.peak_blocks = 0
+        self.peak_tokens = 0  # most tokens held at once: the floor for any allocator
         self._step: tuple | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -99,6 +100,7 @@ class PagedKVCache:
             if top > self.lens[row]:
                 self._grow(row, top)
         self.peak_blocks = max(self.peak_blocks, self.used_blocks)
+        self.peak_tokens = max(self.peak_tokens, sum(self.lens))
         b_idx, t_idx = (positions >= 0).nonzero(as_tuple=True)  # (N,) each: the real tokens
         p = positions[b_idx, t_idx]
         dest = (self.table[b_idx, p // self.block_size], p % self.block_size)  # (block, offset) per token

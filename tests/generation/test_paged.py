@@ -31,7 +31,8 @@ def test_paged_gives_the_contiguous_logits(family, block):
     torch.testing.assert_close(paged, static, atol=1e-5, rtol=1e-5)
     assert paged_cache.lens == [len(p) + 6 for p in PROMPTS]  # padding takes no space
     need = sum(-(-(len(p) + 6) // block) for p in PROMPTS)
-    assert paged_cache.used_blocks == need
+    assert paged_cache.used_blocks == need == paged_cache.peak_blocks
+    assert paged_cache.peak_tokens == sum(paged_cache.lens)
     assert paged_cache.nbytes() == need * block * dec.cache_spec().bytes_per_token()
 
 

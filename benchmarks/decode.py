@@ -1,0 +1,232 @@
+"""Decode speed of slimlm's generation loop vs HF generate, batch scaling and paged-cache memory.
+
+    .venv/bin/python benchmarks/decode.py [--threads 2] [--prompt-tokens 64] [--new-tokens 64] [--runs 3]
+        [--variants base,bf16,int8,int4] [--batches 1,4,16] [--compile] [--only speed,batch,paged]
+
+1. batch 1, per variant (base fp32; base cast to bf16; int8 = RTN int8 per channel, symmetric, the
+   int8 weight-only kernel; int4 = recipe rtn-int4-g64): decode tokens/s of HF ``generate`` and of
+   slimlm's loop (eager, and compiled with --compile), as ratios from one run; engines interleaved run by
+   run, medians reported. Decode tok/s = (N - 1) / (t(N) - t(1)) with t(n) the wall time to generate n
+   tokens greedily from the same prompt, so prefill is taken out the same way for both engines. "GB/s" =
+   weight bytes read per token (slimlm.eval.size) x tok/s; "% peak" against the machine's ~35 GB/s.
+   "same" = slimlm's greedy tokens equal HF's.
+2. batch table (base model): prompts of mixed lengths, grouped by length with left padding; throughput
+   (new tokens/s over the batch) and latency (ms per decode step = per token of each request).
+3. paged vs contiguous KV memory on a mixed-length workload (prompts of varied lengths, generation until
+   a newline / EOS or the budget): bytes per token from ``model_info`` (what ``slimlm info`` prints).
+
+Machines here are shared: compare ratios within one run; the thread count is printed with every table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+
+from slimlm.api import apply
+from slimlm.data import protocol_texts
+from slimlm.eval.size import bytes_read_per_token
+from slimlm.formats import parse_scheme
+from slimlm.generation import GenerationConfig, PagedKVCache, generate, make_decoder
+from slimlm.generation.loop import decode_steps
+from slimlm.models import load_model
+from slimlm.models.info import model_info
+from slimlm.quant import RTN
+from slimlm.recipe import load_recipe
+
+MODEL = "smollm2-135m"
+MACHINE_GBPS = 35.0
+VARIANTS = ("base", "bf16", "int8", "int4")
+
+
+def build_variant(name: str):
+    model, tok = load_model(MODEL)
+    if name == "bf16":
+        model = model.to(torch.bfloat16)
+    elif name == "int8":
+        apply(model, RTN(scheme=parse_scheme("int8-channel-sym")))
+    elif name == "int4":
+        for cfg in load_recipe("rtn-int4-g64").steps:
+            apply(model, cfg)
+    elif name != "base":
+        raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
+    return model, tok
+
+
+def prompt_ids(tok, n_tokens: int, *, doc: int = 0) -> list[int]:
+    docs = protocol_texts("wiki-v1").evaluation
+    ids: list[int] = []
+    for text in docs[doc:]:
+        ids += tok(text).input_ids
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    raise SystemExit(f"the evaluation text has fewer than {n_tokens} tokens")
+
+
+# -- engines: each returns (generated ids, seconds) for n new tokens -------------------------------
+def hf_run(model, ids: list[int], n: int) -> tuple[list[int], float]:
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist(), time.perf_counter() - t0
+
+
+def slim_run(decoder, ids: list[int], n: int, step=None) -> tuple[list[int], float]:
+    t0 = time.perf_counter()
+    toks = [int(t[0]) for t in decode_steps(decoder, [ids], GenerationConfig(max_new_tokens=n), step=step)]
+    return toks, time.perf_counter() - t0
+
+
+def decode_tps(run, n: int, runs: int) -> tuple[float, list[int]]:
+    """Median decode tokens/s over ``runs`` of (t(n) - t(1)), and the tokens of the last run."""
+    rates = []
+    for _ in range(runs):
+        toks, tn = run(n)
+        _, t1 = run(1)
+        rates.append((n - 1) / max(tn - t1, 1e-9))
+    return statistics.median(rates), toks
+
+
+def compiled_step(decoder):
+    """The one-token forward under torch.compile (dynamic shapes: the cache grows every step)."""
+    return torch.compile(decoder, dynamic=True)
+
+
+def speed_table(args) -> str:
+    head = ("variant", "MB read/token", "HF tok/s", "slimlm tok/s", "slimlm / HF")
+    head += ("compiled tok/s", "compiled / HF", "compile s") if args.compile else ()
+    head += ("slimlm GB/s", "% of 35 GB/s", "same tokens")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for name in args.variants.split(","):
+        model, tok = build_variant(name)
+        ids = prompt_ids(tok, args.prompt_tokens)
+        dec = make_decoder(model)
+        engines = {"hf": lambda n: hf_run(model, ids, n), "slimlm": lambda n: slim_run(dec, ids, n)}
+        compile_s = None
+        if args.compile:
+            step = compiled_step(dec)
+            t0 = time.perf_counter()
+            slim_run(dec, ids, 4, step)  # compiles
+            compile_s = time.perf_counter() - t0
+            engines["compiled"] = lambda n: slim_run(dec, ids, n, step)
+        for run in engines.values():  # warm-up
+            run(2)
+        tps = {k: [] for k in engines}
+        toks = {}
+        for _ in range(args.runs):  # interleaved: load changes hit every engine alike
+            for k, run in engines.items():
+                rate, toks[k] = decode_tps(run, args.new_tokens, 1)
+                tps[k].append(rate)
+        med = {k: statistics.median(v) for k, v in tps.items()}
+        per_token = bytes_read_per_token(model)
+        gbps = per_token * med["slimlm"] / 1e9
+        row = [name, f"{per_token / 1e6:.0f}", f"{med['hf']:.1f}", f"{med['slimlm']:.1f}",
+               f"{med['slimlm'] / med['hf']:.2f}x"]
+        if args.compile:
+            row += [f"{med['compiled']:.1f}", f"{med['compiled'] / med['hf']:.2f}x", f"{compile_s:.0f}"]
+        row += [f"{gbps:.1f}", f"{gbps / MACHINE_GBPS:.0%}", "yes" if toks["slimlm"] == toks["hf"] else "NO"]
+        lines.append(" | ".join(row))
+        print(lines[-1], flush=True)
+        del model, dec, engines
+    return "\n".join(lines)
+
+
+def mixed_prompts(tok, n: int, lo: int, hi: int) -> list[list[int]]:
+    """n prompts with lengths spread evenly over [lo, hi], cut from different evaluation documents."""
+    lengths = [lo + (hi - lo) * i // max(n - 1, 1) for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(n, generator=g).tolist()
+    return [prompt_ids(tok, lengths[j], doc=i) for i, j in enumerate(order)]
+
+
+def batch_table(args) -> str:
+    model, tok = build_variant("base")
+    dec = make_decoder(model)
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = mixed_prompts(tok, max(batches), args.prompt_tokens // 2, args.prompt_tokens)
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens)
+    head = ("batch", "prefill s", "decode tok/s (all rows)", "ms / step (latency)", "throughput vs batch 1")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    base = None
+    for b in batches:
+        group = sorted(prompts, key=len)[:b]  # grouped by length: one batch of similar lengths
+        generate(dec, group, GenerationConfig(max_new_tokens=2), batch_size=b)  # warm-up
+        t0 = time.perf_counter()
+        steps = decode_steps(dec, group, cfg)
+        next(steps)
+        t1 = time.perf_counter()
+        n = sum(1 for _ in steps)
+        t2 = time.perf_counter()
+        tput = b * n / (t2 - t1)
+        base = base or tput
+        lines.append(" | ".join([str(b), f"{t1 - t0:.2f}", f"{tput:.1f}", f"{(t2 - t1) / n * 1e3:.1f}",
+                                 f"{tput / base:.2f}x"]))
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def paged_table(args) -> str:
+    model, tok = build_variant("base")
+    dec = make_decoder(model)
+    per_tok = model_info(model).kv_bytes_per_token
+    n_req, max_new, block = args.paged_requests, args.paged_new_tokens, args.block_size
+    prompts = mixed_prompts(tok, n_req, 8, args.paged_max_prompt)
+    stop = tuple({tok.eos_token_id, *tok("\n").input_ids})
+    cfg = GenerationConfig(max_new_tokens=max_new, stop_tokens=stop)
+    caches: list[PagedKVCache] = []
+
+    def paged(batch: int, max_len: int) -> PagedKVCache:
+        caches.append(PagedKVCache(dec.cache_spec(), batch=batch, max_len=max_len, block_size=block))
+        return caches[-1]
+
+    outs = generate(dec, prompts, cfg, batch_size=n_req, cache_fn=paged)
+    same = outs == generate(dec, prompts, cfg, batch_size=n_req)
+    mib = lambda tokens: tokens * per_tok / 2**20  # noqa: E731
+    contiguous = sum(len(p) + max_new for p in prompts)
+    rows = [
+        ("contiguous, reserved per request (prompt + max new)", contiguous),
+        ("static batch, left padded (batch x (longest prompt + max new))", n_req * (max(map(len, prompts)) + max_new)),
+        (f"paged, block {block}: peak blocks in use", caches[0].peak_blocks * block),
+        ("tokens held at the peak (floor for any allocator)", caches[0].peak_tokens),
+    ]
+    head = ("allocation", "KV MiB", "vs contiguous")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    lines += [" | ".join([name, f"{mib(t):.1f}", f"{t / contiguous:.0%}"]) for name, t in rows]
+    lines.append(f"\n{n_req} requests, prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, "
+                 f"generated {min(len(o) for o in outs)}..{max(len(o) for o in outs)} of max {max_new} "
+                 f"(stop at newline/EOS); {per_tok:,} KV bytes/token; paged outputs == static: {same}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd step (slow to compile)")
+    p.add_argument("--paged-requests", type=int, default=16)
+    p.add_argument("--paged-new-tokens", type=int, default=128)
+    p.add_argument("--paged-max-prompt", type=int, default=384)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--only", default="speed,batch,paged")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    sections = {"speed": speed_table, "batch": batch_table, "paged": paged_table}
+    for name in args.only.split(","):
+        print(f"\n## {name} ({torch.get_num_threads()} threads, prompt {args.prompt_tokens}, "
+              f"{args.new_tokens} new tokens, {args.runs} runs)\n", flush=True)
+        print(sections[name](args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
