@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
 from slimlm.generation.cache import CacheSpec, KVCache, KVView, StaticKVCache
-from slimlm.generation.rope import Rope, apply_rotary
+from slimlm.generation.rope import Rope, apply_rotary_signed
 from slimlm.models.adapters import ADAPTERS, decoder_blocks, head_layout, text_config
 
 log = logging.getLogger("slimlm.generation")
@@ -50,17 +50,52 @@ def _linear_fn(m: nn.Module) -> Callable[[Tensor], Tensor]:
     return m  # a runtime module: its own kernel
 
 
-def _split_fn(mods: list[nn.Module], fuse: bool) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """One callable x -> (y_1, ..., y_n) for linears reading the same input; one matmul when fusable."""
+def _cat_fn(mods: list[nn.Module], fuse: bool) -> Callable[[Tensor], Tensor]:
+    """x -> the outputs of linears reading x, concatenated on the last dim; one matmul when fusable."""
     if fuse and all(_plain(m) for m in mods) and len({m.weight.dtype for m in mods}) == 1:
         w = torch.cat([m.weight.detach() for m in mods])  # (sum out, in)
         has_bias = any(m.bias is not None for m in mods)
         b = torch.cat([m.bias.detach() if m.bias is not None else w.new_zeros(m.out_features) for m in mods]) \
             if has_bias else None
-        sizes = [m.out_features for m in mods]
-        return lambda x: F.linear(x, w, b).split(sizes, dim=-1)
+        return lambda x: F.linear(x, w, b)
     fns = [_linear_fn(m) for m in mods]
-    return lambda x: tuple(f(x) for f in fns)
+    return lambda x: torch.cat([f(x) for f in fns], dim=-1)
+
+
+def _rms_parts(norm: nn.Module) -> tuple[Tensor, float] | None:
+    """(weight, eps) of an HF RMSNorm over the last dim in float32, else None (then call the module)."""
+    w = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not type(norm).__name__.endswith("RMSNorm") or not isinstance(w, Tensor) or eps is None:
+        return None
+    return (w.detach(), float(eps)) if w.dtype == torch.float32 and w.dim() == 1 else None
+
+
+def _norm_fn(norm: nn.Module, offset: float) -> Callable[[Tensor], Tensor]:
+    """One fused ``rms_norm`` call for float32 RMSNorms (Gemma's x * (1 + w) folded into w), else the module."""
+    parts = _rms_parts(norm)
+    if parts is None:
+        return norm
+    w, eps = parts
+    w = w + offset if offset else w
+    return lambda x: F.rms_norm(x, (w.shape[0],), w, eps)
+
+
+def _qk_norm_fn(attn: nn.Module, n_q: int, n_kv: int) -> Callable[[Tensor], Tensor] | None:
+    """Qwen3's per-head RMSNorm of q and k as one call over (B, T, Hq + Hkv, D), or None without q/k norms."""
+    qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if qn is None or kn is None:
+        return None
+    pq, pk = _rms_parts(qn), _rms_parts(kn)
+    if pq is None or pk is None or pq[1] != pk[1]:
+        return lambda qk: torch.cat([qn(qk[:, :, :n_q]), kn(qk[:, :, n_q:])], dim=2)
+    D = pq[0].shape[0]
+    w = torch.cat([pq[0].expand(n_q, D), pk[0].expand(n_kv, D)])  # (Hq + Hkv, D)
+    return lambda qk: F.rms_norm(qk, (D,), None, pq[1]) * w
+
+
+def _act_fn(act: nn.Module) -> Callable[[Tensor], Tensor]:
+    return F.silu if isinstance(act, nn.SiLU) else act
 
 
 def _out_features(m: nn.Module) -> int:
@@ -73,17 +108,17 @@ def _out_features(m: nn.Module) -> int:
 
 @dataclass
 class _Layer:
-    in_norm: nn.Module
-    qkv: Callable[[Tensor], tuple[Tensor, ...]]
-    q_norm: nn.Module | None
-    k_norm: nn.Module | None
+    in_norm: Callable[[Tensor], Tensor]
+    qkv: Callable[[Tensor], Tensor]  # (B, T, H) -> (B, T, (Hq + 2 Hkv) * D)
+    qk_norm: Callable[[Tensor], Tensor] | None
     o_proj: Callable[[Tensor], Tensor]
-    mlp_norm: nn.Module
-    gate_up: Callable[[Tensor], tuple[Tensor, ...]]
+    mlp_norm: Callable[[Tensor], Tensor]
+    gate_up: Callable[[Tensor], Tensor]  # (B, T, H) -> (B, T, 2 * I)
     act: Callable[[Tensor], Tensor]
     down: Callable[[Tensor], Tensor]
     n_q: int
     n_kv: int
+    n_ff: int
     scale: float
 
 
@@ -116,7 +151,7 @@ class FastDecoder(nn.Module):
         adapter = ADAPTERS[model.config.model_type]
         self.head_dim = head_layout(model.config).head_dim
         self.embed = model.get_submodule(adapter.embeddings[0])
-        self.final_norm = model.get_submodule(adapter.final_norm)
+        self.final_norm = _norm_fn(model.get_submodule(adapter.final_norm), adapter.norm_weight_offset)
         self.lm_head = _linear_fn(model.get_submodule(adapter.lm_head))
         self.layers = [self._layer(block, fuse) for block in decoder_blocks(model)]
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -141,18 +176,19 @@ class FastDecoder(nn.Module):
         if n_kv < 1 or n_q % n_kv:
             raise SlimlmError(f"a layer has {n_q} query heads and {n_kv} KV heads; the query heads must be a "
                               "multiple of the KV heads")
+        offset = ADAPTERS[self.model.config.model_type].norm_weight_offset
         return _Layer(
-            in_norm=block.input_layernorm,
-            qkv=_split_fn([q, k, v], fuse),
-            q_norm=getattr(attn, "q_norm", None),
-            k_norm=getattr(attn, "k_norm", None),
+            in_norm=_norm_fn(block.input_layernorm, offset),
+            qkv=_cat_fn([q, k, v], fuse),
+            qk_norm=_qk_norm_fn(attn, n_q, n_kv),
             o_proj=_linear_fn(attn.o_proj),
-            mlp_norm=block.post_attention_layernorm,
-            gate_up=_split_fn([mlp.gate_proj, mlp.up_proj], fuse),
-            act=mlp.act_fn,
+            mlp_norm=_norm_fn(block.post_attention_layernorm, offset),
+            gate_up=_cat_fn([mlp.gate_proj, mlp.up_proj], fuse),
+            act=_act_fn(mlp.act_fn),
             down=_linear_fn(mlp.down_proj),
             n_q=n_q,
             n_kv=n_kv,
+            n_ff=_out_features(mlp.gate_proj),
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
         )
 
@@ -172,11 +208,11 @@ class FastDecoder(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache, *, n_logits: int | None = None) -> Tensor:
         x = self.embed(input_ids)  # (B, T, H)
-        cos, sin = self.rope.cos_sin(positions)  # (B, 1, T, D) each
+        cos, sin = self.rope.cos_sin_signed(positions)  # (B, 1, T, D) each
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, layer.in_norm(x), cache, positions, cos, sin)
-            g, u = layer.gate_up(layer.mlp_norm(x))
-            x = x + layer.down(layer.act(g) * u)
+            gu = layer.gate_up(layer.mlp_norm(x))  # (B, T, 2 * I)
+            x = x + layer.down(layer.act(gu[..., :layer.n_ff]) * gu[..., layer.n_ff:])
         if n_logits is not None:
             x = x[:, -n_logits:]
         return self.lm_head(self.final_norm(x))
@@ -184,22 +220,22 @@ class FastDecoder(nn.Module):
     def _attention(self, i: int, layer: _Layer, h: Tensor, cache: KVCache, positions: Tensor,
                    cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = h.shape
-        D = self.head_dim
-        q, k, v = layer.qkv(h)
-        q = q.view(B, T, layer.n_q, D)
-        k = k.view(B, T, layer.n_kv, D)
-        if layer.q_norm is not None:  # qwen3: RMSNorm over each head before rotary
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, Hq, T, D), (B, Hkv, T, D)
-        v = v.view(B, T, layer.n_kv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        D, Hq, Hkv = self.head_dim, layer.n_q, layer.n_kv
+        qkv = layer.qkv(h).view(B, T, Hq + 2 * Hkv, D)
+        qk = qkv[:, :, : Hq + Hkv]  # (B, T, Hq + Hkv, D): queries and keys rotate together
+        if layer.qk_norm is not None:  # qwen3: RMSNorm over each head before rotary
+            qk = layer.qk_norm(qk)
+        qk = qk.transpose(1, 2)  # (B, Hq + Hkv, T, D)
+        v = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
         if cache.raw_keys:
+            q, k = qk.split([Hq, Hkv], dim=1)
             view = cache.update(i, k, v, positions=positions, rope=self.rope)
             q = self.rope(q, view.q_positions)
         else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary_signed(qk, cos, sin).split([Hq, Hkv], dim=1)
             view = cache.update(i, k, v, positions=positions, rope=self.rope)
         out = attend(q, view, scale=layer.scale, observe=cache.observe if cache.wants_scores(i) else None, layer=i)
-        return layer.o_proj(out.transpose(1, 2).reshape(B, T, layer.n_q * D))  # (B, T, Hq*D) -> (B, T, H)
+        return layer.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D))  # (B, T, Hq*D) -> (B, T, H)
 
 
 def attend(q: Tensor, view: KVView, *, scale: float, observe=None, layer: int = 0) -> Tensor:

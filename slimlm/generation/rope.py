@@ -37,19 +37,40 @@ class Rope:
     def max_positions(self) -> int:
         return self.cos.shape[0]
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, T) positions -> cos, sin (B, 1, T, D), broadcast over heads."""
+    def _index(self, positions: Tensor) -> Tensor:
         if positions.numel() and int(positions.max()) >= self.max_positions:
             raise SlimlmError(f"position {int(positions.max())} is past the rotary table "
                               f"({self.max_positions} positions); generate fewer tokens or build a larger table")
-        idx = positions.clamp_min(0)
+        return positions.clamp_min(0)
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) positions -> cos, sin (B, 1, T, D), broadcast over heads (for ``apply_rotary``)."""
+        idx = self._index(positions)
         return self.cos[idx][:, None], self.sin[idx][:, None]
 
+    def cos_sin_signed(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) positions -> cos, signed sin (B, 1, T, D) (for ``apply_rotary_signed``)."""
+        idx = self._index(positions)
+        return self.cos[idx][:, None], self.sin_signed[idx][:, None]
+
+    @property
+    def sin_signed(self) -> Tensor:
+        """(P, D) sin with its first half negated: rotate_half's sign folded into the table."""
+        if getattr(self, "_sin_signed", None) is None:
+            half = self.sin.shape[-1] // 2
+            self._sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
+        return self._sin_signed
+
     def __call__(self, x: Tensor, positions: Tensor) -> Tensor:
-        cos, sin = self.cos_sin(positions)
-        return apply_rotary(x, cos, sin)
+        return apply_rotary_signed(x, *self.cos_sin_signed(positions))
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, D) rotated with cos/sin (B, 1, T, D)."""
+    """x (B, H, T, D) rotated with cos/sin broadcastable to it (HF's formula)."""
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_signed(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """``apply_rotary`` with the signed sin table: rotate_half(x) * sin = roll(x) * [-sin1, sin2]
+    (the same products, negation being exact), in three ops instead of five."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
