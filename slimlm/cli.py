@@ -238,7 +238,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(args.model_and_prompt) > 2:
         raise SlimlmError('usage: slimlm generate [MODEL] "PROMPT" (quote the prompt)')
     *maybe_model, prompt = args.model_and_prompt
+    _check_draft_flags(args)
     model, tokenizer = _load(maybe_model[0] if maybe_model else DEFAULT_MODEL, args.dtype)
+    if args.draft is not None:
+        return _generate_speculative(args, model, tokenizer, prompt)
     for piece in generate_text(
         model,
         tokenizer,
@@ -254,6 +257,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _check_draft_flags(args: argparse.Namespace) -> None:
+    used = [f for f, v in (("--k", args.k), ("--fixed-k", args.fixed_k), ("--no-baseline", args.no_baseline),
+                           ("--json", args.json)) if v not in (None, False)]  # fmt: skip
+    if args.draft is None and used:
+        raise SlimlmError(f"{', '.join(used)}: for speculative decoding only; add --draft (e.g. --draft lookup)")
+    if args.draft is not None and args.engine != "slimlm":
+        raise SlimlmError("--draft runs on slimlm's decode loop; drop --engine hf")
+    if args.k is not None and args.k < 1:
+        raise SlimlmError(f"--k (draft tokens per round) must be >= 1, got {args.k}")
+    if args.draft is not None and args.max_new_tokens < 1:
+        raise SlimlmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _check_output(args.json, args.overwrite)
+
+
+def _generate_speculative(args: argparse.Namespace, model, tokenizer, prompt: str) -> int:
+    """generate --draft: stream the output, then say what the draft bought (stderr, and --json)."""
+    import json
+
+    from slimlm.fsutil import atomic_write_text
+    from slimlm.generation.sampling import Sampling
+    from slimlm.generation.speculative import SpecConfig
+    from slimlm.generation.speculative_run import run_speculative, text_writer
+    from slimlm.generation.stream import sampling_kwargs, stop_token_ids
+
+    sampling_kwargs(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # refuses bad values
+    k = args.k or 4
+    config = SpecConfig(k=k, adaptive=not args.fixed_k, k_max=max(args.k_max, k))
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SlimlmError("this tokenizer has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)  # fmt: skip
+    ids = tokenizer(prompt).input_ids
+    if not ids:
+        raise SlimlmError("the prompt is empty after tokenization; give some text")
+    report = run_speculative(
+        model, tokenizer, ids, args.draft, max_new_tokens=args.max_new_tokens, config=config,
+        sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed), stop_ids=stop_token_ids(model, tokenizer),
+        baseline=not args.no_baseline, on_tokens=text_writer(tokenizer, sys.stdout),
+    )  # fmt: skip
+    sys.stdout.write("\n")
+    print(report.summary(), file=sys.stderr)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -325,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", default="slimlm", choices=("slimlm", "hf"),
                    help="slimlm's decode loop (default) or HF generate, for comparison")
     g.add_argument("--dtype", default="float32", choices=DTYPES)
+    g.add_argument("--draft", default=None,
+                   help="speculative decoding with a draft: lookup[:N] (prompt n-grams), layers:N (the model's first "
+                        "N layers), int4 / int8 / bf16 / <scheme> (a compressed copy), recipe:<name>, or a model "
+                        "with the same tokenizer; reports acceptance, tokens per target call and speedup on stderr")
+    g.add_argument("--k", type=int, default=None, help="with --draft: draft tokens per round (default 4; the first "
+                                                        "round's when k adapts)")
+    g.add_argument("--k-max", type=int, default=8, help="with --draft: the most tokens adaptive k drafts (default 8)")
+    g.add_argument("--fixed-k", action="store_true", help="with --draft: keep k fixed instead of adapting it")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="with --draft: skip the plain-decoding run that measures the speedup")
+    g.add_argument("--json", default=None, help="with --draft: write tokens, acceptance, costs and speedup as JSON")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     g.set_defaults(func=cmd_generate)
     return p
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
 from slimlm.generation.sampling import Sampling
-from slimlm.generation.speculative import Costs, warped_probs
+from slimlm.generation.speculative import warped_probs
 from slimlm.models.adapters import get_adapter, num_layers, text_config
 
 log = logging.getLogger("slimlm.generation")
@@ -77,47 +76,6 @@ class DecoderRunner:
         self.cache, self.tokens = self.decoder.new_cache(1, self.max_len), []
         if kept.numel():
             self.feed(kept)
-
-
-def measure_costs(target: DecoderRunner, draft: Any, context: Tensor, *, k_max: int = 8,
-                  reps: int = 3) -> Costs:  # fmt: skip
-    """Time one target step, target forwards over 2..k_max+1 tokens and one drafted token
-    (best of ``reps``, after the context is in both caches), as a ``Costs`` table.
-
-    Leaves both caches empty. ``context`` (L,) needs at least k_max + 2 tokens.
-    """
-    if context.numel() < k_max + 2:
-        raise SlimlmError(f"measuring costs needs a context of >= {k_max + 2} tokens, got {context.numel()}")
-    target.crop(0)
-    target.feed(context[:-1])
-    L = target.length
-
-    def forward(T: int) -> float:  # seconds for a target forward over T tokens, rolled back after
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            target.feed(context[-T:])
-            best = min(best, time.perf_counter() - t0)
-            target.crop(L)
-        return best
-
-    forward(1)  # warm-up
-    step = forward(1)
-    verify = tuple(forward(T) / step for T in range(2, k_max + 2))
-    draft.rollback(0)
-    draft.propose(context, 1, Sampling())  # the draft reads the context once
-    per_token = float("inf")
-    for _ in range(reps):
-        draft.rollback(context.numel())
-        t0 = time.perf_counter()
-        draft.propose(context, 4, Sampling())
-        per_token = min(per_token, (time.perf_counter() - t0) / 4)
-    target.crop(0)
-    draft.rollback(0)
-    costs = Costs(draft=per_token / step, verify=verify)
-    log.info("costs in target steps (%.1f ms): draft %.2f, verify %s", 1e3 * step, costs.draft,
-             ", ".join(f"{v:.2f}" for v in verify))  # fmt: skip
-    return costs
 
 
 @dataclass(frozen=True)

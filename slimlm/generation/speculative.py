@@ -232,6 +232,8 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.k < 1:
             raise SlimlmError(f"speculative k (draft tokens per round) must be >= 1, got {self.k}")
+        if self.adaptive and self.k > self.k_max:
+            raise SlimlmError(f"k ({self.k}) must be <= k_max ({self.k_max}) when k adapts; raise k_max or fix k")
         if not 0 <= self.k_min <= self.k_max or self.k_max < 1:
             raise SlimlmError(f"adaptive k needs 0 <= k_min <= k_max and k_max >= 1, got k_min={self.k_min}, "
                               f"k_max={self.k_max}")

@@ -12,13 +12,13 @@ from slimlm.generation.drafts import (
     PromptLookupDraft,
     decode_bytes,
     make_draft,
-    measure_costs,
     model_draft,
     shallow_view,
 )
 from slimlm.generation.loop import GenerationConfig, generate
 from slimlm.generation.sampling import Sampling
 from slimlm.generation.speculative import SpecConfig, speculative_generate
+from slimlm.generation.speculative_run import measure_costs
 from slimlm.models.adapters import num_layers
 from slimlm.models.tiny import tiny_model
 from tests.generation.conftest import varied_tiny
