@@ -67,7 +67,7 @@ def decode_steps(decoder: nn.Module, rows: Sequence[Sequence[int]], cfg: Generat
     cache = (cache_fn or decoder.new_cache)(B, ids.shape[1] + cfg.max_new_tokens)
     gen = None if cfg.sampling.greedy else cfg.sampling.generator(device)
     stop = torch.tensor(cfg.stop_tokens, dtype=torch.long, device=device)
-    step = step or decoder
+    step = step if step is not None else decoder  # (a compiled module has no truth value)
     release = getattr(cache, "release", None)
     logits = decoder(ids, pos, cache, n_logits=1)[:, -1]  # prefill: (B, V)
     next_pos = pos[:, -1:] + 1  # (B, 1)

@@ -38,7 +38,8 @@ class Rope:
         return self.cos.shape[0]
 
     def _index(self, positions: Tensor) -> Tensor:
-        if positions.numel() and int(positions.max()) >= self.max_positions:
+        checked = not torch.compiler.is_compiling()  # a data-dependent check would break a compiled graph
+        if checked and positions.numel() and int(positions.max()) >= self.max_positions:
             raise SlimlmError(f"position {int(positions.max())} is past the rotary table "
                               f"({self.max_positions} positions); generate fewer tokens or build a larger table")
         return positions.clamp_min(0)

@@ -178,3 +178,18 @@ def test_static_cache_bytes_match_the_spec():
     spec = dec.cache_spec()
     cache = dec.new_cache(2, 10)
     assert cache.nbytes() == 2 * 10 * spec.bytes_per_token() == 2 * 10 * 2 * 2 * 2 * 16 * 4
+
+
+def test_mistral_sliding_window_matches_hf():
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.models.tiny import tiny_config
+
+    cfg = tiny_config("mistral")
+    cfg.sliding_window = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    dec = make_decoder(model)
+    assert dec.cache_spec().sliding_window == 4
+    out, _ = _chunked(dec, cuts=(7, 8, 9, 10))  # single-token steps past the window use the mask
+    torch.testing.assert_close(out, _hf_logits(model), atol=2e-5, rtol=1e-4)
