@@ -127,14 +127,14 @@ def _write_rest(tmp: Path, model: nn.Module, tokenizer: Any, manifest: dict[str,
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop later names of a tensor stored under several (tied embeddings); contiguous for safetensors."""
+    """Drop later names of a tensor stored under several (tied embeddings); contiguous, on CPU, for safetensors."""
     kept, seen = {}, set()
     for name, t in state.items():
         ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if t.numel() and ident in seen:
             continue
         seen.add(ident)
-        kept[name] = t.detach().contiguous()
+        kept[name] = t.detach().to("cpu").contiguous()
     return kept
 
 
