@@ -26,6 +26,8 @@ raises or disagrees).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,7 +80,9 @@ class CSRSparse(DenseSparse):
         return is_cpu(device) and dtype in (torch.float32, torch.float64)
 
     def prepare(self, W: Tensor, *, dtype: torch.dtype) -> Tensors:
-        return {"csr": W.to(dtype).to_sparse_csr()}
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and measured here
+            warnings.simplefilter("ignore", UserWarning)
+            return {"csr": W.to(dtype).to_sparse_csr()}
 
     def dense(self, t: Tensors) -> Tensor:
         return t["csr"].to_dense()

@@ -104,7 +104,8 @@ class SparseLinear(nn.Module):
         if bias is not None:
             module.bias.copy_(bias.detach())
         keep = keep.to(W.device)
-        module._install({"values": W[keep].contiguous(), **encode_positions(keep, nm)}, kernel=kernel)
+        stored = {"values": torch.masked_select(W, keep), **encode_positions(keep, nm)}
+        module._install(stored, kernel=kernel, dense=torch.where(keep, W, torch.zeros_like(W)))  # +0.0 where pruned
         return module
 
     @classmethod
@@ -128,15 +129,18 @@ class SparseLinear(nn.Module):
         if values.shape != (int(keep.sum()),):
             raise SlimlmError(f"{values.numel()} stored values for {int(keep.sum())} kept weights; "
                               "the checkpoint is damaged")  # fmt: skip
-        W = torch.zeros(self.shape, dtype=values.dtype, device=values.device)
-        W[keep] = values
-        return W
+        return torch.zeros(self.shape, dtype=values.dtype, device=values.device).masked_scatter_(keep, values)
 
-    def _install(self, stored: Tensors, *, kernel: str | None = None) -> None:
-        W = self._dense(stored)
+    def _install(self, stored: Tensors, *, kernel: str | None = None, dense: Tensor | None = None) -> None:
+        """Adopt ``stored`` and lay its weight out for the kernel (``dense``: that weight, if already at hand)."""
+        W = self._dense(stored) if dense is None else dense
         self.kernel = select_sparse_kernel(pattern_of(stored), self.shape, W.device, self.compute_dtype, name=kernel)
         self._stored = stored
         self._weight = self.kernel.prepare(W, dtype=self.compute_dtype)
+
+    def set_kernel(self, name: str | None) -> None:
+        """Use the sparse kernel ``name`` (see :data:`slimlm.kernels.sparse.SPARSE_KERNELS`), or the default."""
+        self._install(self._stored, kernel=name)
 
     def dequantized_weight(self) -> Tensor:
         """The float32 dense weight ``(out, in)``, zeros where pruned."""

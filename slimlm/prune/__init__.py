@@ -7,6 +7,7 @@ Pruned linears become :class:`slimlm.nn.SparseLinear` modules whose
 checkpoints store only the kept weights and their positions.
 """
 
+from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude, cubic_sparsity
 from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda, apply_magnitude, apply_sparsegpt, apply_wanda
 from slimlm.prune.magnitude import magnitude_mask
 from slimlm.prune.masks import keep_mask, nm_keep, topk_keep_global, topk_keep_per_layer, topk_keep_per_row
@@ -15,8 +16,8 @@ from slimlm.prune.sparsegpt import SparseResult, sparsegpt_prune
 from slimlm.prune.wanda import wanda_mask, wanda_scores
 
 __all__ = [
-    "NM", "Magnitude", "Pattern", "SparseGPT", "SparseResult", "Unstructured", "Wanda",
-    "apply_magnitude", "apply_sparsegpt", "apply_wanda", "keep_mask", "magnitude_mask", "nm_keep",
+    "NM", "GradualMagnitude", "Magnitude", "Pattern", "SparseGPT", "SparseResult", "Unstructured", "Wanda",
+    "apply_gradual_magnitude", "apply_magnitude", "apply_sparsegpt", "apply_wanda", "cubic_sparsity", "keep_mask", "magnitude_mask", "nm_keep",
     "parse_pattern", "sparsegpt_prune", "topk_keep_global", "topk_keep_per_layer", "topk_keep_per_row",
     "wanda_mask", "wanda_scores",
 ]  # fmt: skip
