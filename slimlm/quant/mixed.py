@@ -11,6 +11,16 @@ calibration inputs X::
     err[l, c] = tr((W - Q_c(W)) H (W - Q_c(W))^T),   H = 2/n X^T X
               = 2/n || X (W - Q_c(W))^T ||_F^2
 
+This layer-local error ignores how much the rest of the network amplifies
+or absorbs a layer's damage, and on SmolLM2-135M it led the allocation to
+cheap 2-bit layers that wrecked the model (benchmarks/RESULTS.md). The
+default sensitivity is therefore end-to-end: the diagonal empirical Fisher
+``F = sum_s (dL_s/dW)^2`` of the language-model loss over calibration
+sequences ``s`` (HAWQ's trace-of-Hessian in its diagonal Fisher form, as in
+SqueezeLLM, Kim et al. arXiv:2306.07629), so by a second-order expansion::
+
+    err[l, c] = 1/2 * sum_ij F_ij (W - Q_c(W))_ij^2  ~  increase of the loss
+
 and the allocation solves the multiple-choice knapsack::
 
     minimise   sum_l err[l, choice_l]
@@ -39,6 +49,13 @@ from torch import Tensor
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import Scheme, fake_quantize
+from slimlm.formats.granularity import PerGroup
+
+
+def fits(scheme: Scheme, shape: tuple[int, int]) -> bool:
+    """Whether ``scheme``'s group size divides the inputs of an ``(out, in)`` weight."""
+    g = getattr(scheme, "granularity", None)
+    return not isinstance(g, PerGroup) or shape[1] % g.size == 0
 
 
 @torch.no_grad()
@@ -49,14 +66,29 @@ def hessian_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:
 
 
 @torch.no_grad()
-def sensitivities(W: Tensor, H: Tensor, schemes: Sequence[Scheme], *, normalize: bool = False) -> Tensor:
-    """``(K,)`` float64 Hessian-weighted error of RTN at each scheme for ``W (out, in)``.
+def fisher_error(W: Tensor, Wq: Tensor, F: Tensor) -> float:
+    """``1/2 sum F * (W - Wq)^2``: the second-order estimate of the loss increase (float32)."""
+    return 0.5 * float((F.float() * (W.float() - Wq.float()).square()).sum())
 
-    With ``normalize`` each error is divided by ``tr(W H W^T)`` (the layer's
-    output energy), so the objective is a sum of relative output errors.
+
+@torch.no_grad()
+def sensitivities(W: Tensor, H: Tensor | None, schemes: Sequence[Scheme], *, normalize: bool = False,
+                  fisher: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``(K,)`` float64 error of RTN at each scheme for ``W (out, in)``.
+
+    With ``fisher`` (the diagonal Fisher of ``W``, same shape) the Fisher-weighted
+    error; otherwise the Hessian-weighted layer-output error, divided by
+    ``tr(W H W^T)`` (the layer's output energy) with ``normalize``, so the
+    objective is a sum of relative output errors. A scheme whose group size does
+    not divide the layer's inputs gets ``inf`` (never chosen).
     """
-    errs = torch.tensor([hessian_error(W, fake_quantize(W, s), H) for s in schemes], dtype=torch.float64)
-    if normalize:
+    errs = torch.full((len(schemes),), float("inf"), dtype=torch.float64)
+    for k, s in enumerate(schemes):
+        if not fits(s, tuple(W.shape)):
+            continue
+        Wq = fake_quantize(W, s)
+        errs[k] = fisher_error(W, Wq, fisher) if fisher is not None else hessian_error(W, Wq, H)
+    if fisher is None and normalize:
         W32 = W.float()
         errs = errs / max(float(((W32 @ H.float()) * W32).sum()), 1e-30)
     return errs
@@ -66,8 +98,20 @@ def _check_problem(errors: Tensor, bpw: Tensor, n_weights: Tensor) -> None:
     if errors.dim() != 2 or errors.shape != bpw.shape or n_weights.shape != errors.shape[:1]:
         raise SlimlmError(f"errors and bpw must be (layers, choices) and n_weights (layers,); got "
                           f"{tuple(errors.shape)}, {tuple(bpw.shape)}, {tuple(n_weights.shape)}")  # fmt: skip
-    if not torch.isfinite(errors).all() or (errors < 0).any():
-        raise SlimlmError("sensitivities must be finite and >= 0; check the calibration data and weights")
+    if errors.isnan().any() or (errors < 0).any() or not torch.isfinite(errors).any(dim=1).all():
+        raise SlimlmError("sensitivities must be >= 0 with a finite one per layer (inf = scheme not allowed there); "
+                          "check the calibration data and weights")  # fmt: skip
+
+
+def _mask_invalid(errors: Tensor, bpw: Tensor) -> Tensor:
+    """``bpw`` with each layer's disallowed choices (``inf`` error) priced at its dearest allowed one.
+
+    So a disallowed choice is never cheaper than an allowed one, and its
+    infinite error keeps it out of every optimum.
+    """
+    ok = torch.isfinite(errors)
+    dearest = torch.where(ok, bpw, torch.full_like(bpw, -1.0)).amax(dim=1, keepdim=True)  # (L, 1)
+    return torch.where(ok, bpw, dearest.expand_as(bpw))
 
 
 def min_bpw(bpw: Tensor, n_weights: Tensor) -> float:
@@ -148,12 +192,14 @@ def allocate(errors: Tensor, bpw: Tensor, n_weights: Tensor, budget_bpw: float, 
     """Choice ``(L,)`` long per layer minimising summed ``errors (L, K)`` under ``budget_bpw``.
 
     ``bpw (L, K)`` are each layer's true bits per weight per choice and
-    ``n_weights (L,)`` its size. The average bpw of the result is
+    ``n_weights (L,)`` its size; an ``inf`` error marks a choice not allowed
+    for that layer (its ``bpw`` is then ignored). The average bpw of the result is
     ``<= budget_bpw`` (exactly checked); raises if even the cheapest
     allocation exceeds the budget.
     """
     errors, bpw, n = errors.double(), bpw.double(), n_weights.double()
     _check_problem(errors, bpw, n)
+    bpw = _mask_invalid(errors, bpw)
     floor = min_bpw(bpw, n)
     if budget_bpw < floor - 1e-12:
         raise SlimlmError(f"budget {budget_bpw:.4f} bpw is below the cheapest allocation {floor:.4f} bpw; "

@@ -20,11 +20,18 @@ from tqdm.auto import tqdm
 from slimlm.calib import StatsSpec, calibrate_blocks
 from slimlm.errors import SlimlmError
 from slimlm.formats import Scheme, bits_per_weight, parse_scheme
-from slimlm.quant.mixed import allocate, average_bpw, min_bpw, sensitivities
+from slimlm.quant.mixed import allocate, average_bpw, fits, min_bpw, sensitivities
 from slimlm.quant.rtn import check_schemes
 from slimlm.targets import Targets, replace_module, select_linears
 
 log = logging.getLogger("slimlm.quant")
+
+
+# 3 and 4 bits at several group sizes (cheaper scales let more layers afford 4 bits) and int8;
+# no 2-bit: one 2-bit layer costs more than the bits it frees buy back elsewhere.
+DEFAULT_CANDIDATES = ("int3-channel", "int3-g192", "int3-g128", "int3-g96", "int3-g64", "int4-channel", "int4-g192",
+                      "int4-g128", "int4-g96", "int4-g64", "int8-channel-sym")  # fmt: skip
+SENSITIVITIES = ("fisher", "hessian")
 
 
 @dataclass(frozen=True)
@@ -32,18 +39,25 @@ class MixedPrecision:
     """One scheme per linear from ``candidates``, minimising the summed Hessian-weighted
     output error subject to an average of at most ``budget_bpw`` stored bits per weight.
 
-    ``normalize`` (default) divides each layer's errors by its output energy
-    ``tr(W H W^T)`` (sum of relative errors instead of absolute ones); on
-    SmolLM2-135M it was clearly better than raw errors (benchmarks/mixed_qat.py).
+    ``sensitivity`` is ``"fisher"`` (default: the Fisher-weighted error, an
+    estimate of each choice's increase of the model's loss, from gradients on
+    ``fisher_samples`` calibration sequences) or ``"hessian"`` (each layer's own
+    output error; ``normalize`` then divides it by the layer's output energy
+    ``tr(W H W^T)``). On SmolLM2-135M the layer-local Hessian errors let the
+    allocation pick 2-bit layers that wrecked the model; see benchmarks/RESULTS.md.
+    A candidate whose group size does not divide a layer's inputs is skipped for
+    that layer (e.g. ``int3-g192`` fits 576 and 1536 inputs, not 4096).
     """
 
     needs_calibration: ClassVar[bool] = True
 
     budget_bpw: float = 3.5
-    candidates: tuple[Scheme, ...] = ("int2-g64", "int3-g64", "int4-g64", "int8-channel-sym")
+    candidates: tuple[Scheme, ...] = DEFAULT_CANDIDATES
     targets: Targets = field(default_factory=Targets)
     batch_size: int = 8
     normalize: bool = True
+    sensitivity: str = "fisher"
+    fisher_samples: int = 32
 
     def __post_init__(self) -> None:
         if isinstance(self.budget_bpw, bool) or not isinstance(self.budget_bpw, (int, float)) or self.budget_bpw <= 0:
@@ -62,6 +76,11 @@ class MixedPrecision:
             raise SlimlmError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if not isinstance(self.normalize, bool):
             raise SlimlmError(f"normalize must be true or false, got {self.normalize!r}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise SlimlmError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {self.sensitivity!r}")
+        if isinstance(self.fisher_samples, bool) or not isinstance(self.fisher_samples, int) or self.fisher_samples < 1:
+            raise SlimlmError(f"fisher_samples must be an int >= 1 (calibration sequences with a backward pass), "
+                              f"got {self.fisher_samples!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,9 +97,45 @@ def _weight(module: nn.Module) -> Tensor:
     return linear_weight(module)[0]  # (out, in)
 
 
+def fisher_diagonal(model: nn.Module, calib: Tensor, linears: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """Full name -> ``(out, in)`` sum over the sequences of ``calib`` of the squared gradient of the LM loss.
+
+    One backward pass per sequence (the empirical Fisher squares per-sample
+    gradients, not a batch's summed gradient). Only the targets' weights
+    require gradients; everything is restored afterwards.
+    """
+    weights = {name: lin.weight for name, lin in linears.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    F = {name: torch.zeros_like(_weight(lin), dtype=torch.float32) for name, lin in linears.items()}
+    conv1d = {name for name, w in weights.items() if tuple(w.shape) != tuple(F[name].shape)}  # GPT-2 Conv1D (in, out)
+    device = next(iter(weights.values())).device
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for ids in tqdm(calib, desc="mixed: fisher", unit="seq", leave=False):
+                ids = ids[None].to(device)  # (1, L)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                for name, w in weights.items():
+                    g = w.grad.float()
+                    F[name] += (g.t() if name in conv1d else g).square()
+                    w.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return F
+
+
 def measure_sensitivities(model: nn.Module, config: MixedPrecision, calib: Tensor,
                           linears: dict[str, nn.Module]) -> dict[str, Tensor]:  # fmt: skip
-    """Full name -> (K,) sensitivity per candidate, from the float model's block inputs."""
+    """Full name -> (K,) sensitivity per candidate."""
+    if config.sensitivity == "fisher":
+        F = fisher_diagonal(model, calib[: config.fisher_samples], linears)
+        return {name: sensitivities(_weight(lin), None, config.candidates, fisher=F.pop(name))
+                for name, lin in tqdm(linears.items(), desc="mixed: errors", unit="linear", leave=False)}  # fmt: skip
     errors: dict[str, Tensor] = {}
 
     def on_block(ctx) -> bool:
@@ -102,14 +157,21 @@ def mixed_allocation(model: nn.Module, config: MixedPrecision, calib: Tensor | N
         raise SlimlmError("MixedPrecision needs calibration token ids: pass calib=calibration_batch(...) "
                           "(or run it from a recipe, which builds them)")  # fmt: skip
     linears = select_linears(model, config.targets)
+    shapes = {name: tuple(_weight(m).shape) for name, m in linears.items()}
     for scheme in config.candidates:
-        check_schemes({name: (m, scheme) for name, m in linears.items()})
+        fitting = {name: (m, scheme) for name, m in linears.items() if fits(scheme, shapes[name])}
+        if not fitting:
+            check_schemes({name: (m, scheme) for name, m in linears.items()})  # names the valid group sizes
+        check_schemes(fitting)
+    for name, shp in shapes.items():
+        if not any(fits(s, shp) for s in config.candidates):
+            check_schemes({name: (linears[name], config.candidates[0])})
     errors = measure_sensitivities(model, config, calib, linears)
     names = list(linears)
-    shapes = [tuple(_weight(linears[n]).shape) for n in names]
-    err = torch.stack([errors[n] for n in names])  # (L, K)
-    bpw = torch.tensor([[bits_per_weight(s, shp) for s in config.candidates] for shp in shapes], dtype=torch.float64)
-    n_weights = torch.tensor([shp[0] * shp[1] for shp in shapes], dtype=torch.float64)
+    err = torch.stack([errors[n] for n in names])  # (L, K), inf where a candidate does not fit
+    bpw = torch.tensor([[bits_per_weight(s, shapes[n]) if fits(s, shapes[n]) else float("inf")
+                         for s in config.candidates] for n in names], dtype=torch.float64)  # fmt: skip
+    n_weights = torch.tensor([shapes[n][0] * shapes[n][1] for n in names], dtype=torch.float64)
     if config.budget_bpw < min_bpw(bpw, n_weights) - 1e-12:
         raise SlimlmError(f"budget_bpw {config.budget_bpw} is below {min_bpw(bpw, n_weights):.4f}, the cheapest "
                           f"allocation of these candidates on this model; raise it or add a cheaper scheme")

@@ -10,7 +10,7 @@ from slimlm.formats import IntScheme, PerGroup, fake_quantize, parse_scheme
 from slimlm.models.tiny import tiny_model
 from slimlm.nn import QuantLinear
 from slimlm.quant.mixed import allocate, average_bpw, hessian_error, min_bpw, sensitivities, total_error
-from slimlm.quant.mixed_handler import MixedPrecision, apply_mixed, mixed_allocation, summarize
+from slimlm.quant.mixed_handler import MixedPrecision, apply_mixed, fisher_diagonal, mixed_allocation, summarize
 from slimlm.targets import Targets
 
 def apply(model, config, calib):
@@ -111,7 +111,7 @@ def test_allocation_extremes_and_beats_uniform_at_equal_size():
 def test_mixed_beats_rtn_int3_on_layer_output_error():
     """Summed Hessian-weighted error of the layers on float block inputs, vs RTN int3 at the same 4.0 bpw."""
     model = tiny_model("llama")
-    alloc = mixed_allocation(model, MixedPrecision(budget_bpw=4.0, candidates=CANDIDATES, normalize=False), CALIB)
+    alloc = mixed_allocation(model, MixedPrecision(budget_bpw=4.0, candidates=CANDIDATES, normalize=False, sensitivity="hessian"), CALIB)
     int3 = parse_scheme("int3-g32")
     err_mixed = err_rtn = 0.0
 
@@ -142,3 +142,53 @@ def test_refusals():
     with pytest.raises(SlimlmError, match="does not divide in_features 64"):
         apply_mixed(model, MixedPrecision(candidates=("int4-g48",)), CALIB)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def _loss(model, ids):
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def test_fisher_diagonal_is_the_sum_of_squared_per_sequence_gradients():
+    model = tiny_model("llama")
+    name = "model.layers.1.mlp.down_proj"
+    lin = model.get_submodule(name)
+    F = fisher_diagonal(model, CALIB[:3], {name: lin})[name]
+    expected = torch.zeros_like(lin.weight)
+    for ids in CALIB[:3]:
+        model.zero_grad()
+        model(input_ids=ids[None], labels=ids[None]).loss.backward()
+        expected += lin.weight.grad.square()
+    model.zero_grad()
+    assert torch.allclose(F, expected, rtol=1e-5, atol=1e-12)
+    assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fisher_allocation_beats_uniform_int3_on_the_model_loss():
+    """End-to-end: at int3-g32's 4.0 bpw, the Fisher allocation hurts the LM loss less than uniform int3."""
+    base = tiny_model("llama")
+    held_out = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    mixed, uniform = tiny_model("llama"), tiny_model("llama")
+    cands = ("int2-g32", "int3-g32", "int4-g32")
+    apply(mixed, MixedPrecision(budget_bpw=4.0, candidates=cands, fisher_samples=8), CALIB)
+    apply(uniform, MixedPrecision(budget_bpw=4.0, candidates=("int3-g32",)), CALIB)
+    assert measure_size(mixed).bits_per_weight <= measure_size(uniform).bits_per_weight + 1e-9
+    assert len({m.scheme for m in mixed.modules() if isinstance(m, QuantLinear)}) >= 2
+    base_loss = _loss(base, held_out)
+    assert _loss(mixed, held_out) - base_loss < _loss(uniform, held_out) - base_loss
+
+
+def test_candidates_that_do_not_fit_a_layer_are_skipped_there():
+    model = tiny_model("llama")  # hidden 64, intermediate 128: only down_proj has 128 inputs
+    alloc = mixed_allocation(model, MixedPrecision(budget_bpw=9.0, candidates=("int4-g32", "int8-g128")), CALIB)
+    for name, scheme in alloc.schemes.items():
+        assert scheme.bits == (8 if name.endswith("down_proj") else 4), name
+    assert torch.isinf(alloc.errors["model.layers.0.self_attn.q_proj"][1])
+
+
+def test_sensitivity_refusals():
+    with pytest.raises(SlimlmError, match="sensitivity must be one of fisher, hessian"):
+        MixedPrecision(sensitivity="kl")
+    with pytest.raises(SlimlmError, match="fisher_samples must be an int >= 1"):
+        MixedPrecision(fisher_samples=0)
