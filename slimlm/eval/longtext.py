@@ -12,6 +12,12 @@ StreamingLLM paper's evaluation (Xiao et al. 2024, Sec. 4.1):
   forward gives the same logits as one token at a time for both (the full
   cache trivially, KIVI by construction, see ``kv_caches.KIVICache``).
 
+:func:`score_recompute` is the paper's "sliding window with re-computation"
+reference: each token predicted from the last ``budget - stride`` to
+``budget`` tokens encoded afresh (the StreamingLLM paper re-encodes for every
+token, ``stride=1``; a larger stride costs ``1/stride`` as much). It is what a
+cache of ``budget`` tokens could at best give, with no streaming artefacts.
+
 Cost on a CPU is dominated by the one-token steps: about ``n_tokens - budget``
 forwards of the model per evicting policy.
 """
@@ -83,6 +89,33 @@ def _nll(logits: Tensor, targets: Tensor) -> Tensor:
     """(T, V) logits, (T,) next tokens -> (T,) float64 NLL."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -logp.gather(-1, targets[:, None]).squeeze(-1).double()
+
+
+@torch.inference_mode()
+def score_recompute(decoder: nn.Module, ids: Tensor, budget: int, *, stride: int,
+                    desc: str | None = None) -> LongTextScore:
+    """Sliding window with re-computation: targets in blocks of ``stride``, each block's window re-encoded."""
+    if not 1 <= stride <= budget:
+        raise SlimlmError(f"stride must be in [1, budget = {budget}], got {stride}")
+    N = ids.numel()
+    if N < 2:
+        raise SlimlmError(f"the stream needs at least 2 tokens, got {N}")
+    spec = decoder.cache_spec()
+    ids = ids.to(spec.device)
+    first = min(budget, N)
+    blocks = [(0, first)] + [(e, min(e + stride, N)) for e in range(first, N, stride)]  # positions whose logits score
+    nlls = []
+    t0 = time.perf_counter()
+    for s, e in tqdm(blocks, desc=desc or f"recompute b={budget}", unit="fwd", leave=False):
+        lo = max(0, e - budget)  # the window [lo, e) ends with the block
+        logits = decoder(ids[None, lo:e], torch.arange(e - lo, device=spec.device)[None],
+                         StaticKVCache(spec, batch=1, max_len=e - lo))[0]  # (e - lo, V), positions from 0
+        n_scored = min(e, N - 1) - s
+        if n_scored > 0:
+            nlls.append(_nll(logits[s - lo: s - lo + n_scored], ids[s + 1: s + 1 + n_scored]).cpu())
+    seconds = time.perf_counter() - t0
+    return LongTextScore(f"recompute b={budget} stride {stride}", N, torch.cat(nlls),
+                         int(spec.bytes_per_token() * first), seconds)
 
 
 @torch.inference_mode()

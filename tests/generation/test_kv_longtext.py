@@ -63,3 +63,19 @@ def test_names_and_refusals(model):
         score_stream(HFDecoder(model), IDS, Sinks(16))
     with pytest.raises(SlimlmError, match="at least 2 tokens"):
         score_stream(make_decoder(model), IDS[:1], None)
+
+
+def test_recompute_with_a_window_larger_than_the_stream_is_the_full_cache(model, full_nll):
+    from slimlm.eval.longtext import score_recompute
+
+    dec = make_decoder(model)
+    assert torch.allclose(score_recompute(dec, IDS, 128, stride=16).nll, full_nll, atol=1e-4)
+    # stride 1: every token re-encodes its last 16 tokens; a wider stride sees 12..16 of them
+    s1, s4 = score_recompute(dec, IDS, 16, stride=1), score_recompute(dec, IDS, 16, stride=4)
+    assert torch.allclose(s1.nll[:15], full_nll[:15], atol=1e-4)
+    with torch.no_grad():  # token 40 predicted from tokens 24..39 alone, at positions 0..15
+        logits = model(IDS[None, 24:40]).logits[0, -1]
+    assert s1.nll[39].item() == pytest.approx(-torch.log_softmax(logits, -1)[IDS[40]].item(), abs=1e-4)
+    assert not torch.allclose(s1.nll, s4.nll, atol=1e-3)
+    with pytest.raises(SlimlmError, match="stride must be in"):
+        score_recompute(dec, IDS, 16, stride=17)
