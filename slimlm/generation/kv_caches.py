@@ -27,11 +27,11 @@ position bookkeeping.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
 from slimlm.generation.cache import CacheSpec, KVView, attention_mask
-from slimlm.generation.kv_policies import H2O, Policy, Sinks, Window, h2o_keep, keep_slots
+from slimlm.generation.kv_policies import H2O, Policy, Sinks, Window, h2o_keep, keep_slots, parse_policy
 from slimlm.generation.kv_quant import (KIVI, QuantizedKV, cat_quantized, dequantize_keys, dequantize_values,
                                         kivi_mask, kivi_regions, quantize_keys, quantize_values)
 from slimlm.generation.rope import apply_rotary
@@ -95,6 +95,10 @@ class _Evicting:
         self.seen += T
         self._q_pos = torch.arange(n_after - T, n_after, device=positions.device).expand(self.batch, T)
         return T, n_after
+
+    def room(self) -> int:
+        """The most tokens the next forward may bring (the free slots, or what a full cache takes)."""
+        return min(self.policy.budget, max(self.policy.budget - self._n, self._max_forward()))
 
     def wants_scores(self, layer: int) -> bool:
         return False
@@ -323,3 +327,62 @@ def make_kv_cache(spec: CacheSpec, kind: Policy | KIVI, *, batch: int = 1, max_l
     if isinstance(kind, KIVI):
         return KIVICache(spec, batch=batch, max_len=max_len, quant=kind)
     raise SlimlmError(f"no compressed KV cache for {kind!r}; use Window, Sinks, H2O or KIVI")
+
+
+class KVCompressedDecoder(nn.Module):
+    """A fast decoder whose ``new_cache`` builds a compressed cache (for ``slimlm.generation.loop``).
+
+    A long prompt fills an evicting cache in one forward up to its budget, then
+    goes on in pieces of ``chunk`` tokens (default ``budget // 8``: each token
+    sees at least 7/8 of the budget; ``chunk=1`` is exact token-by-token
+    streaming). ``last_cache`` is the cache of the latest generation.
+    """
+
+    def __init__(self, decoder: nn.Module, kind: Policy | KIVI, *, chunk: int | None = None):
+        super().__init__()
+        if not hasattr(decoder, "cache_spec"):
+            raise SlimlmError("KV-cache policies need the fast decoder (llama, mistral, qwen2/3, gemma); "
+                              f"this model runs on {type(decoder).__name__}")
+        if chunk is not None and chunk < 1:
+            raise SlimlmError(f"chunk must be >= 1, got {chunk}")
+        self.decoder, self.kind = decoder, kind
+        self.chunk = chunk or max(1, getattr(kind, "budget", 8) // 8)
+        self.last_cache = None
+
+    def new_cache(self, batch: int, max_len: int):
+        self.decoder.ensure_positions(max_len)  # the decoder indexes its table at stream positions
+        self.last_cache = make_kv_cache(self.decoder.cache_spec(), self.kind, batch=batch, max_len=max_len)
+        return self.last_cache
+
+    def _piece(self, cache, left: int) -> int:
+        if not isinstance(cache, _Evicting):
+            return left  # KIVI: any length, exactly
+        free = cache.policy.budget - cache.length
+        return min(left, free if free > 0 else min(self.chunk, cache.room()))
+
+    def forward(self, input_ids: Tensor, positions: Tensor, cache, *, n_logits: int | None = None) -> Tensor:
+        T = input_ids.shape[1]
+        first_wanted = 0 if n_logits is None else T - n_logits  # logits of tokens >= this are returned
+        outs, s = [], 0
+        while s < T:
+            c = self._piece(cache, T - s)
+            wanted = min(c, s + c - first_wanted)  # this piece's last `wanted` tokens are returned
+            out = self.decoder(input_ids[:, s:s + c], positions[:, s:s + c], cache, n_logits=max(wanted, 1))
+            if wanted > 0:
+                outs.append(out)
+            s += c
+        return torch.cat(outs, dim=1)  # (B, n_logits or T, V)
+
+
+def kv_decoder(decoder: nn.Module, *, policy: str | None, budget: int | None, sinks: int = 4,
+               bits: int | None = None) -> KVCompressedDecoder | None:
+    """CLI flags -> a decoder with a compressed cache, or None for the plain static cache."""
+    if bits is not None and policy not in (None, "full"):
+        raise SlimlmError("--kv-bits (a KIVI-quantized full cache) and --kv-policy (eviction) do not combine; "
+                          "choose one")
+    if bits is not None:
+        return KVCompressedDecoder(decoder, KIVI(bits))
+    if policy is None and budget is not None:
+        raise SlimlmError("--kv-budget needs --kv-policy (window, sinks or h2o)")
+    kind = parse_policy(policy, budget, sinks=sinks) if policy is not None else None
+    return KVCompressedDecoder(decoder, kind) if kind is not None else None

@@ -4,11 +4,13 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.generation.cache import CacheSpec, KVView, StaticKVCache, attention_mask
 from slimlm.generation.decoder import make_decoder
-from slimlm.generation.kv_caches import H2OCache, KIVICache, SinkCache, make_kv_cache
+from slimlm.generation.kv_caches import H2OCache, KIVICache, KVCompressedDecoder, SinkCache, kv_decoder, make_kv_cache
 from slimlm.generation.kv_policies import H2O, Sinks, Window
 from slimlm.generation.kv_quant import KIVI
+from slimlm.generation.loop import GenerationConfig, generate
 from slimlm.generation.rope import Rope
 from slimlm.models.tiny import tiny_model
+from tests.generation.conftest import varied_tiny
 
 N = 48
 IDS = torch.randint(4, 500, (1, N), generator=torch.Generator().manual_seed(0))
@@ -195,3 +197,27 @@ def test_refusals_are_one_line(dec, make, call, needle):
         cache = make(dec.cache_spec())
         call(dec, cache)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_compressed_decoder_generates_like_the_static_cache_within_budget_and_streams_past_it():
+    dec = make_decoder(varied_tiny("llama"))
+    prompt = IDS[0, :20].tolist()
+    cfg = GenerationConfig(max_new_tokens=12)
+    plain = generate(dec, [prompt], cfg)
+    for kind in (Sinks(64), H2O(64), KIVI(8, group=4, residual=8)):
+        assert generate(KVCompressedDecoder(dec, kind), [prompt], cfg) == plain
+    # a prompt longer than the budget: filled to the budget, then in pieces; chunk=1 is exact streaming
+    wrapped = KVCompressedDecoder(dec, Sinks(12, 4), chunk=1)
+    cache = wrapped.new_cache(1, N)
+    last = wrapped(IDS, POS, cache, n_logits=3)
+    stepped = _run(dec, SinkCache(dec.cache_spec(), batch=1, policy=Sinks(12, 4)), [1] * N)
+    assert last.shape[1] == 3 and torch.allclose(last, stepped[:, -3:], atol=1e-5)
+    out = generate(KVCompressedDecoder(dec, Sinks(12, 4)), [IDS[0].tolist()], cfg)  # default chunk 12 // 8 = 1
+    assert len(out[0]) == 12
+    assert kv_decoder(dec, policy=None, budget=None) is None
+    assert kv_decoder(dec, policy="h2o", budget=32).kind == H2O(32)
+    assert kv_decoder(dec, policy=None, budget=None, bits=4).kind == KIVI(4)
+    with pytest.raises(SlimlmError, match="do not combine"):
+        kv_decoder(dec, policy="sinks", budget=32, bits=4)
+    with pytest.raises(SlimlmError, match="--kv-budget needs --kv-policy"):
+        kv_decoder(dec, policy=None, budget=32)
