@@ -239,7 +239,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SlimlmError('usage: slimlm generate [MODEL] "PROMPT" (quote the prompt)')
     *maybe_model, prompt = args.model_and_prompt
     _check_draft_flags(args)
+    _check_kv_flags(args)
     model, tokenizer = _load(maybe_model[0] if maybe_model else DEFAULT_MODEL, args.dtype)
+    kv = _kv_decoder(args, model)  # None without --kv-* flags
     if args.draft is not None:
         return _generate_speculative(args, model, tokenizer, prompt)
     for piece in generate_text(
@@ -253,11 +255,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         chat=args.chat,
         engine=args.engine,
+        decoder=kv,
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if kv is not None and kv.last_cache is not None:
+        from slimlm.eval.longtext import kind_name
+
+        print(f"KV cache {kind_name(kv.kind)}: {kv.last_cache.nbytes() / 1e6:.2f} MB held", file=sys.stderr)
     return 0
+
+
+def _check_kv_flags(args: argparse.Namespace) -> None:
+    if (args.kv_policy, args.kv_budget, args.kv_bits) != (None, None, None) and (
+            args.draft is not None or args.engine != "slimlm"):
+        raise SlimlmError("--kv-policy/--kv-budget/--kv-bits run on slimlm's decode loop without a draft; "
+                          "drop --draft / --engine hf")
+
+
+def _kv_decoder(args: argparse.Namespace, model):
+    """generate --kv-policy / --kv-bits: a decoder over a compressed KV cache, or None."""
+    if (args.kv_policy, args.kv_budget, args.kv_bits) == (None, None, None):
+        return None
+    from slimlm.generation.decoder import make_decoder
+    from slimlm.generation.kv_caches import kv_decoder
+
+    return kv_decoder(make_decoder(model), policy=args.kv_policy, budget=args.kv_budget, sinks=args.kv_sinks,
+                      bits=args.kv_bits)
 
 
 def _check_draft_flags(args: argparse.Namespace) -> None:
@@ -387,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --draft: skip the plain-decoding run that measures the speedup")
     g.add_argument("--json", default=None, help="with --draft: write tokens, acceptance, costs and speedup as JSON")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    g.add_argument("--kv-policy", default=None, choices=("full", "window", "sinks", "h2o"),
+                   help="KV-cache eviction: window (recent tokens), sinks (StreamingLLM: first --kv-sinks tokens + "
+                        "recent), h2o (heavy hitters + recent); needs --kv-budget")
+    g.add_argument("--kv-budget", type=int, default=None, help="tokens the KV cache keeps (with --kv-policy)")
+    g.add_argument("--kv-sinks", type=int, default=4, help="sink tokens for --kv-policy sinks (default 4)")
+    g.add_argument("--kv-bits", type=int, default=None, choices=(2, 4, 8),
+                   help="KIVI-quantized KV cache (keys per channel, values per token, 128 recent tokens in float)")
     g.set_defaults(func=cmd_generate)
     return p
 
