@@ -19,7 +19,9 @@ over ``T`` new tokens (batch ``B``)::
 
 - ``positions`` (B, T) long: each new token's position in its stream (0 for
   the first prompt token of a row). A negative position marks a padding token
-  (left padding in a batch): it is stored but no real query attends to it.
+  (left padding in a batch): it is stored but no real query attends to it. At batch 1 a
+  single-token step must be a real token (StaticKVCache does not look, so a compiled step
+  has no data-dependent branch).
 - ``update`` stores the new keys/values (or decides not to: eviction) and
   returns a :class:`KVView`: the keys/values to attend over (float, in the
   query dtype, (B, Hkv, S, D)), a boolean mask (B, 1, T, S) (True = attend,
@@ -162,7 +164,8 @@ class StaticKVCache:
             raise SlimlmError(f"KV cache full: {end} slots needed, max_len is {self.max_len}; "
                               "build the cache with a larger max_len (prompt + max_new_tokens)")
         self.slot_pos[:, start:end] = positions
-        self._has_holes = self._has_holes or bool((positions < 0).any())
+        if T > 1 or B > 1:  # a batched step may carry padding (finished rows); reading it back would sync
+            self._has_holes = self._has_holes or B > 1 or bool((positions < 0).any())
         self._start, self._length = start, end
         window = self.spec.sliding_window
         if T == 1 and not self._has_holes and (window is None or end <= window):
