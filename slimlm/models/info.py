@@ -55,6 +55,9 @@ def _linear_info(name: str, module: nn.Module) -> LinearInfo | None:
     dtype = _dtype_name(weight.dtype) if isinstance(weight, torch.Tensor) else "unknown"
     if getattr(module, "scheme", None) is not None:  # a compressed runtime module: show its format
         dtype = scheme_label(module.scheme)
+    if getattr(module, "sparsity_label", None):  # a pruned linear (slimlm.nn.sparse_linear): pattern and kept share
+        base = dtype if getattr(module, "scheme", None) is not None else _dtype_name(module.compute_dtype)
+        dtype = f"{base} {module.sparsity_label}"
     if isinstance(module, Conv1D):  # weight (in, out)
         return LinearInfo(name, int(module.weight.shape[0]), int(module.weight.shape[1]), dtype)
     if isinstance(module, nn.Linear):

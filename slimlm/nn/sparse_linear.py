@@ -190,12 +190,18 @@ class SparseLinear(nn.Module):
             y = y + bias
         return y.reshape(*lead, self.out_features)  # (..., out)
 
+    @property
+    def sparsity_label(self) -> str:
+        """``"sparse 2:4"`` or ``"sparse 50%"`` (what ``slimlm info`` shows)."""
+        return _label(self.nm, self.kept, self.in_features * self.out_features)
+
     def extra_repr(self) -> str:
-        nm = self.nm
-        pattern = f"{nm[0]}:{nm[1]}" if nm else "unstructured"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={pattern}, kept={self.kept / (self.in_features * self.out_features):.1%}, "
-                f"kernel={self.kernel.name}")  # fmt: skip
+                f"{self.sparsity_label}, kernel={self.kernel.name}")  # fmt: skip
+
+
+def _label(nm: NMPair, kept: int, total: int) -> str:
+    return f"sparse {nm[0]}:{nm[1]}" if nm else f"sparse {1 - kept / total:.0%}"
 
 
 def check_sparse_scheme(scheme: Scheme, *, name: str = "") -> None:
@@ -331,7 +337,9 @@ class SparseQuantLinear(PackedLinear):
     def forward(self, x: Tensor) -> Tensor:
         return self._matmul(x)
 
+    @property
+    def sparsity_label(self) -> str:
+        return _label(self.nm, self.kept, self.in_features * self.out_features)
+
     def extra_repr(self) -> str:
-        nm = self.nm
-        pattern = f"{nm[0]}:{nm[1]}" if nm else "unstructured"
-        return f"{super().extra_repr()}, pattern={pattern}"
+        return f"{super().extra_repr()}, {self.sparsity_label}"

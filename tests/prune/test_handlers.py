@@ -176,3 +176,21 @@ def test_recipe_parses_pattern_shorthand_once():
     assert r.steps[1].pattern == Unstructured() and r.steps[1].scheme.bits == 4
     with pytest.raises(SlimlmError, match="quote N:M patterns"):
         recipe_from_dict({"steps": [{"method": "wanda", "pattern": 124}]})
+
+
+def test_info_shows_the_pattern_and_export_gives_a_stock_model_with_the_zeros(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.io import export_hf
+    from slimlm.models.info import model_info
+
+    model = tiny_model("llama")
+    apply(model, Wanda(pattern="2:4"), CALIB)
+    labels = {li.name: li.dtype for li in model_info(model).linears}
+    assert labels["model.layers.0.mlp.down_proj"] == "float32 sparse 2:4" and labels["lm_head"] == "float32"
+    out = save_compressed(model, tiny_tokenizer(), tmp_path / "pruned")
+    stock = AutoModelForCausalLM.from_pretrained(export_hf(out, tmp_path / "hf"))
+    down = stock.model.layers[0].mlp.down_proj.weight
+    assert is_nm(down != 0, 2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(HELD_OUT).logits, model(HELD_OUT).logits, rtol=1e-5, atol=1e-5)
