@@ -64,7 +64,8 @@ class KIVI:
             valid = ", ".join(str(d) for d in range(1, head_dim + 1) if head_dim % d == 0)
             raise SlimlmError(f"KV value_group {vg} does not divide head_dim {head_dim}; valid: {valid}")
         if (head_dim * self.bits) % 8:
-            raise SlimlmError(f"{self.bits}-bit KV packing needs head_dim * bits divisible by 8, got head_dim {head_dim}")
+            raise SlimlmError(f"{self.bits}-bit KV packing needs head_dim * bits divisible by 8, "
+                              f"got head_dim {head_dim}")
 
 
 @dataclass

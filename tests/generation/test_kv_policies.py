@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.kv_policies import H2O, Sinks, Window, h2o_keep, keep_slots, parse_policy, sinks_keep, window_keep
+from slimlm.generation.kv_policies import (H2O, Sinks, Window, h2o_keep, keep_slots, parse_policy, sinks_keep,
+                                          window_keep)
 from slimlm.generation.kv_quant import KIVI
 
 
