@@ -258,7 +258,8 @@ class SparseQuantLinear(PackedLinear):
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, scheme: Scheme, *, bias: bool,
-              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> SparseQuantLinear:  # fmt: skip
+              dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> SparseQuantLinear:  # fmt: skip
         """An all-pruned shell; ``load_state_dict`` fills it."""
         check_sparse_scheme(scheme)
         module = cls(in_features, out_features, scheme, bias=bias, dtype=dtype, device=device)

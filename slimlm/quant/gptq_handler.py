@@ -84,8 +84,9 @@ def _quantize_into(model: nn.Module, name: str, module: nn.Module, scheme: Schem
     if isinstance(module, SparseLinear):  # pruned earlier: GPTQ's updates would fill its zeros; keep the mask
         from slimlm.prune.compose import gptq_pruned
 
-        replace_module(model, name, gptq_pruned(module, H, scheme, blocksize=config.blocksize, percdamp=config.percdamp,
-                                                act_order=config.act_order, static_groups=config.static_groups))  # fmt: skip
+        new = gptq_pruned(module, H, scheme, blocksize=config.blocksize, percdamp=config.percdamp,
+                          act_order=config.act_order, static_groups=config.static_groups)  # fmt: skip
+        replace_module(model, name, new)
         return
     W, _ = linear_weight(module)  # (out, in), also for GPT-2's Conv1D (stored (in, out))
     qweight, stats = gptq_quantize(W, H.to(W.device), scheme, blocksize=config.blocksize, percdamp=config.percdamp,

@@ -37,7 +37,8 @@ def test_sparsity_resolution():
 
 
 def test_m_not_dividing_in_features_lists_valid_m():
-    with pytest.raises(SlimlmError, match=r"M=8 of pattern 2:8 does not divide in_features 36; valid M: 2, 3, 4, 6, 9, 12, 18, 36"):
+    with pytest.raises(SlimlmError, match=r"M=8 of pattern 2:8 does not divide in_features 36; "
+                                          r"valid M: 2, 3, 4, 6, 9, 12, 18, 36"):
         check_fits(NM(2, 8), 36, name="x")
     check_fits(Unstructured(), 36)
 

@@ -47,7 +47,8 @@ def test_sparse_linear_is_the_masked_linear_and_stores_less(nm, dtype):
     n, nbytes = sp.weight_storage()
     assert n == 64 * 48 and sp.kept == int(keep.sum())
     bpw = 8 * nbytes / n
-    assert bpw == pytest.approx(0.5 * 8 * lin.weight.element_size() + 1, abs=0.02)  # half the values, 1-bit positions, pattern
+    # half the values, 1-bit positions, and the 4-byte pattern
+    assert bpw == pytest.approx(0.5 * 8 * lin.weight.element_size() + 1, abs=0.02)
     assert set(sp.state_dict()) == {"bias", "values", "pattern", "index" if nm == (2, 4) else "mask"}
 
 
