@@ -11,11 +11,12 @@ same recipe run on the fully loaded model.
 
 One step per recipe, of a method that walks the blocks once: RTN, GPTQ
 (lm_head excluded: its Hessian needs a forward of the whole compressed
-model), AWQ, and mixed precision (a statistics pass that only reads the
-blocks, the global bit allocation, then a quantization pass). Methods that
-need the whole model at once (QAT trains it end to end) are refused, and so
-are multi-step recipes, whose second step would need the blocks the first
-one already wrote out.
+model), AWQ, and mixed precision with ``sensitivity: hessian`` (a statistics
+pass that only reads the blocks, the global bit allocation, then a
+quantization pass). Methods that need the whole model at once (QAT trains it
+end to end, the Fisher sensitivity back-propagates through it) are refused,
+and so are multi-step recipes, whose second step would need the blocks the
+first one already wrote out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimlm.calib.runner import peak_rss_mb
 from slimlm.errors import SlimlmError
 from slimlm.fsutil import atomic_dir
 from slimlm.models.adapters import get_adapter
@@ -64,6 +66,10 @@ def check_lazy(configs: list[Any]) -> None:
     if isinstance(config, GPTQ) and config.targets.lm_head:
         raise SlimlmError("GPTQ of lm_head needs a forward of the whole compressed model: with --lazy set "
                           "lm_head: false, or run it without --lazy")  # fmt: skip
+    if getattr(config, "sensitivity", "hessian") != "hessian":
+        raise SlimlmError(f"{type(config).__name__} with sensitivity {config.sensitivity!r} needs backward passes "
+                          "through the whole model: with --lazy set sensitivity: hessian, or run it without "
+                          "--lazy")  # fmt: skip
 
 
 def compress_lazy(model: nn.Module, tokenizer: Any, configs: list[Any], out_dir: str | os.PathLike, *,
@@ -90,8 +96,9 @@ def compress_lazy(model: nn.Module, tokenizer: Any, configs: list[Any], out_dir:
         finally:
             lazy.sink = None
         writer.finish(model, tokenizer, base_model=base_model, recipe=recipe, calibration=calibration)
-    log.info("lazily compressed into %s (%d block shards, at most %d block(s) in memory at once)", out_dir,
-             len(lazy), lazy.peak_live)  # fmt: skip
+    rss = peak_rss_mb()
+    log.info("lazily compressed into %s: %d block shards, at most %d block(s) in memory at once, process peak "
+             "RSS %s MB", out_dir, len(lazy), lazy.peak_live, f"{rss:.0f}" if rss else "?")  # fmt: skip
     return Path(out_dir)
 
 

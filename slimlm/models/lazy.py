@@ -63,10 +63,6 @@ def _set_param(owner: nn.Module, name: str, t: torch.Tensor) -> nn.Parameter:
     return p
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class LazyBlocks:
     """Block i's parameters: on meta until ``materialize(i)``, freed again by ``release(i)``."""
 
@@ -78,13 +74,9 @@ class LazyBlocks:
         # per materialized block: (owner module, parameter name, parameter, its version when loaded)
         self._live: dict[int, list[tuple[nn.Module, str, nn.Parameter, int]]] = {}
         self.peak_live = 0  # most blocks materialized at once
-        self.peak_block_bytes = 0
 
     def __len__(self) -> int:
         return len(self.sources)
-
-    def live(self) -> list[int]:
-        return sorted(self._live)
 
     def materialize(self, i: int, device: torch.device | str | None = None) -> nn.Module:
         """Read block ``i``'s parameters from disk onto ``device``; returns the block."""
@@ -100,7 +92,7 @@ class LazyBlocks:
         by_file: dict[Path, list[tuple[str, TensorSource]]] = defaultdict(list)
         for rel, src in self.sources[i].items():
             by_file[src.file].append((rel, src))
-        live, nbytes = [], 0
+        live = []
         for file, items in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:  # closed at once: no mapping outlives it
                 for rel, src in items:
@@ -111,10 +103,8 @@ class LazyBlocks:
                     owner = block.get_submodule(owner_name)
                     p = _set_param(owner, name, t)
                     live.append((owner, name, p, p._version))
-                    nbytes += _tensor_bytes(t)
         self._live[i] = live
         self.peak_live = max(self.peak_live, len(self._live))
-        self.peak_block_bytes = max(self.peak_block_bytes, nbytes)
         return block
 
     def changed(self, i: int) -> bool:

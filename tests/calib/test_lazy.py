@@ -19,7 +19,7 @@ from slimlm.targets import Targets
 
 CALIB = torch.randint(3, 512, (6, 24), generator=torch.Generator().manual_seed(0))
 IDS = torch.arange(3, 35).reshape(1, 32)
-MIXED = MixedPrecision(budget_bpw=4.5, candidates=("int3-g32", "int4-g32", "int8-channel-sym"))
+MIXED = MixedPrecision(budget_bpw=4.5, candidates=("int3-g32", "int4-g32", "int8-channel-sym"), sensitivity="hessian")
 CONFIGS = {"rtn": RTN(scheme="int4-g16"), "gptq": GPTQ(scheme="int4-g16"), "awq": AWQ(scheme="int4-g16", grid=5),
            "mixed": MIXED}
 
@@ -148,6 +148,7 @@ def test_a_rewrite_without_a_sink_is_refused_not_lost(tmp_path):
     ([RTN(), GPTQ()], "exactly one step"),
     ([QAT()], "QAT cannot run lazily"),
     ([GPTQ(targets=Targets(lm_head=True))], "lm_head: false"),
+    ([MixedPrecision(sensitivity="fisher")], "sensitivity: hessian"),
 ])
 def test_recipes_lazy_compression_cannot_run_are_refused(configs, pattern):
     with pytest.raises(SlimlmError, match=pattern):
