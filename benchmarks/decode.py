@@ -32,7 +32,7 @@ from slimlm.data import protocol_texts
 from slimlm.eval.size import bytes_read_per_token
 from slimlm.formats import parse_scheme
 from slimlm.generation import GenerationConfig, PagedKVCache, generate, make_decoder
-from slimlm.generation.loop import decode_steps
+from slimlm.generation.loop import compile_step, decode_steps
 from slimlm.models import load_model
 from slimlm.models.info import model_info
 from slimlm.quant import RTN
@@ -93,11 +93,6 @@ def decode_tps(run, n: int, runs: int) -> tuple[float, list[int]]:
     return statistics.median(rates), toks
 
 
-def compiled_step(decoder):
-    """The one-token forward under torch.compile (dynamic shapes: the cache grows every step)."""
-    return torch.compile(decoder, dynamic=True)
-
-
 def speed_table(args) -> str:
     head = ("variant", "MB read/token", "HF tok/s", "slimlm tok/s", "slimlm / HF")
     head += ("compiled tok/s", "compiled / HF", "compile s") if args.compile else ()
@@ -110,7 +105,7 @@ def speed_table(args) -> str:
         engines = {"hf": lambda n: hf_run(model, ids, n), "slimlm": lambda n: slim_run(dec, ids, n)}
         compile_s = None
         if args.compile:
-            step = compiled_step(dec)
+            step = compile_step(dec)
             t0 = time.perf_counter()
             slim_run(dec, ids, 4, step)  # compiles
             compile_s = time.perf_counter() - t0
