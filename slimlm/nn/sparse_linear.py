@@ -62,7 +62,12 @@ def _forget_unexpected(unexpected: list, prefix: str, names: tuple[str, ...]) ->
 
 
 class SparseLinear(nn.Module):
-    """``y = x @ W^T + b`` with ``W`` stored as kept float values and their positions."""
+    """``y = x @ W^T + b`` with ``W`` stored as kept float values and their positions.
+
+    In memory the module holds the kernel's layout of the weight (on CPU: the dense pruned weight)
+    and the positions; the kept values that ``state_dict()`` writes are read back from that layout,
+    so a pruned model takes the dense model's memory plus its masks, not more.
+    """
 
     _names = ("values",)
 
@@ -72,7 +77,8 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = dtype
         self.kernel: DenseSparse | None = None
-        self._stored: Tensors = {}  # values, pattern, mask|index: what state_dict() writes
+        self._positions: Tensors = {}  # pattern, mask|index (sparse_format)
+        self._kept = 0
         self._weight: Tensors = {}  # the kernel's layout
         b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
         self.bias = nn.Parameter(b, requires_grad=False) if bias else None
@@ -84,7 +90,7 @@ class SparseLinear(nn.Module):
     @property
     def nm(self) -> NMPair:
         """``(n, m)`` of the N:M pattern, or None for unstructured."""
-        return pattern_of(self._stored)
+        return pattern_of(self._positions)
 
     @classmethod
     @torch.no_grad()
@@ -104,8 +110,8 @@ class SparseLinear(nn.Module):
         if bias is not None:
             module.bias.copy_(bias.detach())
         keep = keep.to(W.device)
-        stored = {"values": torch.masked_select(W, keep), **encode_positions(keep, nm)}
-        module._install(stored, kernel=kernel, dense=torch.where(keep, W, torch.zeros_like(W)))  # +0.0 where pruned
+        dense = torch.where(keep, W, torch.zeros_like(W))  # +0.0 where pruned
+        module._install(encode_positions(keep, nm), int(keep.sum()), dense, kernel=kernel)
         return module
 
     @classmethod
@@ -114,51 +120,60 @@ class SparseLinear(nn.Module):
         """An all-pruned shell of the right structure; ``load_state_dict`` fills it."""
         module = cls(in_features, out_features, bias=bias, dtype=dtype, device=device)
         keep = torch.zeros(out_features, in_features, dtype=torch.bool, device=device)
-        module._install({"values": torch.zeros(0, dtype=dtype, device=device), **encode_positions(keep, None)})
+        module._install(encode_positions(keep, None), 0, torch.zeros(module.shape, dtype=dtype, device=device))
         return module
 
     # --- layout ---------------------------------------------------------------
 
     def keep_mask(self) -> Tensor:
         """The keep-mask ``(out, in)`` bool."""
-        return decode_positions(self._stored, self.shape)
+        return decode_positions(self._positions, self.shape)
 
-    def _dense(self, stored: Tensors) -> Tensor:
-        keep = decode_positions(stored, self.shape)
+    def _install(self, positions: Tensors, kept: int, dense: Tensor, *, kernel: str | None = None) -> None:
+        """Adopt the positions and lay the dense pruned weight ``(out, in)`` out for the kernel."""
+        self.kernel = select_sparse_kernel(pattern_of(positions), self.shape, dense.device, self.compute_dtype,
+                                           name=kernel)  # fmt: skip
+        self._positions, self._kept = positions, kept
+        self._weight = self.kernel.prepare(dense, dtype=self.compute_dtype)
+
+    def _install_stored(self, stored: Tensors) -> None:
+        """Adopt a stored form (values + positions), validating the count."""
+        positions = {k: v for k, v in stored.items() if k != "values"}
+        keep = decode_positions(positions, self.shape)
         values = stored["values"]
-        if values.shape != (int(keep.sum()),):
-            raise SlimlmError(f"{values.numel()} stored values for {int(keep.sum())} kept weights; "
-                              "the checkpoint is damaged")  # fmt: skip
-        return torch.zeros(self.shape, dtype=values.dtype, device=values.device).masked_scatter_(keep, values)
+        if values.shape != (int(keep.sum()),) or values.dtype != self.compute_dtype:
+            raise SlimlmError(f"{values.dtype} values of shape {tuple(values.shape)} for {int(keep.sum())} kept "
+                              f"{self.compute_dtype} weights; the checkpoint is damaged")  # fmt: skip
+        dense = torch.zeros(self.shape, dtype=values.dtype, device=values.device).masked_scatter_(keep, values)
+        self._install(positions, values.numel(), dense)
 
-    def _install(self, stored: Tensors, *, kernel: str | None = None, dense: Tensor | None = None) -> None:
-        """Adopt ``stored`` and lay its weight out for the kernel (``dense``: that weight, if already at hand)."""
-        W = self._dense(stored) if dense is None else dense
-        self.kernel = select_sparse_kernel(pattern_of(stored), self.shape, W.device, self.compute_dtype, name=kernel)
-        self._stored = stored
-        self._weight = self.kernel.prepare(W, dtype=self.compute_dtype)
+    def stored_tensors(self) -> Tensors:
+        """What ``state_dict()`` writes besides the bias: kept values (row-major), positions, pattern."""
+        return {"values": torch.masked_select(self.kernel.dense(self._weight), self.keep_mask()), **self._positions}
 
     def set_kernel(self, name: str | None) -> None:
         """Use the sparse kernel ``name`` (see :data:`slimlm.kernels.sparse.SPARSE_KERNELS`), or the default."""
-        self._install(self._stored, kernel=name)
+        self._install(self._positions, self._kept, self.kernel.dense(self._weight), kernel=name)
 
     def dequantized_weight(self) -> Tensor:
         """The float32 dense weight ``(out, in)``, zeros where pruned."""
-        return self._dense(self._stored).float()
+        return self.kernel.dense(self._weight).float()
 
     def weight_storage(self) -> tuple[int, int]:
         """``(number of weights, bytes)`` of the stored form: kept values, positions, pattern."""
-        return self.in_features * self.out_features, _nbytes(self._stored)
+        value_bytes = self._kept * torch.empty((), dtype=self.compute_dtype).element_size()
+        return self.in_features * self.out_features, value_bytes + _nbytes(self._positions)
 
     @property
     def kept(self) -> int:
-        return int(self._stored["values"].numel())
+        return self._kept
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 -- torch's signature
         super()._apply(fn, recurse)
-        device = fn(torch.empty(0, device=self._stored["values"].device)).device
-        if device != self._stored["values"].device:
-            self._install({k: v.to(device) for k, v in self._stored.items()},
+        dense = self.kernel.dense(self._weight)
+        device = fn(torch.empty(0, device=dense.device)).device
+        if device != dense.device:
+            self._install({k: v.to(device) for k, v in self._positions.items()}, self._kept, dense.to(device),
                           kernel=None if self.kernel.is_reference else self.kernel.name)  # fmt: skip
         return self
 
@@ -166,8 +181,8 @@ class SparseLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 -- torch's signature
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, t in self._stored.items():
-            destination[prefix + name] = t if keep_vars else t.detach()
+        for name, t in self.stored_tensors().items():
+            destination[prefix + name] = t
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: ANN001 -- torch's signature  # fmt: skip
@@ -176,9 +191,8 @@ class SparseLinear(nn.Module):
                                       unexpected_keys, error_msgs)  # fmt: skip
         _forget_unexpected(unexpected_keys, prefix, self._names)
         if found is not None:
-            device = self._stored["values"].device
-            self._stored = {}
-            self._install({k: v.to(device, copy=True) for k, v in found.items()})
+            device = self.kernel.dense(self._weight).device
+            self._install_stored({k: v.to(device, copy=True) for k, v in found.items()})
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
