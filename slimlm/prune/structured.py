@@ -113,30 +113,34 @@ def slice_cols(W: Tensor, cols: Tensor) -> Tensor:
     return W.index_select(1, cols.to(W.device)).contiguous()
 
 
+ATTENTION_STEPS = ("groups", "heads", "none")
+
+
 def width_plan(
     target: float, *, n_heads: int, n_kv: int, head_params: int, kv_params: int, neuron_params: int,
-    block_params: int, heads: bool = True,
+    block_params: int, attention: str = "groups",
 ) -> tuple[int, int, int]:
     """Counts to remove per layer so that about ``target`` parameters per layer go.
 
     -> (query heads removed per KV group, whole KV groups removed, neurons removed).
-    Attention moves in coarse steps (one query head per group, or one whole
-    group when each group holds a single head); the step whose share of the
-    attention is nearest the share ``target / block_params`` is taken without
-    overshooting ``target``, and MLP neurons (fine steps) make up the rest.
-    ``heads=False`` leaves attention whole. Neurons may come out at or above
+    Attention moves in coarse steps: ``attention="groups"`` one whole KV group
+    (a KV head and its G query heads), ``"heads"`` one query head from every
+    group (the same when G = 1), ``"none"`` leaves attention whole. The step
+    count whose share of the attention is nearest the share
+    ``target / block_params`` is taken without overshooting ``target``; MLP
+    neurons (fine steps) make up the rest. Neurons may come out at or above
     the layer's neuron count: the caller refuses that target.
     """
     G = n_heads // n_kv
-    if G > 1:  # a step removes one query head from every group
+    if attention == "heads" and G > 1:  # a step removes one query head from every group
         step, max_steps = n_kv * head_params, G - 1
-    else:  # one head per group: a step removes a whole group (its KV head and its query head)
-        step, max_steps = head_params + kv_params, n_kv - 1
+    else:  # a step removes a whole group: its KV head and its G query heads
+        step, max_steps = G * head_params + kv_params, n_kv - 1
     attn_total = n_heads * head_params + n_kv * kv_params
     share = target / block_params
     best = 0
-    if heads:
+    if attention != "none":
         fits = [s for s in range(max_steps + 1) if s * step <= target]
         best = min(fits, key=lambda s: abs(s * step / attn_total - share))
     neurons = max(0, round((target - best * step) / neuron_params))
-    return (best, 0, neurons) if G > 1 else (0, best, neurons)
+    return (best, 0, neurons) if attention == "heads" and G > 1 else (0, best, neurons)

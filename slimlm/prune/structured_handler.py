@@ -128,17 +128,19 @@ class Structured:
     The total counts every parameter once, so a tied embedding / lm_head
     counts once; embeddings and norms are never removed, so the reachable
     fraction is below 1. ``mode="depth"``: the nearest whole number of
-    layers. ``mode="width"``: attention heads in the nearest coarse step (one
-    query head per KV group, see ``width_plan``; ``heads=False`` keeps
-    attention whole), then MLP neurons for the rest. ``metric``,
-    ``ppl_samples`` as in PruneDepth.
+    layers. ``mode="width"``: attention in the nearest coarse step, then MLP
+    neurons for the rest (see ``width_plan``); ``attention`` says what a step
+    removes: ``groups`` (whole KV groups, the default: on SmolLM2-135M far
+    less damaging than one query head per group), ``heads`` (one query head
+    from every group) or ``none`` (neurons only). ``metric``, ``ppl_samples``
+    as in PruneDepth.
     """
 
     needs_calibration: ClassVar[bool] = True
 
     params: float = 0.25
     mode: str = "width"
-    heads: bool = True
+    attention: str = "groups"
     metric: str = "block_importance"
     ppl_samples: int = 8
     batch_size: int = 8
@@ -150,8 +152,8 @@ class Structured:
             raise SlimlmError(f"params must be a fraction in [0, 1) of the model's parameters, got {p!r}")
         if self.mode not in MODES:
             raise SlimlmError(f"mode {self.mode!r} is unknown; valid: {', '.join(MODES)}")
-        if not isinstance(self.heads, bool):
-            raise SlimlmError(f"heads must be true or false, got {self.heads!r}")
+        if self.attention not in S.ATTENTION_STEPS:
+            raise SlimlmError(f"attention {self.attention!r} is unknown; valid: {', '.join(S.ATTENTION_STEPS)}")
         _check_depth_fields(self)
         _check_common(self)
 
@@ -421,7 +423,7 @@ def apply_structured(model: nn.Module, config: Structured, calib: Tensor | None 
         return _log_removed(apply_prune_depth(model, step, calib), total, config)
     H, KV = layout.n_heads, layout.n_kv_heads
     n_neurons = blocks[0].get_submodule("mlp.down_proj").in_features
-    per_group, groups, neurons = S.width_plan(target / L, n_heads=H, n_kv=KV, heads=config.heads, **units)
+    per_group, groups, neurons = S.width_plan(target / L, n_heads=H, n_kv=KV, attention=config.attention, **units)
     if neurons >= n_neurons:
         raise SlimlmError(f"params={config.params} needs {neurons} of the {n_neurons} MLP neurons per layer removed: "
                           "more than width pruning can take; lower params or use mode: depth")  # fmt: skip

@@ -93,13 +93,15 @@ def test_importance_reads_the_runner_statistics():
 
 
 def test_width_plan_hits_the_target_within_one_neuron():
+    # 6 query heads in 2 KV groups: attention holds 6*1000 + 2*500 = 7000 of a 20000 block; target 30%
     units = dict(head_params=1000, kv_params=500, neuron_params=30, block_params=20000)
-    per_group, groups, neurons = S.width_plan(5000.0, n_heads=6, n_kv=2, **units)
-    assert (per_group, groups) == (1, 0) and abs(2 * 1000 + neurons * 30 - 5000) <= 15
-    assert S.width_plan(5000.0, n_heads=6, n_kv=2, heads=False, **units)[:2] == (0, 0)
-    # one head per group (MHA): attention steps are whole groups
-    per_group, groups, _ = S.width_plan(9000.0, n_heads=4, n_kv=4, **units)
-    assert per_group == 0 and groups >= 1
+    per_group, groups, neurons = S.width_plan(6000.0, n_heads=6, n_kv=2, attention="heads", **units)
+    assert (per_group, groups) == (1, 0) and abs(2 * 1000 + neurons * 30 - 6000) <= 15  # 2/7 of attention
+    per_group, groups, neurons = S.width_plan(6000.0, n_heads=6, n_kv=2, **units)  # default: whole groups
+    assert (per_group, groups) == (0, 1) and abs(3500 + neurons * 30 - 6000) <= 15
+    assert S.width_plan(6000.0, n_heads=6, n_kv=2, attention="none", **units) == (0, 0, 200)
+    # one head per group (MHA): a "heads" step is a whole group
+    assert S.width_plan(9000.0, n_heads=4, n_kv=4, attention="heads", **units)[:2] == (0, 2)  # 3000 of 6000 ~ 45%
 
 
 # ---------------------------------------------------------------- width
