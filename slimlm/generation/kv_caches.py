@@ -130,7 +130,7 @@ class SinkCache(_Evicting):
         """Layer 0: choose the slots of the new tokens and the in-cache rotation of every slot."""
         T, n_after = self._begin_common(positions, rope)
         n, dev = self._n, self.order.device
-        keep = keep_slots(self.policy, n + T)  # (n_after,) over [old tokens..., new tokens...]
+        keep = keep_slots(self.policy, n + T).to(dev)  # (n_after,) over [old tokens..., new tokens...]
         kept_old = keep[keep < n]
         evicted = torch.ones(n, dtype=torch.bool, device=dev)
         evicted[kept_old] = False

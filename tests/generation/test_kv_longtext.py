@@ -79,3 +79,19 @@ def test_recompute_with_a_window_larger_than_the_stream_is_the_full_cache(model,
     assert not torch.allclose(s1.nll, s4.nll, atol=1e-3)
     with pytest.raises(SlimlmError, match="stride must be in"):
         score_recompute(dec, IDS, 16, stride=17)
+
+
+@pytest.mark.real_model
+def test_streamingllm_finding_on_the_real_model():
+    """Window-only collapses once the first tokens leave; sinks + window stays with re-computation."""
+    from slimlm.eval.longtext import score_recompute, stream_tokens
+    from slimlm.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    dec, ids = make_decoder(model), stream_tokens(tok, 160)
+    full = score_stream(dec, ids, None)
+    window, sinks = score_stream(dec, ids, Window(16)), score_stream(dec, ids, Sinks(16, 4))
+    recompute = score_recompute(dec, ids, 16, stride=2)
+    past = [s.perplexity_from(16) for s in (full, window, sinks, recompute)]
+    assert past[0] < past[2] < 1.15 * past[3]  # sinks: no worse than re-encoding the last 14-16 tokens
+    assert past[1] > 2 * past[2]  # the window collapses
