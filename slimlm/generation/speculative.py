@@ -150,19 +150,23 @@ class AdaptiveK:
 
     Each round is a geometric trial: n accepted tokens and, if n < k, one rejection. The
     estimate is accepted / (accepted + rejected) with one pseudo-count of each (a = 0.5
-    prior). A draft switched off (k = 0) is probed with ``probe_k`` tokens after
-    ``probe_every`` rounds without a proposal, so a text that becomes predictable is noticed.
+    prior). When no k pays (k = 0: plain steps), the draft is probed after ``probe_after``
+    rounds without a proposal, with the k that would pay at acceptance ``probe_acceptance``;
+    the wait doubles while probes fail (up to ``max_probe_after``) and resets once drafting
+    pays again, so a passage the model starts copying is noticed within a few tokens.
     """
 
     costs: Costs
     k_min: int = 0
     k_max: int = 8
     decay: float = 0.9
-    probe_every: int = 16
-    probe_k: int = 2
+    probe_after: int = 2
+    max_probe_after: int = 32
+    probe_acceptance: float = 0.8
     accepted: float = 1.0
     rejected: float = 1.0
     idle: int = 0
+    wait: int = 0  # rounds without a proposal before the next probe (0: probe_after)
 
     @property
     def acceptance(self) -> float:
@@ -178,9 +182,14 @@ class AdaptiveK:
 
     def next_k(self) -> int:
         k = best_k(self.acceptance, self.costs, k_min=self.k_min, k_max=self.k_max)
-        if k == 0 and self.idle >= self.probe_every:
-            return min(self.probe_k, self.k_max)
-        return k
+        if k > 0:
+            self.wait = self.probe_after
+            return k
+        self.wait = self.wait or self.probe_after
+        if self.idle < self.wait:
+            return 0
+        self.wait = min(2 * self.wait, self.max_probe_after)
+        return max(1, best_k(self.probe_acceptance, self.costs, k_min=1, k_max=self.k_max))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def test_costs_round_and_refusals():
 
 
 def test_adaptive_k_tracks_acceptance_and_probes_a_switched_off_draft():
-    ada = AdaptiveK(Costs(draft=0.3, verify=(1.2,) * 8), k_max=8, probe_every=5, probe_k=2)
+    ada = AdaptiveK(Costs(draft=0.3, verify=(1.2,) * 8), k_max=8, probe_after=2, max_probe_after=8)
     for _ in range(20):
         ada.update(4, 4)
     high = ada.next_k()
@@ -226,16 +226,16 @@ def test_adaptive_k_tracks_acceptance_and_probes_a_switched_off_draft():
         ada.update(4, 0)
     assert ada.acceptance < 0.2 and ada.next_k() == 0 < high
     ks = []
-    for _ in range(12):  # plain rounds; every 5th one probes the draft, which fails again
+    for _ in range(30):  # plain rounds; probes after 2, 4, 8, 8 idle rounds, all failing
         ks.append(ada.next_k())
         ada.update(ks[-1], 0)
-    assert ks == [0, 0, 0, 0, 0, 2] * 2
-    for _ in range(5):
-        ada.update(0, 0)
-    for _ in range(30):  # the probes succeed: the text became predictable
-        k = ada.next_k() or 2
-        ada.update(k, k)
-    assert ada.acceptance > 0.9 and ada.next_k() >= 4
+    probe = best_k(0.8, ada.costs, k_min=1)
+    assert probe > 1 and ks[:26] == [0, 0, probe] + [0] * 4 + [probe] + ([0] * 8 + [probe]) * 2
+    ks = []
+    for _ in range(40):  # the probes succeed: the text became predictable
+        ks.append(ada.next_k())
+        ada.update(ks[-1], ks[-1])
+    assert ada.acceptance > 0.9 and ks[-1] >= 7 and ks[-10:] == sorted(ks[-10:])
 
 
 @pytest.mark.parametrize("kw, pattern", [
