@@ -89,13 +89,14 @@ def run_slimlm_one(method: str, calib_path: Path, out: Path, threads: int) -> di
     model, tok = load_model(MODEL)
     calib = torch.load(calib_path)
     config = slimlm_config(method)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     apply(model, config, calib)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     ckpt = out.with_name(out.name + "-ckpt")
     save_compressed(model, tok, ckpt, base_model=MODEL, overwrite=True)
     export_hf(ckpt, out, overwrite=True)
-    return {"method": method, "seconds": seconds, "threads": threads, "calib": list(calib.shape)}
+    return {"method": method, "seconds": seconds, "cpu_seconds": cpu_seconds, "threads": threads,
+            "calib": list(calib.shape)}  # fmt: skip
 
 
 def _child_env(threads: int) -> dict:
@@ -182,16 +183,18 @@ def main() -> None:
     torch.save(calibration_ids(tok, "wiki-v1", n_samples=args.samples), calib)
     base = evaluate_dir(MODEL, args.work / f"base_{args.tokens}.json", args)
     base_ppl = base.quality.perplexity
-    head = ("implementation", "method", "ppl", "Δppl", "KLD", "top-1", "compress s")
+    head = ("implementation", "method", "ppl", "Δppl", "KLD", "top-1", "compress s", "cpu s")
     lines = [" | ".join(head), " | ".join("---" for _ in head),
-             " | ".join(["base (float32)", "", *quality_cells(base, base_ppl)[:4], ""])]  # fmt: skip
+             " | ".join(["base (float32)", "", *quality_cells(base, base_ppl)[:4], "", ""])]  # fmt: skip
     print(lines[-1], flush=True)
     for impl, method in rows:
         tag = f"{impl}-{method}-n{args.samples}-t{args.threads}"
         out = args.work / tag
         record = compress(impl, method, calib, out, args)
         r = evaluate_dir(str(out), args.work / f"{tag}_{args.tokens}.json", args)
-        lines.append(" | ".join([impl, SETTINGS[method], *quality_cells(r, base_ppl)[:4], f"{record['seconds']:.1f}"]))
+        cpu = record.get("cpu_seconds")
+        lines.append(" | ".join([impl, SETTINGS[method], *quality_cells(r, base_ppl)[:4], f"{record['seconds']:.1f}",
+                                 "-" if cpu is None else f"{cpu:.1f}"]))  # fmt: skip
         print(lines[-1], flush=True)
     print(f"\nprotocol wiki-v1, {base.quality.tokens:,} eval tokens; calibration {args.samples} x 512 tokens (seed 0), "
           f"the same ids for both; int4 asymmetric groups of 64 (4.50 bpw); {args.threads} torch thread(s)\n")  # fmt: skip

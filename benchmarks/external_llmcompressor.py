@@ -137,18 +137,18 @@ def main() -> None:
     ids = torch.load(args.calib)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(args.model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, tokenizer=tok, recipe=recipe(args.method, args.bits, args.group, args.damp),
             dataset=calibration_dataset(ids), num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1],
             shuffle_calibration_samples=False, batch_size=args.batch_size)  # fmt: skip
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if args.out.exists():
         shutil.rmtree(args.out)
     export(model, args.model, args.out)
-    print(json.dumps({"method": args.method, "seconds": seconds, "threads": args.threads, "calib": list(ids.shape),
-                      "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
-                                   "transformers": transformers.__version__,
-                                   "compressed-tensors": compressed_tensors.__version__}}))  # fmt: skip
+    versions = {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
+                "transformers": transformers.__version__, "compressed-tensors": compressed_tensors.__version__}
+    print(json.dumps({"method": args.method, "seconds": seconds, "cpu_seconds": cpu_seconds, "threads": args.threads,
+                      "calib": list(ids.shape), "versions": versions}))  # fmt: skip
 
 
 if __name__ == "__main__":
