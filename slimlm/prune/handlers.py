@@ -222,6 +222,10 @@ def apply_sparsegpt(model: nn.Module, config: SparseGPT, calib: Tensor | None = 
 
     _check_calib(calib, "SparseGPT")
     plan = prune_plan(model, config.targets, config.pattern)
+    if config.scheme is not None:  # a group size that does not fit is refused before any layer changes
+        from slimlm.quant.rtn import check_schemes
+
+        check_schemes({name: (m, config.scheme) for name, m in plan.items()})
 
     def prune(name: str, module: nn.Module, stats: LinearStats) -> None:
         W, _ = linear_weight(module)

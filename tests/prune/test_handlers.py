@@ -155,6 +155,9 @@ def test_bad_input_one_line():
         Wanda(pattern="4:2")
     with pytest.raises(SlimlmError, match="M=5 of pattern 2:5 does not divide in_features 64; valid M: 2, 4, 8"):
         apply(model, Magnitude(pattern="2:5"))
+    with pytest.raises(SlimlmError, match="q_proj: group_size 48 does not divide in_features 64"):
+        apply(model, SparseGPT(scheme="int4-g48"), CALIB)
+    assert not any(isinstance(m, SparseQuantLinear) for m in model.modules())  # nothing changed
     with pytest.raises(SlimlmError, match="scope must be one of"):
         Magnitude(scope="block")
     with pytest.raises(SlimlmError, match="joint mode rounds survivors to an int scheme|needs an int scheme"):
