@@ -1,7 +1,8 @@
 """Decode speed of slimlm's generation loop vs HF generate, batch scaling and paged-cache memory.
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--prompt-tokens 64] [--new-tokens 64] [--runs 3]
-        [--variants base,bf16,int8,int4] [--batches 1,4,16] [--compile] [--only speed,batch,paged]
+        [--variants base,bf16,int8,int4] [--batches 1,4,16] [--compile] [--clock wall|cpu]
+        [--only speed,profile,batch,paged]
 
 1. batch 1, per variant (base fp32; base cast to bf16; int8 = RTN int8 per channel, symmetric, the
    int8 weight-only kernel; int4 = recipe rtn-int4-g64): decode tokens/s of HF ``generate`` and of
@@ -12,7 +13,9 @@
    "same" = slimlm's greedy tokens equal HF's.
 2. batch table (base model): prompts of mixed lengths, grouped by length with left padding; throughput
    (new tokens/s over the batch) and latency (ms per decode step = per token of each request).
-3. paged vs contiguous KV memory on a mixed-length workload (prompts of varied lengths, generation until
+3. profile: where a base-model step's time goes -- the full step, the same layer stack at hidden size
+   64 (framework overhead only), the time to read every weight once with F.linear, the 35 GB/s bound.
+4. paged vs contiguous KV memory on a mixed-length workload (prompts of varied lengths, generation until
    a newline / EOS or the budget): bytes per token from ``model_info`` (what ``slimlm info`` prints).
 
 Machines here are shared: compare ratios within one run; the thread count is printed with every table.
@@ -133,6 +136,53 @@ def speed_table(args) -> str:
     return "\n".join(lines)
 
 
+def _overhead_model(model):
+    """The same family and layer count at hidden size 64: a step of it is framework overhead only."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    cfg.update(dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, vocab_size=512))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _matvec_floor_ms(model, reps: int = 5) -> float:
+    """ms to multiply one token by every 2D weight once (F.linear): the weights-read floor of a step."""
+    weights = [p for p in model.parameters() if p.dim() == 2]  # tied embedding/lm_head counted once
+    xs = [torch.ones(1, w.shape[1], dtype=w.dtype) for w in weights]
+    times = []
+    for _ in range(reps):
+        t0 = CLOCK()
+        for w, x in zip(weights, xs):
+            torch.nn.functional.linear(x, w)
+        times.append(CLOCK() - t0)
+    return statistics.median(times) * 1e3
+
+
+def profile_table(args) -> str:
+    """Where a base-model decode step's time goes: weights read vs framework overhead, HF vs slimlm."""
+    model, tok = build_variant("base")
+    ids = prompt_ids(tok, args.prompt_tokens)
+    small = _overhead_model(model)
+    small_ids = [i % 500 + 4 for i in ids]
+    rows = {}
+    for name, m, prompt in (("full step (base, fp32)", model, ids), ("overhead: same layers, hidden 64", small,
+                                                                       small_ids)):
+        dec = make_decoder(m)
+        hf = decode_tps(lambda n: hf_run(m, prompt, n), args.new_tokens, args.runs)[0]
+        sl = decode_tps(lambda n: slim_run(dec, prompt, n), args.new_tokens, args.runs)[0]
+        rows[name] = (1e3 / hf, 1e3 / sl)
+    floor = _matvec_floor_ms(model)
+    rows["weights read once (F.linear over every weight)"] = (floor, floor)
+    bound = bytes_read_per_token(model) / (MACHINE_GBPS * 1e9) * 1e3
+    rows[f"bandwidth bound ({MACHINE_GBPS:.0f} GB/s)"] = (bound, bound)
+    head = ("component", "HF generate ms/token", "slimlm ms/token")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    lines += [" | ".join([k, f"{a:.1f}", f"{b:.1f}"]) for k, (a, b) in rows.items()]
+    return "\n".join(lines)
+
+
 def mixed_prompts(tok, n: int, lo: int, hi: int) -> list[list[int]]:
     """n prompts with lengths spread evenly over [lo, hi], cut from different evaluation documents."""
     lengths = [lo + (hi - lo) * i // max(n - 1, 1) for i in range(n)]
@@ -213,7 +263,7 @@ def main() -> None:
     p.add_argument("--paged-new-tokens", type=int, default=128)
     p.add_argument("--paged-max-prompt", type=int, default=384)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--only", default="speed,batch,paged")
+    p.add_argument("--only", default="speed,profile,batch,paged")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="cpu: the speed table times on-CPU time (process_time), for a busy machine at 1 thread")
     args = p.parse_args()
@@ -222,7 +272,7 @@ def main() -> None:
     if args.clock == "cpu":
         global CLOCK
         CLOCK = time.process_time
-    sections = {"speed": speed_table, "batch": batch_table, "paged": paged_table}
+    sections = {"speed": speed_table, "batch": batch_table, "paged": paged_table, "profile": profile_table}
     for name in args.only.split(","):
         print(f"\n## {name} ({torch.get_num_threads()} threads, prompt {args.prompt_tokens}, "
               f"{args.new_tokens} new tokens, {args.runs} runs, {args.clock} clock)\n", flush=True)
