@@ -159,13 +159,10 @@ def mixed_allocation(model: nn.Module, config: MixedPrecision, calib: Tensor | N
     linears = select_linears(model, config.targets)
     shapes = {name: tuple(_weight(m).shape) for name, m in linears.items()}
     for scheme in config.candidates:
-        fitting = {name: (m, scheme) for name, m in linears.items() if fits(scheme, shapes[name])}
-        if not fitting:
-            check_schemes({name: (m, scheme) for name, m in linears.items()})  # names the valid group sizes
-        check_schemes(fitting)
+        check_schemes({name: (m, scheme) for name, m in linears.items() if fits(scheme, shapes[name])})
     for name, shp in shapes.items():
         if not any(fits(s, shp) for s in config.candidates):
-            check_schemes({name: (linears[name], config.candidates[0])})
+            check_schemes({name: (linears[name], config.candidates[0])})  # names the valid group sizes
     errors = measure_sensitivities(model, config, calib, linears)
     names = list(linears)
     err = torch.stack([errors[n] for n in names])  # (L, K), inf where a candidate does not fit
