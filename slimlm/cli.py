@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=int, default=None, help="with --draft: draft tokens per round (default 4; the first "
                                                         "round's when k adapts)")
     g.add_argument("--k-max", type=int, default=8, help="with --draft: the most tokens adaptive k drafts (default 8)")
-    g.add_argument("--fixed-k", action="store_true", help="with --draft: keep k fixed instead of adapting it")
+    g.add_argument("--fixed-k", action="store_true", help="with --draft: keep k fixed instead of adapting it to "
+                                                            "measured costs (sampled output then repeats for a seed)")
     g.add_argument("--no-baseline", action="store_true",
                    help="with --draft: skip the plain-decoding run that measures the speedup")
     g.add_argument("--json", default=None, help="with --draft: write tokens, acceptance, costs and speedup as JSON")

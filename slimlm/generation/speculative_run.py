@@ -119,7 +119,9 @@ def run_speculative(
 
     ``measure``: time a round's pieces first (``measure_costs``) so adaptive k optimises real
     costs. ``baseline``: then decode plainly through the same loop, for the speedup and (greedy)
-    the check that the output is unchanged.
+    the check that the output is unchanged. Measured costs make adaptive k depend on timings:
+    sampled output follows the target's distribution exactly either way, but a seed repeats it
+    only with fixed k or with ``config.costs`` given.
     """
     name = draft if isinstance(draft, str) else draft.name
     draft = make_draft(draft, model, tokenizer) if isinstance(draft, str) else draft
