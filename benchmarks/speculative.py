@@ -38,7 +38,9 @@ import torch
 
 from slimlm.data import protocol_texts
 from slimlm.fsutil import atomic_write_text
+from slimlm.generation.decoder import make_decoder
 from slimlm.generation.drafts import DecoderRunner, make_draft
+from slimlm.generation.loop import GenerationConfig, generate
 from slimlm.generation.speculative import SpecConfig, SpecStats, speculative_generate
 from slimlm.generation.speculative_run import measure_costs
 from slimlm.models import load_model
@@ -113,6 +115,20 @@ def measure(model, tokenizer, args) -> list[dict]:
     return rows
 
 
+def loop_reference(model, prompt: list[int], new_tokens: int) -> tuple[float, float, bool]:
+    """Whole-generation seconds of slimlm's decode loop (loop.generate) and of this loop without a
+    draft (fastest of two, interleaved), and whether their greedy outputs agree."""
+    decoder, cfg = make_decoder(model), GenerationConfig(max_new_tokens=new_tokens)
+    best_loop = best_plain = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        theirs = generate(decoder, [prompt], cfg)[0]
+        best_loop = min(best_loop, time.perf_counter() - t0)
+        ours, st, _ = run(model, None, prompt, SpecConfig(), new_tokens)
+        best_plain = min(best_plain, st.seconds)
+    return best_loop, best_plain, theirs == ours
+
+
 def _config(model, draft, prompt: list[int], base: SpecConfig) -> SpecConfig:
     """Adaptive k optimises the round costs measured once per draft and task."""
     if draft is None or not base.adaptive:
@@ -181,9 +197,14 @@ def main() -> None:
           f"{args.threads} thread(s), k={args.k}{' fixed' if args.fixed_k else ' adaptive'}; "
           f"{time.perf_counter() - t0:.0f} s")
     print(table(rows))
+    prompt = prompt_ids(args.tasks.split(",")[0], passages(tokenizer, 1, args.passage_tokens)[0], tokenizer)
+    t_loop, t_plain, same = loop_reference(model, prompt, args.new_tokens)
+    print(f"the plain baseline above vs slimlm's decode loop (loop.generate), one {args.tasks.split(',')[0]} prompt, "
+          f"whole generation with prefill: {t_plain:.2f} s vs {t_loop:.2f} s (baseline takes {t_plain / t_loop:.2f}x "
+          f"the loop's time); outputs {'identical' if same else 'DIFFER'}")
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
-    changed = [f"{r['task']}/{r['draft']}" for r in rows if not r["identical"]]
+    changed = [f"{r['task']}/{r['draft']}" for r in rows if not r["identical"]] + ([] if same else ["loop"])
     assert not changed, f"speculative greedy changed the output: {changed}"
 
 

@@ -53,14 +53,14 @@ class DecoderRunner:
     def length(self) -> int:
         return len(self.tokens)
 
-    def feed(self, tokens: Tensor) -> Tensor:
-        """(T,) token ids -> (T, V) logits, appended to the cache."""
+    def feed(self, tokens: Tensor, *, n_logits: int | None = None) -> Tensor:
+        """(T,) token ids -> (T, V) logits (the last ``n_logits`` rows only, when given), appended to the cache."""
         if self.length + tokens.numel() > self.max_len:
             self._grow(self.length + tokens.numel())
         positions = torch.arange(self.length, self.length + tokens.numel(), device=self.device)  # (T,)
-        logits = self.decoder(tokens.to(self.device)[None], positions[None], self.cache)  # (1, T, V)
+        logits = self.decoder(tokens.to(self.device)[None], positions[None], self.cache, n_logits=n_logits)
         self.tokens += tokens.tolist()
-        return logits[0]
+        return logits[0]  # (1, T or n_logits, V) -> (T or n_logits, V)
 
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
@@ -75,7 +75,7 @@ class DecoderRunner:
         log.debug("KV cache refilled at %d slots", self.max_len)
         self.cache, self.tokens = self.decoder.new_cache(1, self.max_len), []
         if kept.numel():
-            self.feed(kept)
+            self.feed(kept, n_logits=1)
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class ModelDraft:
                 generator: torch.Generator | None = None) -> DraftProposal:  # fmt: skip
         """k tokens after ``context`` (L,); the cache then holds the context and the first k-1 of them."""
         self.runner.crop(min(self.runner.length, context.numel() - 1))  # at least one token to read
-        logits = self.runner.feed(context[self.runner.length:])[-1]  # (V_d,) after the whole context
+        logits = self.runner.feed(context[self.runner.length:], n_logits=1)[-1]  # (V_d,) after the whole context
         tokens, probs = [], []
         for i in range(k):
             logits = fit_vocab(logits, self.vocab_size)
@@ -113,7 +113,7 @@ class ModelDraft:
                 tokens.append(int(torch.multinomial(q, 1, generator=generator)))
                 probs.append(q)
             if i < k - 1:
-                logits = self.runner.feed(context.new_tensor(tokens[-1:]))[-1]
+                logits = self.runner.feed(context.new_tensor(tokens[-1:]), n_logits=1)[-1]
         return DraftProposal(context.new_tensor(tokens), torch.stack(probs) if probs else None)
 
     def rollback(self, length: int) -> None:

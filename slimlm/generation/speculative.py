@@ -203,7 +203,8 @@ class Runner(Protocol):
     @property
     def length(self) -> int: ...  # tokens held in the cache
 
-    def feed(self, tokens: Tensor) -> Tensor: ...  # (T,) -> (T, V) logits for the next position of each
+    # (T,) -> (T, V) logits for the position after each token; only the last n_logits rows when given
+    def feed(self, tokens: Tensor, *, n_logits: int | None = None) -> Tensor: ...
 
     def crop(self, length: int) -> None: ...  # forget everything after the first `length` tokens
 
@@ -327,7 +328,7 @@ def speculative_generate(
     t_start = time.perf_counter()
     # The target's cache holds every committed token but the last, which the next round feeds.
     if prompt.numel() > 1:
-        target.feed(prompt[:-1])
+        target.feed(prompt[:-1], n_logits=1)  # the cache is what counts; skip the lm_head over the prompt
     stats.seconds_prefill = time.perf_counter() - t_start
     context = prompt.tolist()
     done = False

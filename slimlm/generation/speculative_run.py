@@ -35,7 +35,7 @@ def measure_costs(target: DecoderRunner, draft: Any, context: Tensor, *, k_max: 
     if context.numel() < k_max + 2:
         raise SlimlmError(f"measuring costs needs a context of >= {k_max + 2} tokens, got {context.numel()}")
     target.crop(0)
-    target.feed(context[:-1])
+    target.feed(context[:-1], n_logits=1)
     L = target.length
 
     def forward(T: int) -> float:  # seconds for a target forward over T tokens, rolled back after

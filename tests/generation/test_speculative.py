@@ -37,10 +37,10 @@ class TableRunner:
     def length(self):
         return len(self.tokens)
 
-    def feed(self, tokens):
+    def feed(self, tokens, *, n_logits=None):
         prev = ([self.tokens[-1]] if self.tokens else [0]) + tokens.tolist()[:-1]
         self.tokens += tokens.tolist()
-        return self.table[torch.tensor(prev), tokens]  # (T, V)
+        return self.table[torch.tensor(prev), tokens][-(n_logits or len(prev)):]  # (T or n_logits, V)
 
     def crop(self, length):
         assert 0 <= length <= self.length
