@@ -174,3 +174,20 @@ def test_make_draft_refuses_a_different_tokenizer(tmp_path):
     other = save_tiny_model_dir(tmp_path / "other", "llama")
     with pytest.raises(SlimlmError, match="different tokenizer"):
         make_draft(str(other), varied_tiny("llama"), tiny_tokenizer(400))
+
+
+@pytest.mark.real_model
+def test_real_model_lookup_on_a_passage_it_rereads():
+    """SmolLM2-135M re-reading a passage: prompt lookup drafts most tokens, greedy output unchanged."""
+    from slimlm.data import protocol_texts
+    from slimlm.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    passage = protocol_texts("wiki-v1").evaluation[1][:600]
+    passage = passage[: passage.rfind(".") + 1]
+    prompt = tok(passage + "\n\n" + passage[: passage.find(".") + 1]).input_ids
+    plain = generate(make_decoder(model), [prompt], GenerationConfig(max_new_tokens=32))[0]
+    out, st = speculative_generate(DecoderRunner(model), make_draft("lookup", model, tok), torch.tensor(prompt),
+                                   max_new_tokens=32, config=SpecConfig(k=8, adaptive=False))  # fmt: skip
+    assert out.tolist() == plain
+    assert st.tokens_per_call > 3 and st.acceptance_rate > 0.6  # measured: 6.4 tokens per call, 77% accepted
