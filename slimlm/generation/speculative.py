@@ -319,12 +319,10 @@ def speculative_generate(
     stats, stops = SpecStats(), frozenset(int(s) for s in stop_ids)
     if generator is None and not sampling.greedy:
         generator = sampling.generator(prompt.device)
-    if draft is not None:
-        draft.rollback(0)  # a draft may hold state from an earlier generation
     adapt = None
     if draft is not None:
-        costs = config.costs or Costs(draft=draft.cost)
-        adapt = AdaptiveK(costs, k_min=config.k_min, k_max=config.k_max)
+        draft.rollback(0)  # a draft may hold state from an earlier generation
+        adapt = AdaptiveK(config.costs or Costs(draft=draft.cost), k_min=config.k_min, k_max=config.k_max)
     t_start = time.perf_counter()
     # The target's cache holds every committed token but the last, which the next round feeds.
     if prompt.numel() > 1:
