@@ -113,34 +113,50 @@ def slice_cols(W: Tensor, cols: Tensor) -> Tensor:
     return W.index_select(1, cols.to(W.device)).contiguous()
 
 
-ATTENTION_STEPS = ("groups", "heads", "none")
+# How Structured(mode="width") splits a budget between attention and MLP (see width_plan).
+ATTENTION_STEPS = ("search", "groups", "heads", "none")
+
+
+def width_candidates(
+    target: float, *, n_heads: int, n_kv: int, head_params: int, kv_params: int, neuron_params: int
+) -> list[tuple[int, int, int]]:
+    """Every way to remove about ``target`` parameters per layer. -> [(heads per group, groups, neurons)].
+
+    Attention goes in whole steps that fit in ``target``: k whole KV groups
+    (a KV head and its G query heads each), or k query heads from every
+    group (when G > 1); MLP neurons (fine steps) make up the rest. Neurons
+    may come out at or above the layer's neuron count: callers drop those.
+    """
+    G = n_heads // n_kv
+    plans = []
+    for k in range(n_kv):  # k whole groups (k = 0: neurons only)
+        plans.append((0, k, k * (G * head_params + kv_params)))
+    for k in range(1, G):  # k query heads from every group
+        plans.append((k, 0, k * n_kv * head_params))
+    return [(h, g, max(0, round((target - r) / neuron_params))) for h, g, r in plans if r <= target]
 
 
 def width_plan(
     target: float, *, n_heads: int, n_kv: int, head_params: int, kv_params: int, neuron_params: int,
     block_params: int, attention: str = "groups",
 ) -> tuple[int, int, int]:
-    """Counts to remove per layer so that about ``target`` parameters per layer go.
+    """The candidate (see ``width_candidates``) a fixed rule picks. -> (heads per group, groups, neurons).
 
-    -> (query heads removed per KV group, whole KV groups removed, neurons removed).
-    Attention moves in coarse steps: ``attention="groups"`` one whole KV group
-    (a KV head and its G query heads), ``"heads"`` one query head from every
-    group (the same when G = 1), ``"none"`` leaves attention whole. The step
-    count whose share of the attention is nearest the share
-    ``target / block_params`` is taken without overshooting ``target``; MLP
-    neurons (fine steps) make up the rest. Neurons may come out at or above
-    the layer's neuron count: the caller refuses that target.
+    ``attention="groups"`` or ``"heads"``: among whole-group (or heads-per-group;
+    the same when G = 1) candidates, the one whose share of the attention
+    parameters is nearest the share ``target / block_params`` of the block.
+    ``"none"``: neurons only.
     """
     G = n_heads // n_kv
-    if attention == "heads" and G > 1:  # a step removes one query head from every group
-        step, max_steps = n_kv * head_params, G - 1
-    else:  # a step removes a whole group: its KV head and its G query heads
-        step, max_steps = G * head_params + kv_params, n_kv - 1
+    plans = width_candidates(target, n_heads=n_heads, n_kv=n_kv, head_params=head_params, kv_params=kv_params,
+                             neuron_params=neuron_params)  # fmt: skip
+    if attention == "none":
+        return plans[0]
+    by_heads = attention == "heads" and G > 1
+    plans = [p for p in plans if (p[1] == 0 if by_heads else p[0] == 0)]
     attn_total = n_heads * head_params + n_kv * kv_params
-    share = target / block_params
-    best = 0
-    if attention != "none":
-        fits = [s for s in range(max_steps + 1) if s * step <= target]
-        best = min(fits, key=lambda s: abs(s * step / attn_total - share))
-    neurons = max(0, round((target - best * step) / neuron_params))
-    return (best, 0, neurons) if attention == "heads" and G > 1 else (0, best, neurons)
+
+    def attn_share(p: tuple[int, int, int]) -> float:
+        return (p[0] * n_kv * head_params + p[1] * (G * head_params + kv_params)) / attn_total
+
+    return min(plans, key=lambda p: abs(attn_share(p) - target / block_params))

@@ -15,6 +15,7 @@ and neurons, and importance decides which ones, layer by layer.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -57,16 +58,18 @@ def _check_common(cfg) -> None:
     if cfg.targets != Targets():
         raise SlimlmError(f"{type(cfg).__name__} prunes every decoder block alike (uniform widths); "
                           "include/exclude/lm_head are not supported")  # fmt: skip
-    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise SlimlmError(f"batch_size must be a positive int (calibration sequences per forward), got {cfg.batch_size!r}")
+    _check_pos_int("batch_size", cfg.batch_size, "calibration sequences per forward")
+
+
+def _check_pos_int(name: str, value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SlimlmError(f"{name} must be a positive int ({what}), got {value!r}")
 
 
 def _check_depth_fields(cfg) -> None:
     if cfg.metric not in METRICS:
         raise SlimlmError(f"metric {cfg.metric!r} is unknown; valid: {', '.join(METRICS)}")
-    if isinstance(cfg.ppl_samples, bool) or not isinstance(cfg.ppl_samples, int) or cfg.ppl_samples < 1:
-        raise SlimlmError(f"ppl_samples must be a positive int (calibration sequences scored per dropped layer), "
-                          f"got {cfg.ppl_samples!r}")  # fmt: skip
+    _check_pos_int("ppl_samples", cfg.ppl_samples, "calibration sequences scored per dropped layer")
 
 
 @dataclass(frozen=True)
@@ -128,19 +131,22 @@ class Structured:
     The total counts every parameter once, so a tied embedding / lm_head
     counts once; embeddings and norms are never removed, so the reachable
     fraction is below 1. ``mode="depth"``: the nearest whole number of
-    layers. ``mode="width"``: attention in the nearest coarse step, then MLP
-    neurons for the rest (see ``width_plan``); ``attention`` says what a step
-    removes: ``groups`` (whole KV groups, the default: on SmolLM2-135M far
-    less damaging than one query head per group), ``heads`` (one query head
-    from every group) or ``none`` (neurons only). ``metric``, ``ppl_samples``
-    as in PruneDepth.
+    layers (``metric``, ``ppl_samples`` as in PruneDepth). ``mode="width"``:
+    attention in whole steps (KV groups, or query heads from every group),
+    MLP neurons for the rest. ``attention`` picks the split:
+    ``search`` (default) prunes a copy per candidate split on the first
+    ``search_samples`` calibration sequences and keeps the one with the
+    lowest calibration loss (one extra pruning pass per candidate);
+    ``groups`` / ``heads``: the whole-group / heads-per-group step count
+    nearest the budget's share of the block; ``none``: neurons only.
     """
 
     needs_calibration: ClassVar[bool] = True
 
     params: float = 0.25
     mode: str = "width"
-    attention: str = "groups"
+    attention: str = "search"
+    search_samples: int = 8
     metric: str = "block_importance"
     ppl_samples: int = 8
     batch_size: int = 8
@@ -154,6 +160,7 @@ class Structured:
             raise SlimlmError(f"mode {self.mode!r} is unknown; valid: {', '.join(MODES)}")
         if self.attention not in S.ATTENTION_STEPS:
             raise SlimlmError(f"attention {self.attention!r} is unknown; valid: {', '.join(S.ATTENTION_STEPS)}")
+        _check_pos_int("search_samples", self.search_samples, "calibration sequences per candidate split")
         _check_depth_fields(self)
         _check_common(self)
 
@@ -181,9 +188,14 @@ def _check_calib(calib: object, name: str) -> None:
         raise SlimlmError(f"calib must be a non-empty (N, L) tensor of token ids, got {type(calib).__name__}")
 
 
-def _swap_linear(parent: nn.Module, name: str, W: Tensor, b: Tensor | None) -> None:
-    """Replace ``parent.name`` by an nn.Linear holding W (out, in) and b (out,)."""
+def _slice_linear(parent: nn.Module, name: str, *, rows: Tensor | None = None, cols: Tensor | None = None) -> None:
+    """Replace the nn.Linear ``parent.name`` by one keeping output ``rows`` (and bias) or input ``cols``."""
     old = getattr(parent, name)
+    W, b = old.weight.data, None if old.bias is None else old.bias.data
+    if rows is not None:
+        W, b = S.slice_rows(W, b, rows)
+    if cols is not None:
+        W = S.slice_cols(W, cols)
     new = nn.utils.skip_init(nn.Linear, W.shape[1], W.shape[0], bias=b is not None, device=W.device, dtype=W.dtype)
     new.weight = nn.Parameter(W, requires_grad=old.weight.requires_grad)
     if b is not None:
@@ -194,11 +206,10 @@ def _swap_linear(parent: nn.Module, name: str, W: Tensor, b: Tensor | None) -> N
 def prune_attention(attn: nn.Module, q_keep: Tensor, kv_keep: Tensor, head_dim: int) -> None:
     """Keep query heads ``q_keep`` and KV heads ``kv_keep`` of a llama-style attention module."""
     q_rows, kv_rows = S.head_rows(q_keep, head_dim), S.head_rows(kv_keep, head_dim)
-    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-        lin = getattr(attn, name)
-        _swap_linear(attn, name, *S.slice_rows(lin.weight.data, None if lin.bias is None else lin.bias.data, rows))
-    o = attn.o_proj
-    _swap_linear(attn, "o_proj", S.slice_cols(o.weight.data, q_rows), None if o.bias is None else o.bias.data)
+    _slice_linear(attn, "q_proj", rows=q_rows)
+    _slice_linear(attn, "k_proj", rows=kv_rows)
+    _slice_linear(attn, "v_proj", rows=kv_rows)
+    _slice_linear(attn, "o_proj", cols=q_rows)
     # eager and SDPA attention repeat each KV head num_key_value_groups times
     attn.num_key_value_groups = len(q_keep) // len(kv_keep)
     for attr, value in (("num_heads", len(q_keep)), ("num_key_value_heads", len(kv_keep))):
@@ -208,11 +219,9 @@ def prune_attention(attn: nn.Module, q_keep: Tensor, kv_keep: Tensor, head_dim: 
 
 def prune_mlp(mlp: nn.Module, keep: Tensor) -> None:
     """Keep intermediate channels ``keep`` of a gated MLP: gate/up rows and down columns."""
-    for name in ("gate_proj", "up_proj"):
-        lin = getattr(mlp, name)
-        _swap_linear(mlp, name, *S.slice_rows(lin.weight.data, None if lin.bias is None else lin.bias.data, keep))
-    d = mlp.down_proj
-    _swap_linear(mlp, "down_proj", S.slice_cols(d.weight.data, keep), None if d.bias is None else d.bias.data)
+    _slice_linear(mlp, "gate_proj", rows=keep)
+    _slice_linear(mlp, "up_proj", rows=keep)
+    _slice_linear(mlp, "down_proj", cols=keep)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(keep)
 
@@ -253,16 +262,25 @@ def _set_width_config(model: nn.Module, adapter: Adapter, *, n_heads: int, n_kv:
 
 
 def apply_prune_width(model: nn.Module, config: PruneWidth, calib: Tensor | None = None) -> nn.Module:
-    adapter = check_model(model)
+    check_model(model)
     _check_calib(calib, "PruneWidth")
+    layout = head_layout(model.config)
+    n_neurons = decoder_blocks(model)[0].get_submodule("mlp.down_proj").in_features
+    counts = width_counts(config, layout.n_heads, layout.n_kv_heads, n_neurons)
+    if not any(counts):
+        log.warning("%s removes nothing on this model (%d heads, %d KV groups, %d neurons per layer)", config,
+                    layout.n_heads, layout.n_kv_heads, n_neurons)  # fmt: skip
+        return model
+    return prune_width(model, counts, calib, batch_size=config.batch_size)
+
+
+def prune_width(model: nn.Module, counts: tuple[int, int, int], calib: Tensor, *, batch_size: int = 8) -> nn.Module:
+    """Remove (query heads per KV group, whole KV groups, neurons) in every layer, least important first."""
+    adapter = get_adapter(model)
     layout = head_layout(model.config)
     H, KV, D = layout.n_heads, layout.n_kv_heads, layout.head_dim
     n_neurons = decoder_blocks(model)[0].get_submodule("mlp.down_proj").in_features
-    per_group, groups, neurons = width_counts(config, H, KV, n_neurons)
-    if not (per_group or groups or neurons):
-        log.warning("%s removes nothing on this model (%d heads, %d KV groups, %d neurons per layer)", config, H, KV,
-                    n_neurons)  # fmt: skip
-        return model
+    per_group, groups, neurons = counts
     log.info("width pruning per layer: %d query heads per KV group, %d KV groups, %d of %d neurons", per_group, groups,
              neurons, n_neurons)  # fmt: skip
 
@@ -278,7 +296,7 @@ def apply_prune_width(model: nn.Module, config: PruneWidth, calib: Tensor | None
             prune_mlp(ctx.block.mlp, keep)
         return True
 
-    calibrate_blocks(model, calib, on_block=on_block, spec=StatsSpec(sq_sum=True), batch_size=config.batch_size,
+    calibrate_blocks(model, calib, on_block=on_block, spec=StatsSpec(sq_sum=True), batch_size=batch_size,
                      desc="prune width")  # fmt: skip
     n_kv = KV - groups
     _set_width_config(model, adapter, n_heads=n_kv * (H // KV - per_group), n_kv=n_kv, head_dim=D,
@@ -413,22 +431,48 @@ def apply_structured(model: nn.Module, config: Structured, calib: Tensor | None 
     target = config.params * total
     layout = head_layout(model.config)
     units = _unit_params(blocks[0], layout.head_dim)
+    block_params = units.pop("block_params")
     if config.mode == "depth":
-        n = round(target / units["block_params"])
+        n = round(target / block_params)
         if n >= L:
-            most = (L - 1) * units["block_params"] / total
+            most = (L - 1) * block_params / total
             raise SlimlmError(f"params={config.params} would remove {n} of the {L} decoder layers; depth pruning "
                               f"removes at most {most:.1%} of this model (keep one layer); lower params")  # fmt: skip
         step = PruneDepth(layers=n, metric=config.metric, ppl_samples=config.ppl_samples, batch_size=config.batch_size)
         return _log_removed(apply_prune_depth(model, step, calib), total, config)
-    H, KV = layout.n_heads, layout.n_kv_heads
     n_neurons = blocks[0].get_submodule("mlp.down_proj").in_features
-    per_group, groups, neurons = S.width_plan(target / L, n_heads=H, n_kv=KV, attention=config.attention, **units)
-    if neurons >= n_neurons:
-        raise SlimlmError(f"params={config.params} needs {neurons} of the {n_neurons} MLP neurons per layer removed: "
+    shape = dict(n_heads=layout.n_heads, n_kv=layout.n_kv_heads, **units)
+    if config.attention == "search":
+        plans = S.width_candidates(target / L, **shape)
+    else:
+        plans = [S.width_plan(target / L, attention=config.attention, block_params=block_params, **shape)]
+    plans = [p for p in plans if p[2] < n_neurons]
+    if not plans:
+        raise SlimlmError(f"params={config.params} needs more MLP neurons per layer than the {n_neurons} there are: "
                           "more than width pruning can take; lower params or use mode: depth")  # fmt: skip
-    step = PruneWidth(heads=per_group * KV, groups=groups, neurons=neurons, batch_size=config.batch_size)
-    return _log_removed(apply_prune_width(model, step, calib), total, config)
+    counts = search_width(model, plans, calib, samples=config.search_samples, batch_size=config.batch_size)
+    return _log_removed(prune_width(model, counts, calib, batch_size=config.batch_size), total, config)
+
+
+def search_width(model: nn.Module, plans: list[tuple[int, int, int]], calib: Tensor, *, samples: int,
+                 batch_size: int) -> tuple[int, int, int]:  # fmt: skip
+    """The plan whose pruned copy of ``model`` has the lowest NLL on the first ``samples`` calibration sequences.
+
+    Widths must be uniform, so the attention/MLP split is one choice for the
+    whole model; without recovery training the calibration loss ranks the
+    candidates (a light form of Minitron's architecture search).
+    """
+    if len(plans) == 1:
+        return plans[0]
+    ids = calib[:samples]
+    losses = []
+    for plan in tqdm(plans, desc="width search", unit="plan", leave=False):
+        trial = prune_width(copy.deepcopy(model), plan, ids, batch_size=batch_size)
+        losses.append(_mean_nll(trial, ids, min(batch_size, 2)))
+        del trial
+    log.info("width search (heads per group, groups, neurons) -> calibration NLL: %s",
+             {p: round(x, 4) for p, x in zip(plans, losses)})  # fmt: skip
+    return plans[min(range(len(plans)), key=losses.__getitem__)]
 
 
 def _log_removed(model: nn.Module, before: int, config: Structured) -> nn.Module:

@@ -18,7 +18,10 @@ from slimlm.prune.structured_handler import (
     apply_structured,
     block_importance_scores,
     perplexity_scores,
+    _mean_nll,
+    prune_width,
     remove_layers,
+    search_width,
 )
 
 CALIB = torch.randint(3, 512, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -207,3 +210,26 @@ def test_structured_removes_the_asked_fraction_of_total_parameters(mode, params)
     assert abs(removed - params * total) <= step
     assert model.config.num_hidden_layers == (6 if mode == "width" else 6 - round(params * total / block))
     assert logits(model).isfinite().all()
+
+
+def test_width_search_keeps_the_split_with_the_lowest_calibration_loss():
+    # Random tiny models say nothing about which split is better (removing heads can even lower
+    # their loss), so this checks the mechanics; benchmarks/structured.py shows the quality.
+    model = tiny("llama")
+    before = logits(model)
+    # 20% of 106,880 parameters over 2 layers: 56 neurons, or one whole KV group (6,144) + 24
+    # neurons, or one query head per group (4,096) + 34 neurons
+    plans = S.width_candidates(0.2 * 106_880 / 2, n_heads=4, n_kv=2, head_params=2048, kv_params=2048,
+                               neuron_params=192)  # fmt: skip
+    assert plans == [(0, 0, 56), (0, 1, 24), (1, 0, 34)]
+    losses = [_mean_nll(prune_width(copy.deepcopy(model), p, CALIB), CALIB, 4) for p in plans]
+    chosen = search_width(model, plans, CALIB, samples=4, batch_size=4)
+    assert torch.equal(logits(model), before)  # candidates were tried on copies
+    assert chosen == plans[losses.index(min(losses))] and len(set(losses)) == 3
+    shapes = {(0, 0, 56): (4, 2, 72), (0, 1, 24): (2, 1, 104), (1, 0, 34): (2, 2, 94)}  # heads, KV heads, neurons
+    apply_structured(model, Structured(params=0.2, mode="width"), CALIB)  # attention="search", the default
+    cfg = model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == shapes[chosen]
+    for attention, plan in [("none", plans[0]), ("groups", plans[1]), ("heads", plans[2])]:
+        cfg = apply_structured(tiny("llama"), Structured(params=0.2, mode="width", attention=attention), CALIB).config
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == shapes[plan]

@@ -93,6 +93,8 @@ def test_cli_compress_with_a_structured_recipe(capsys, tmp_path, _cache, recipe)
     (lambda: Structured(params=1.0), "fraction in [0, 1)"),
     (lambda: Structured(params=-0.1), "fraction in [0, 1)"),
     (lambda: Structured(mode="both"), "valid: width, depth"),
+    (lambda: Structured(attention="mlp"), "valid: search, groups, heads, none"),
+    (lambda: Structured(search_samples=0), "search_samples must be a positive int"),
     (lambda: Structured(batch_size=0), "batch_size must be a positive int"),
 ])  # fmt: skip
 def test_bad_configs_are_refused(make, pattern):
