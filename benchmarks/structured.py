@@ -7,10 +7,12 @@
 Rows: dense, then per mode and fraction of the model's total parameters a
 ``Structured(params=..., mode=...)`` model, saved with save_compressed,
 reloaded with load_compressed and measured (the checkpoint a user gets).
-Modes: ``width`` (whole KV groups in the nearest step, MLP neurons for the
-rest), ``width-heads`` (one query head per KV group as the step),
-``width-mlp`` (neurons only), ``depth`` (ShortGPT block importance),
-``depth-ppl`` (calibration perplexity per dropped layer). No recovery
+Modes: ``width`` (attention in whole KV groups or query heads per group,
+MLP neurons for the rest, the split chosen by calibration loss), fixed
+splits ``width-groups`` (whole KV groups, nearest step), ``width-heads`` (query
+heads per group, nearest step), ``width-mlp`` (neurons only); ``depth``
+(ShortGPT block importance), ``depth-ppl`` (calibration perplexity per dropped
+layer). No recovery
 training: the accuracy cost is shown as it is.
 
 Speed is prefill and greedy decode tokens/s at batch 1 as a ratio to the
@@ -45,6 +47,7 @@ from _table import quality_cells  # benchmarks/ is on sys.path when a script run
 MODEL = "smollm2-135m"
 MODES = {
     "width": dict(mode="width"),
+    "width-groups": dict(mode="width", attention="groups"),
     "width-heads": dict(mode="width", attention="heads"),
     "width-mlp": dict(mode="width", attention="none"),
     "depth": dict(mode="depth"),
