@@ -278,6 +278,13 @@ class HFCache:
         self.hf = DynamicCache(config=model.config)
         self.batch, self.max_len = batch, max_len
         self.mask2d = torch.zeros(batch, 0, dtype=torch.long, device=next(model.parameters()).device)
+        self.rollback = False  # enable_rollback(): crops may reach back past a sliding window
+
+    def enable_rollback(self) -> None:
+        """Let ``crop`` roll sliding-window layers back (speculative decoding): transformers then keeps
+        their past states until the next crop, and every crop trims them back to the window."""
+        self.hf.activate_past_recording()
+        self.rollback = True
 
     @property
     def length(self) -> int:
@@ -295,7 +302,7 @@ class HFCache:
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise SlimlmError(f"cannot crop the KV cache to {length}; it holds {self.length} slots")
-        if length < self.length:
+        if length < self.length or (self.rollback and length > 0):  # then crop(0) trims sliding layers
             self.hf.crop(length - self.length)  # transformers 5: a negative count of tokens to remove
         self.mask2d = self.mask2d[:, :length]
 

@@ -46,8 +46,14 @@ class DecoderRunner:
         self.decoder = make_decoder(model, fast=fast)
         self.max_len = max_len
         self.device = next(model.parameters()).device
-        self.cache = self.decoder.new_cache(1, max_len)
+        self.cache = self._new_cache()
         self.tokens: list[int] = []
+
+    def _new_cache(self):
+        cache = self.decoder.new_cache(1, self.max_len)
+        if hasattr(cache, "enable_rollback"):  # HFCache: sliding-window layers must be able to roll back
+            cache.enable_rollback()
+        return cache
 
     @property
     def length(self) -> int:
@@ -65,15 +71,14 @@ class DecoderRunner:
     def crop(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise SlimlmError(f"cannot crop to {length} tokens; the cache holds {self.length}")
-        if length < self.length:
-            self.cache.crop(length)
-            del self.tokens[length:]
+        self.cache.crop(length)  # also when nothing is removed: a sliding-window cache trims itself then
+        del self.tokens[length:]
 
     def _grow(self, needed: int) -> None:
         kept = torch.tensor(self.tokens, dtype=torch.long)
         self.max_len = max(2 * self.max_len, needed)
         log.debug("KV cache refilled at %d slots", self.max_len)
-        self.cache, self.tokens = self.decoder.new_cache(1, self.max_len), []
+        self.cache, self.tokens = self._new_cache(), []
         if kept.numel():
             self.feed(kept, n_logits=1)
 

@@ -191,3 +191,13 @@ def test_real_model_lookup_on_a_passage_it_rereads():
                                    max_new_tokens=32, config=SpecConfig(k=8, adaptive=False))  # fmt: skip
     assert out.tolist() == plain
     assert st.tokens_per_call > 3 and st.acceptance_rate > 0.6  # measured: 6.4 tokens per call, 77% accepted
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])  # sliding-window layers on the HF-forward path
+@pytest.mark.parametrize("spec", ["lookup", "int8"])
+def test_sliding_window_families_roll_back_past_the_window(family, spec):
+    target = varied_tiny(family)  # window 32
+    prompt = list(range(5, 45)) * 2  # 80 tokens: rollbacks happen past the window
+    plain = generate(make_decoder(target), [prompt], GenerationConfig(max_new_tokens=30))[0]
+    out, st = _spec(target, make_draft(spec, target, None), k=4, adaptive=False, n=30, prompt=prompt)
+    assert out.tolist() == plain and st.proposed > 0
