@@ -223,8 +223,9 @@ CAST_ALIASES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torc
 DRAFT_FORMS = "lookup[:N], layers:N, int4, int8, bf16, fp16, <scheme e.g. int4-g32>, recipe:<name>, <model source>"
 
 
-def compressed_copy(model: nn.Module, what: str) -> nn.Module:
-    """A compressed deep copy of ``model``: a dtype cast, RTN to a scheme (lm_head too), or a recipe."""
+def compressed_copy(model: nn.Module, what: str, tokenizer: Any = None, *, calib_samples: int = 32) -> nn.Module:
+    """A compressed deep copy of ``model``: a dtype cast, RTN to a scheme (lm_head too), or a recipe
+    (a calibrated one draws ``calib_samples`` sequences from wiki-v1's calibration split)."""
     from slimlm.api import apply, apply_all, calibration_ids, needs_calibration
     from slimlm.formats import parse_scheme
     from slimlm.quant.rtn import RTN
@@ -237,10 +238,12 @@ def compressed_copy(model: nn.Module, what: str) -> nn.Module:
         from slimlm.recipe import load_recipe
 
         steps = list(load_recipe(what.removeprefix("recipe:")).steps)
+        calib = None
         if needs_calibration(steps):
-            raise SlimlmError(f"draft {what}: calibrated recipes need a tokenizer; compress the model with "
-                              "`slimlm compress` and pass the checkpoint as --draft instead")
-        return apply_all(draft, steps)
+            if tokenizer is None:
+                raise SlimlmError(f"draft {what}: a calibrated recipe needs the target's tokenizer")
+            calib = calibration_ids(tokenizer, "wiki-v1", n_samples=calib_samples)
+        return apply_all(draft, steps, calib)
     scheme = parse_scheme(QUANT_ALIASES.get(what, what))
     return apply(draft, RTN(scheme=scheme, targets=Targets(lm_head=True)))
 
@@ -262,7 +265,7 @@ def make_draft(spec: str, target: nn.Module, tokenizer: Any) -> Any:
     if kind == "layers":
         return model_draft(shallow_view(target, _int_arg(spec, arg)), target, name=spec)
     if kind == "recipe" or spec in QUANT_ALIASES or spec in CAST_ALIASES:
-        return model_draft(compressed_copy(target, spec), target, name=spec)
+        return model_draft(compressed_copy(target, spec, tokenizer), target, name=spec)
     try:
         parse_scheme(spec)
     except SlimlmError:

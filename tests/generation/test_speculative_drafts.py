@@ -55,7 +55,7 @@ def _spec(model, draft, *, k=3, adaptive=True, sampling=Sampling(), n=N_NEW, pro
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])  # fast path (2) and the HF-forward path
-@pytest.mark.parametrize("spec", ["lookup", "layers:2", "int8", "int4-g16", "bf16", "other-model"])
+@pytest.mark.parametrize("spec", ["lookup", "layers:2", "int8", "int4-g16", "bf16", "recipe:magnitude-50", "other-model"])
 def test_speculative_greedy_equals_plain_greedy(family, spec):
     target = _deeper(family)
     plain = generate(make_decoder(target), [PROMPT], GenerationConfig(max_new_tokens=N_NEW))[0]
