@@ -4,6 +4,9 @@
         [--tasks copy,summary,open] [--prompts 2] [--new-tokens 128] [--passage-tokens 256] \
         [--k 4] [--k-max 8] [--fixed-k] [--repeats 1] [--threads 1] [--json out.json]
 
+Drafts are ``--draft`` shorthands (slimlm.generation.drafts.make_draft): also e.g.
+recipe:structured-depth-25 (a structurally pruned copy, ~2 minutes to calibrate) or a model path.
+
 Tasks, all on passages of the protocol's evaluation text (slimlm.data protocol_texts("wiki-v1")):
 - copy (input-grounded): the passage, a blank line, then the passage's first sentence again; the
   model continues re-reading the passage.
