@@ -134,6 +134,12 @@ def main() -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations for faster host-to-device copies; pin_memory()
+        # raises on a CPU-only torch. Pinning only speeds up transfers, so skip it where there is no device.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     ids = torch.load(args.calib)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(args.model)
