@@ -176,6 +176,9 @@ def main() -> None:
         print(json.dumps(run_slimlm_one(args.one, args.calib, args.out, args.threads)))
         return
     rows = parse_rows(args.rows)
+    if any(impl == "llmcompressor" for impl, _ in rows) and not Path(args.ext_python).is_file():
+        raise SystemExit(f"error: no external venv at {args.ext_python}; create it as this file's docstring says "
+                         "or pass --ext-python")  # fmt: skip
     args.model_dir = builtin_dir(MODEL)
     args.work.mkdir(parents=True, exist_ok=True)
     calib = args.work / f"calib_{args.samples}.pt"
