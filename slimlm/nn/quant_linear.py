@@ -37,7 +37,9 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
         return module.weight.detach().t(), module.bias  # Conv1D stores (in, out)
-    raise SlimlmError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+    raise SlimlmError(f"expected a float nn.Linear or transformers Conv1D, got {type(module).__name__} (already "
+                      "compressed): put this step before pruning/quantization in the recipe (rtn and gptq accept "
+                      "pruned layers)")  # fmt: skip
 
 
 def zero_packed(scheme: Scheme, shape: tuple[int, int], device: torch.device | str | None) -> dict[str, Tensor]:

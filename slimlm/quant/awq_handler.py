@@ -213,12 +213,14 @@ def _quantize_block(ctx: BlockContext, plan: dict[str, nn.Module], config: AWQ, 
 
 def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.Module:
     """Search, fold, clip and quantize block by block on calibration token ids ``calib`` (N, L)."""
-    from slimlm.nn import QuantLinear
+    from slimlm.nn import QuantLinear, linear_weight
 
     if calib is None:
         raise SlimlmError("AWQ needs calibration data: pass calib token ids (N, L) "
                           "(e.g. slimlm.data.calibration_batch) or use RTN")
     plan = select_linears(model, config.targets)
+    for module in plan.values():
+        linear_weight(module)  # refuses an already compressed (e.g. pruned) layer in one line
     check_schemes({name: (m, config.scheme) for name, m in plan.items()})
     seen: set[str] = set()
 
