@@ -348,7 +348,8 @@ def _add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--dtype", default="float32", choices=DTYPES)
     c.add_argument("--lazy", action="store_true",
                    help="read block weights from disk as needed and write the checkpoint block by block, for "
-                        "models larger than memory (one-step RTN/GPTQ/AWQ/mixed-precision recipes)")
+                        "models larger than memory (one-step RTN/GPTQ/AWQ recipes, and mixed precision with "
+                        "sensitivity: hessian)")
     c.set_defaults(func=cmd_compress)
 
     x = sub.add_parser("export", help="write a compressed checkpoint as a plain (dequantized) HF directory")
