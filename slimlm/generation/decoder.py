@@ -4,7 +4,8 @@
 table): norms and embeddings are called as modules, every linear that is not
 a plain float ``nn.Linear`` (QuantLinear, W8A8Linear, sparse or pruned
 replacements) is called as a module too, and plain float q/k/v and gate/up
-linears are fused into one matmul each. Head counts are read per layer from
+linears are fused into one matmul each (float32 decode-sized matmuls go
+through oneDNN, see ``slimlm.kernels.dense``). Head counts are read per layer from
 the linears' shapes, so structurally pruned models (fewer heads, neurons or
 layers) run as they are. The attention goes through a :class:`KVCache`.
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
+from slimlm.kernels import dense
 from slimlm.generation.cache import CacheSpec, KVCache, KVView, StaticKVCache
 from slimlm.generation.rope import Rope, apply_rotary_signed
 from slimlm.models.adapters import ADAPTERS, decoder_blocks, head_layout, text_config
@@ -46,7 +48,7 @@ def _plain(m: nn.Module) -> bool:
 def _linear_fn(m: nn.Module) -> Callable[[Tensor], Tensor]:
     if _plain(m):
         w, b = m.weight, m.bias
-        return lambda x: F.linear(x, w, b)
+        return lambda x: dense.linear(x, w, b)
     return m  # a runtime module: its own kernel
 
 
@@ -57,7 +59,7 @@ def _cat_fn(mods: list[nn.Module], fuse: bool) -> Callable[[Tensor], Tensor]:
         has_bias = any(m.bias is not None for m in mods)
         b = torch.cat([m.bias.detach() if m.bias is not None else w.new_zeros(m.out_features) for m in mods]) \
             if has_bias else None
-        return lambda x: F.linear(x, w, b)
+        return lambda x: dense.linear(x, w, b)
     fns = [_linear_fn(m) for m in mods]
     return lambda x: torch.cat([f(x) for f in fns], dim=-1)
 
