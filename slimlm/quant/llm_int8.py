@@ -12,6 +12,10 @@ abs-max exceeds the threshold is a *fixed* outlier: its weight column stays
 float16. Columns that exceed the threshold only at run time are still caught
 per forward (activations in float, weights from their int8 codes), as in the
 paper. Without calibration every outlier is caught that way.
+
+``smooth_alpha`` first applies SmoothQuant's exact rescaling to the float
+model (:func:`slimlm.quant.w8a8.smooth_model`), so the int8 part sees flatter
+activations; the decomposition then runs on the smoothed model.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from tqdm.auto import tqdm
 
 from slimlm.calib import BlockContext, StatsSpec, calibrate_blocks
 from slimlm.errors import SlimlmError
-from slimlm.quant.w8a8 import _check_targets, _plan
+from slimlm.quant.w8a8 import _check_targets, _plan, smooth_model
 from slimlm.targets import Targets, replace_module
 
 
@@ -43,6 +47,7 @@ class LLMInt8:
     targets: Targets = field(default_factory=Targets)
     calibrated: bool = True  # fix outlier columns (float16 weights) from calibration abs-max
     batch_size: int = 8
+    smooth_alpha: float | None = None  # SmoothQuant-smooth the float model first (needs calibration)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", float(self.threshold))
@@ -52,16 +57,24 @@ class LLMInt8:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise SlimlmError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         _check_targets(self.targets)
+        if self.smooth_alpha is not None and not 0.0 <= float(self.smooth_alpha) <= 1.0:
+            raise SlimlmError(f"smooth_alpha must be in [0, 1] (0.5 as in SmoothQuant) or unset for no smoothing, "
+                              f"got {self.smooth_alpha}")  # fmt: skip
 
     @property
     def needs_calibration(self) -> bool:
-        return self.calibrated
+        return self.calibrated or self.smooth_alpha is not None
 
 
 def apply_llm_int8(model: nn.Module, config: LLMInt8, calib: Tensor | None) -> nn.Module:
     from slimlm.nn import OutlierLinear
 
     plan = _plan(model, config.targets)
+    if config.smooth_alpha is not None:
+        if calib is None:
+            raise SlimlmError("LLMInt8(smooth_alpha=...) needs calibration token ids (N, L) for the smoothing "
+                              "scales: pass calib, or leave smooth_alpha unset")  # fmt: skip
+        smooth_model(model, calib, alpha=config.smooth_alpha, names=set(plan), batch_size=config.batch_size)
     if not config.calibrated:
         for name, module in tqdm(plan.items(), desc="LLM.int8", unit="linear", leave=False):
             replace_module(model, name, OutlierLinear.from_linear(module, threshold=config.threshold))

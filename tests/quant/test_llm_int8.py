@@ -103,3 +103,26 @@ def test_config_checks_and_calibration():
     assert LLMInt8().needs_calibration and not LLMInt8(calibrated=False).needs_calibration
     model = apply_llm_int8(tiny_model("llama"), LLMInt8(calibrated=False), None)
     assert model.model.layers[0].mlp.up_proj.outlier_columns.numel() == 0
+
+
+def test_smoothing_first_with_infinite_threshold_is_smoothquant():
+    from slimlm.quant.w8a8 import SmoothQuant, apply_smoothquant
+
+    ours = apply_llm_int8(outlier_llama(), LLMInt8(threshold=math.inf, smooth_alpha=0.5), CALIB)
+    sq = apply_smoothquant(outlier_llama(), SmoothQuant(alpha=0.5), CALIB)
+    torch.testing.assert_close(logits(ours), logits(sq), rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_first_helps_on_a_model_with_outlier_channels():
+    base = logits(outlier_llama())
+    plain = apply_llm_int8(outlier_llama(), LLMInt8(threshold=math.inf), CALIB)
+    smooth = apply_llm_int8(outlier_llama(), LLMInt8(threshold=math.inf, smooth_alpha=0.5), CALIB)
+    assert rel_err(logits(smooth), base) < rel_err(logits(plain), base)
+
+
+def test_smooth_alpha_checks():
+    with pytest.raises(SlimlmError, match="smooth_alpha"):
+        LLMInt8(smooth_alpha=1.5)
+    assert LLMInt8(calibrated=False, smooth_alpha=0.5).needs_calibration
+    with pytest.raises(SlimlmError, match="smooth_alpha"):
+        apply_llm_int8(tiny_model("llama"), LLMInt8(calibrated=False, smooth_alpha=0.5), None)
