@@ -109,7 +109,8 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def _stats_bytes(stats: dict[str, LinearStats]) -> int:
-    tensors = [t for s in stats.values() for t in (s.H, s.absmax, s.sq_sum, *s.sample) if t is not None]
+    unique = {id(s): s for s in stats.values()}.values()  # linears of one group share theirs
+    tensors = [t for s in unique for t in (s.H, s.absmax, s.sq_sum, *s.sample) if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -153,11 +154,19 @@ def capture_block_inputs(model: nn.Module, calib: Tensor, *, batch_size: int) ->
 
 
 def _collect(ctx: BlockContext, spec: StatsSpec) -> list[Tensor]:
-    """Run the block on every mini-batch with hooks that feed the statistics; return its outputs."""
+    """Run the block on every mini-batch with hooks that feed the statistics; return its outputs.
+
+    The linears of a group read the same input, so they share one
+    :class:`LinearStats` (one ``X^T X`` for q, k and v, not three); methods
+    read statistics and never write them (GPTQ and SparseGPT clone H)."""
     handles = []
-    for name, lin in ctx.linears.items():
-        stats = ctx.stats[name] = LinearStats(in_features=_in_features(lin), spec=spec)
-        handles.append(lin.register_forward_pre_hook(lambda _m, args, s=stats: s.add(args[0])))
+    for group in ctx.groups:
+        first = next(iter(group.linears.values()), None)
+        if first is None:
+            continue
+        stats = LinearStats(in_features=_in_features(first), spec=spec)
+        ctx.stats.update(dict.fromkeys(group.linears, stats))
+        handles.append(first.register_forward_pre_hook(lambda _m, args, s=stats: s.add(args[0])))
     try:
         return [ctx.run(x, i).to(x.device) for i, x in enumerate(ctx.inputs)]
     finally:

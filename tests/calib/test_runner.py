@@ -64,6 +64,35 @@ def test_statistics_are_those_of_the_linear_inputs():
     torch.testing.assert_close(s.sample_rows(), X[:50])
 
 
+@pytest.mark.parametrize("family", ["llama", "opt", "phi3"])
+def test_every_linear_gets_the_statistics_of_its_own_input(family):
+    """Linears of a group share one LinearStats; each still equals a hook on that very linear."""
+    model = tiny_model(family)
+    block = decoder_blocks(model)[0]
+    names = {m: n for n, m in block.named_modules()}
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.setdefault(names[m], []).append(a[0].clone()))
+             for m in block.modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    with torch.no_grad():
+        model(CALIB[:4]), model(CALIB[4:])
+    for h in hooks:
+        h.remove()
+    found = {}
+
+    def on_block(ctx):
+        if ctx.index == 0:
+            found.update({n[len(ctx.prefix) + 1:]: st for n, st in ctx.stats.items()})
+            shared = [g.linears for g in ctx.groups if len(g.linears) > 1]
+            assert all(len({id(ctx.stats[n]) for n in lin}) == 1 for lin in shared)
+        return False
+
+    calibrate_blocks(model, CALIB, on_block=on_block, spec=StatsSpec(hessian=True), batch_size=4)
+    assert len(found) == len(inputs)
+    for name, s in found.items():
+        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[name]])
+        torch.testing.assert_close(s.H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+
+
 def test_a_rewritten_block_feeds_its_new_outputs_forward():
     model = tiny_model("llama")
     seen = {}
