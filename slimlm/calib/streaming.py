@@ -127,6 +127,9 @@ def _run_mixed(model: nn.Module, config: Any, calib: Tensor | None, lazy: LazyBl
 
     alloc = mixed_allocation(model, config, calib)  # no sink yet: this pass only reads the blocks
     log_allocation(alloc)
+    if config.quantizer == "gptq":  # a second walk: GPTQ reads, solves and hands on each block
+        _run_calibrated(model, config.gptq_config(alloc.schemes), calib, lazy, sink)
+        return
     lazy.sink = sink
     quantize_per_block(model, lazy, alloc.schemes, select_linears(model, config.targets))
 

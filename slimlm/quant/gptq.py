@@ -61,11 +61,13 @@ class _IntGrid:
         if self.dynamic:
             self.scale = torch.zeros(n_out, n_in // self.G, device=W.device)
             self.zero = torch.zeros_like(self.scale)
-            self.ready = torch.zeros(n_in // self.G, dtype=torch.bool)
+            self.ready = [False] * (n_in // self.G)
         else:  # static: from W before the solve, exactly as RTN computes them
             self.scale, self.zero = affine_params(W, bits=s.bits, symmetric=s.symmetric, granularity=gran,
                                                   clip_search=s.clip_search)  # fmt: skip
         self.inv = torch.argsort(perm)  # original column -> solve position
+        self.cols = perm.tolist()  # solve position -> original column, as ints for the column loop
+        self.one_column = self.scale.shape[1] == 1  # per channel or per tensor
         self.block: LazyBlock | None = None
 
     def on_block(self, block: LazyBlock) -> None:
@@ -73,7 +75,7 @@ class _IntGrid:
 
     def _params_for(self, c: int) -> tuple[Tensor, Tensor]:
         """``(scale, zero)`` ``(R, 1)`` of original column ``c``; a dynamic group's on first touch."""
-        g = c // self.G if self.scale.shape[1] > 1 else 0
+        g = 0 if self.one_column else c // self.G
         if self.dynamic and not self.ready[g]:
             cols = self.inv[g * self.G : (g + 1) * self.G]  # the group's solve positions
             Wg = self.block.current(cols)  # (out, G) updated weights of the group
@@ -84,7 +86,7 @@ class _IntGrid:
         return self.scale[:, g : g + 1], self.zero[:, g : g + 1]
 
     def __call__(self, j: int, w: Tensor) -> Tensor:
-        c = int(self.perm[j])
+        c = self.cols[j]
         scale, zero = self._params_for(c)
         if scale.shape[0] == 1:  # per tensor: one scale for every row
             scale, zero = scale.expand(w.shape[0], 1), zero.expand(w.shape[0], 1)

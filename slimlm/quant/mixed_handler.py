@@ -1,4 +1,4 @@
-"""MixedPrecision config and handler: measure sensitivities, allocate bits, quantize by RTN.
+"""MixedPrecision config and handler: measure sensitivities, allocate bits, quantize by RTN or GPTQ.
 
 The algorithm (sensitivity and the knapsack) is in :mod:`slimlm.quant.mixed`.
 Statistics come block by block from the float model (nothing is rewritten
@@ -32,6 +32,7 @@ log = logging.getLogger("slimlm.quant")
 DEFAULT_CANDIDATES = ("int3-channel", "int3-g192", "int3-g128", "int3-g96", "int3-g64", "int4-channel", "int4-g192",
                       "int4-g128", "int4-g96", "int4-g64", "int8-channel-sym")  # fmt: skip
 SENSITIVITIES = ("fisher", "hessian")
+QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class MixedPrecision:
     allocation pick 2-bit layers that wrecked the model; see benchmarks/RESULTS.md.
     A candidate whose group size does not divide a layer's inputs is skipped for
     that layer (e.g. ``int3-g192`` fits 576 and 1536 inputs, not 4096).
+    ``quantizer`` is ``"rtn"`` (round each layer at its scheme) or ``"gptq"``
+    (then one GPTQ walk solves each layer at its scheme; the allocation still
+    comes from the rounding errors, so it is conservative for GPTQ).
     """
 
     needs_calibration: ClassVar[bool] = True
@@ -58,6 +62,7 @@ class MixedPrecision:
     normalize: bool = True
     sensitivity: str = "fisher"
     fisher_samples: int = 32
+    quantizer: str = "rtn"  # "gptq": each linear solved by GPTQ (act-order) at its allocated scheme
 
     def __post_init__(self) -> None:
         if isinstance(self.budget_bpw, bool) or not isinstance(self.budget_bpw, (int, float)) or self.budget_bpw <= 0:
@@ -81,6 +86,21 @@ class MixedPrecision:
         if isinstance(self.fisher_samples, bool) or not isinstance(self.fisher_samples, int) or self.fisher_samples < 1:
             raise SlimlmError(f"fisher_samples must be an int >= 1 (calibration sequences with a backward pass), "
                               f"got {self.fisher_samples!r}")  # fmt: skip
+        if self.quantizer not in QUANTIZERS:
+            raise SlimlmError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        if self.quantizer == "gptq":
+            from slimlm.quant.gptq import check_gptq_scheme
+
+            for scheme in self.candidates:
+                check_gptq_scheme(scheme)
+
+    def gptq_config(self, schemes: dict[str, Scheme]):
+        """The GPTQ step that quantizes each linear at its allocated scheme (``quantizer: gptq``)."""
+        from slimlm.quant.gptq_handler import GPTQ
+
+        first = next(iter(schemes.values()), self.candidates[0])
+        return GPTQ(scheme=first, targets=self.targets, overrides=tuple(schemes.items()),
+                    batch_size=self.batch_size)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -203,6 +223,10 @@ def apply_mixed(model: nn.Module, config: MixedPrecision, calib: Tensor | None =
 
     alloc = mixed_allocation(model, config, calib)
     log_allocation(alloc)
+    if config.quantizer == "gptq":
+        from slimlm.quant.gptq_handler import apply_gptq
+
+        return apply_gptq(model, config.gptq_config(alloc.schemes), calib)
     linears = select_linears(model, config.targets)
     for name, scheme in tqdm(alloc.schemes.items(), desc="mixed: quantize", unit="linear", leave=False):
         replace_module(model, name, QuantLinear.from_linear(linears[name], scheme))

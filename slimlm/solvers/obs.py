@@ -131,14 +131,14 @@ def obs_solve(
         W1, Err1, Hinv1 = block.W1, block.Err1, block.Hinv1
         if on_block is not None:
             on_block(block)
+        d = Hinv1.diagonal()  # (B,)
         for i in range(i2 - i1):
-            w, d = W1[:, i], Hinv1[i, i]  # (out,), scalar
+            w = W1[:, i]  # (out,): final once its turn comes (only later columns are updated)
             q = quantize_column(i1 + i, w.clone()).float()  # (out,)
             Q[:, i1 + i] = q
-            losses[i1 + i] = ((w - q) ** 2).sum() / d**2 / 2
-            err = (w - q) / d  # (out,)
-            W1[:, i + 1 :] -= err.unsqueeze(1) @ Hinv1[i, i + 1 :].unsqueeze(0)  # in-block OBS update
-            Err1[:, i] = err
+            torch.div(w - q, d[i], out=Err1[:, i])  # (out,) scaled error
+            W1[:, i + 1 :].addr_(Err1[:, i], Hinv1[i, i + 1 :], alpha=-1.0)  # in-block OBS update
             block.done = i + 1
+        losses[i1:i2] = (Err1.square().sum(0)) / 2  # (w - q)^2 / d^2 / 2 per column
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of every later column, (out, n_in - i2)
     return Q, losses

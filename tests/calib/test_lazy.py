@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -21,7 +22,7 @@ CALIB = torch.randint(3, 512, (6, 24), generator=torch.Generator().manual_seed(0
 IDS = torch.arange(3, 35).reshape(1, 32)
 MIXED = MixedPrecision(budget_bpw=4.5, candidates=("int3-g32", "int4-g32", "int8-channel-sym"), sensitivity="hessian")
 CONFIGS = {"rtn": RTN(scheme="int4-g16"), "gptq": GPTQ(scheme="int4-g16"), "awq": AWQ(scheme="int4-g16", grid=5),
-           "mixed": MIXED}
+           "mixed": MIXED, "mixed-gptq": dataclasses.replace(MIXED, quantizer="gptq")}
 
 
 def _deep_dir(path, layers=6, **save_kw):
@@ -50,7 +51,8 @@ def _eager_and_lazy(src, config, out):
 
 
 @pytest.mark.parametrize("family, method", [("llama", "rtn"), ("llama", "gptq"), ("llama", "awq"),
-                                            ("llama", "mixed"), ("gpt2", "gptq"), ("opt", "awq"),
+                                            ("llama", "mixed"), ("llama", "mixed-gptq"), ("gpt2", "gptq"),
+                                            ("opt", "awq"),
                                             ("phi3", "gptq"), ("gemma3", "gptq")])
 def test_lazy_compression_is_bit_identical_to_the_eager_path(tmp_path, family, method):
     src = save_tiny_model_dir(tmp_path / "m", family)

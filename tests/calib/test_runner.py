@@ -107,3 +107,17 @@ def test_a_rewritten_block_feeds_its_new_outputs_forward():
     calibrate_blocks(model, CALIB, on_block=on_block, batch_size=3)
     expected = _block_inputs_from_full_forward(model)  # the model with block 0 rewritten
     torch.testing.assert_close(seen[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [40, 1024, 1025])
+def test_add_gram_is_the_scaled_running_gram_matrix(n):
+    from slimlm.calib.stats import SPLIT_AT, add_gram
+
+    gen = torch.Generator().manual_seed(n)
+    X1, X2 = torch.randn(50, n, generator=gen), torch.randn(70, n, generator=gen)
+    H = torch.zeros(n, n)
+    add_gram(H, X1, beta=0.0, alpha=2 / 50)
+    add_gram(H, X2, beta=50 / 120, alpha=2 / 120)
+    X = torch.cat([X1, X2]).double()
+    assert (n >= SPLIT_AT) == (n > 1000)
+    torch.testing.assert_close(H.double(), 2 * X.t() @ X / 120, rtol=1e-5, atol=1e-5)

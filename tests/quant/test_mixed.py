@@ -192,3 +192,25 @@ def test_sensitivity_refusals():
         MixedPrecision(sensitivity="kl")
     with pytest.raises(SlimlmError, match="fisher_samples must be an int >= 1"):
         MixedPrecision(fisher_samples=0)
+
+
+def test_gptq_quantizer_keeps_the_allocation_and_beats_rounding():
+    """quantizer: gptq quantizes every linear at the scheme the allocation chose, with less damage."""
+    cfg = dict(budget_bpw=4.0, candidates=("int2-g32", "int3-g32", "int4-g32"), fisher_samples=8)
+    alloc = mixed_allocation(tiny_model("llama"), MixedPrecision(**cfg), CALIB)
+    base, rtn, gptq = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    apply(rtn, MixedPrecision(**cfg), CALIB)
+    apply(gptq, MixedPrecision(**cfg, quantizer="gptq"), CALIB)
+    got = {n: m.scheme for n, m in gptq.named_modules() if isinstance(m, QuantLinear)}
+    assert got == alloc.schemes
+    assert measure_size(gptq).bits_per_weight == measure_size(rtn).bits_per_weight
+    held_out = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    base_loss = _loss(base, held_out)
+    assert _loss(gptq, held_out) - base_loss < _loss(rtn, held_out) - base_loss
+
+
+def test_quantizer_refusals():
+    with pytest.raises(SlimlmError, match="quantizer must be one of rtn, gptq"):
+        MixedPrecision(quantizer="awq")
+    with pytest.raises(SlimlmError, match="GPTQ quantizes to IntScheme"):
+        MixedPrecision(candidates=("nf4", "int4-g32"), quantizer="gptq")
