@@ -11,6 +11,9 @@ at sixteen; at 512 rows it is no faster, so large inputs keep ``F.linear``,
 and so do small weights, where oneDNN's fixed cost per call (about 20 us)
 outweighs the second thread.
 
+Under ``torch.compile`` the plain ``F.linear`` is traced (inductor cannot lower
+this op on an unpacked weight and picks its own GEMM).
+
 The op is private to torch, so it is checked once against ``F.linear`` and
 left unused when missing or wrong; results differ from ``F.linear`` only in the
 order of float additions (about 1e-7 relative).
@@ -52,7 +55,7 @@ def use_onednn(x: Tensor, w: Tensor) -> bool:
     """Whether :func:`linear` takes the oneDNN path for this input and weight."""
     return (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
             and w.device.type == "cpu" and x.numel() <= MAX_ROWS * x.shape[-1] and w.numel() >= MIN_WEIGHT
-            and not torch.is_grad_enabled() and onednn_available())
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_available())
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:

@@ -70,3 +70,14 @@ def test_loop_through_onednn_equals_hf_generate(all_weights, monkeypatch, family
     ours = generate(make_decoder(model), PROMPTS[:2], GenerationConfig(max_new_tokens=20))
     assert seen, "the decode steps did not reach oneDNN"
     assert ours == [_hf_greedy(model, p, 20) for p in PROMPTS[:2]]
+
+
+@needs_onednn
+def test_compiled_step_traces_f_linear_and_matches_eager(all_weights):
+    """Inductor cannot lower oneDNN's op on an unpacked weight: the compiled step must not trace it."""
+    from slimlm.generation.loop import compile_step
+
+    dec = make_decoder(varied_tiny("llama"))
+    cfg = GenerationConfig(max_new_tokens=8)
+    eager = generate(dec, PROMPTS[:1], cfg)
+    assert generate(dec, PROMPTS[:1], cfg, step=compile_step(dec)) == eager
