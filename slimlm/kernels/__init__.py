@@ -12,6 +12,10 @@ int4 grouped G in 32..256 (asym/sym)   ``_weight_int4pack_mm_for_cpu``    ``_wei
 W8A8 (int8 sym per channel weights)    ``torch._int_mm``                  ``torch._int_mm`` (M padded to 17)
 everything else                        reference                          reference
 =====================================  =================================  ==========================
+
+Plain float32 weights at decode sizes (<= 16 rows) go through oneDNN's inner
+product on CPU (:func:`slimlm.kernels.dense.linear`), which uses every intra-op
+thread where ATen's GEMV uses one.
 """
 
 from slimlm.kernels.base import REFERENCE, Tensors, WeightKernel, relative_error, reset_checks, weight_matmul
