@@ -162,7 +162,7 @@ class AdaptiveK:
     decay: float = 0.9
     probe_after: int = 2
     max_probe_after: int = 32
-    probe_acceptance: float = 0.8
+    probe_acceptance: float = 0.95  # optimistic: a probe drafts the k a good draft earns, so one success shows it
     accepted: float = 1.0
     rejected: float = 1.0
     idle: int = 0

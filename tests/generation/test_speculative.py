@@ -229,7 +229,7 @@ def test_adaptive_k_tracks_acceptance_and_probes_a_switched_off_draft():
     for _ in range(30):  # plain rounds; probes after 2, 4, 8, 8 idle rounds, all failing
         ks.append(ada.next_k())
         ada.update(ks[-1], 0)
-    probe = best_k(0.8, ada.costs, k_min=1)
+    probe = best_k(ada.probe_acceptance, ada.costs, k_min=1)
     assert probe > 1 and ks[:26] == [0, 0, probe] + [0] * 4 + [probe] + ([0] * 8 + [probe]) * 2
     ks = []
     for _ in range(40):  # the probes succeed: the text became predictable
