@@ -310,12 +310,7 @@ def speculative_generate(
     Returns the new tokens (N,) and the accounting. Plain decoding runs through this same loop
     (one token per target forward), so the two time the same code.
     """
-    if prompt.ndim != 1 or prompt.numel() < 1:
-        raise SlimlmError(f"prompt must be a non-empty 1-D tensor of token ids, got shape {tuple(prompt.shape)}")
-    if max_new_tokens < 1:
-        raise SlimlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if target.length != 0:
-        raise SlimlmError(f"the target's cache must start empty, it holds {target.length} tokens")
+    _check_start(target, prompt, max_new_tokens)
     stats, stops = SpecStats(), frozenset(int(s) for s in stop_ids)
     if generator is None and not sampling.greedy:
         generator = sampling.generator(prompt.device)
@@ -354,6 +349,15 @@ def speculative_generate(
     log.debug("speculative: %d tokens in %d target calls, acceptance %.2f",
               stats.new_tokens, stats.target_calls, stats.acceptance_rate)  # fmt: skip
     return torch.tensor(context[prompt.numel():], dtype=torch.long), stats
+
+
+def _check_start(target: Runner, prompt: Tensor, max_new_tokens: int) -> None:
+    if prompt.ndim != 1 or prompt.numel() < 1:
+        raise SlimlmError(f"prompt must be a non-empty 1-D tensor of token ids, got shape {tuple(prompt.shape)}")
+    if max_new_tokens < 1:
+        raise SlimlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if target.length != 0:
+        raise SlimlmError(f"the target's cache must start empty, it holds {target.length} tokens")
 
 
 def _next_k(adapt: AdaptiveK, config: SpecConfig, *, first: bool) -> int:
