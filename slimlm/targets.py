@@ -30,6 +30,12 @@ class Targets:
                 raise SlimlmError(f"{name} must be a list of glob patterns like '*.mlp.down_proj', got {value!r}")
 
 
+def check_targets(targets: object) -> None:
+    """A config's ``targets`` field holds a :class:`Targets`."""
+    if not isinstance(targets, Targets):
+        raise SlimlmError(f"targets must be a Targets(...), got {targets!r}")
+
+
 def candidate_linears(model: nn.Module, *, lm_head: bool = False) -> dict[str, nn.Module]:
     """Full name -> linear for every decoder-block linear (and lm_head if asked), in model order."""
     adapter = get_adapter(model)
