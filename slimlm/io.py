@@ -26,12 +26,18 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 
+from slimlm import __version__
 from slimlm.errors import SlimlmError
 from slimlm.fsutil import atomic_dir
+from slimlm.models.adapters import get_adapter
+from slimlm.nn import RUNTIME_MODULES, RuntimeModule
 from slimlm.targets import replace_module
 
 log = logging.getLogger("slimlm.io")
@@ -46,40 +52,17 @@ def is_compressed_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _module_entry(module: nn.Module) -> dict[str, Any]:
-    from slimlm.formats import scheme_to_dict
-
-    entry: dict[str, Any] = {
-        "type": type(module).__name__,
-        "in_features": module.in_features,
-        "out_features": module.out_features,
-        "bias": module.bias is not None,
-    }
-    if hasattr(module, "scheme"):
-        entry["scheme"] = scheme_to_dict(module.scheme)
-    return entry
-
-
 def _shell(entry: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """An empty runtime module that load_state_dict fills."""
-    from slimlm.formats import parse_scheme
-    from slimlm.nn import RUNTIME_MODULES
-
     cls = RUNTIME_MODULES.get(entry.get("type"))
     if cls is None:
         raise SlimlmError(f"checkpoint uses module type {entry.get('type')!r} that this slimlm does not know; "
                           f"known: {', '.join(RUNTIME_MODULES)} (upgrade slimlm?)")  # fmt: skip
-    args = dict(bias=entry["bias"], dtype=dtype)
-    if "scheme" in entry:
-        return cls.empty(entry["in_features"], entry["out_features"], parse_scheme(entry["scheme"]), **args)
-    return cls.empty(entry["in_features"], entry["out_features"], **args)
+    return cls.from_manifest(entry, dtype=dtype)
 
 
-def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from slimlm.nn import RUNTIME_MODULES
-
-    kinds = tuple(RUNTIME_MODULES.values())
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+def compressed_modules(model: nn.Module) -> dict[str, RuntimeModule]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, RuntimeModule)}
 
 
 def save_compressed(
@@ -93,7 +76,7 @@ def save_compressed(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (compressed in place by slimlm) to ``out_dir`` atomically."""
-    modules = {name: _module_entry(m) for name, m in compressed_modules(model).items()}
+    modules = {name: m.manifest_entry() for name, m in compressed_modules(model).items()}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         _write_rest(tmp, model, tokenizer, _manifest(model, modules, base_model, recipe, calibration))
@@ -103,11 +86,9 @@ def save_compressed(
 
 def _manifest(model: nn.Module, modules: dict[str, Any], base_model: str | None, recipe: Any,
               calibration: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-    import slimlm
-
     return {
         "format": FORMAT,
-        "slimlm_version": slimlm.__version__,
+        "slimlm_version": __version__,
         "base_model": base_model,
         "recipe": recipe,
         "calibration": calibration,
@@ -158,8 +139,6 @@ class ShardWriter:
         return f"model-{k + 1:05d}-of-{self.n_blocks + 1:05d}.safetensors"
 
     def _write(self, k: int, state: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         tensors = _unique_tensors(state)
         save_file(tensors, str(self.folder / self.shard_name(k)), metadata={"format": FORMAT})
         self.weight_map.update(dict.fromkeys(tensors, self.shard_name(k)))
@@ -168,7 +147,7 @@ class ShardWriter:
     def write_block(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.prefix}.{i}"
         self._write(i, {f"{prefix}.{k}": v for k, v in block.state_dict().items()})
-        self.modules.update({f"{prefix}.{n}": _module_entry(m) for n, m in compressed_modules(block).items()})
+        self.modules.update({f"{prefix}.{n}": m.manifest_entry() for n, m in compressed_modules(block).items()})
         self.written.add(i)
 
     def finish(self, model: nn.Module, tokenizer: Any, *, base_model: str | None = None, recipe: Any = None,
@@ -179,7 +158,7 @@ class ShardWriter:
         self._write(self.n_blocks, model.state_dict())  # the blocks left are SpilledBlocks: no tensors
         index = {"metadata": {"total_size": self.total_size, "format": FORMAT}, "weight_map": self.weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        modules = {**self.modules, **{n: _module_entry(m) for n, m in compressed_modules(model).items()}}
+        modules = {**self.modules, **{n: m.manifest_entry() for n, m in compressed_modules(model).items()}}
         _write_rest(self.folder, model, tokenizer, _manifest(model, modules, base_model, recipe, calibration))
 
 
@@ -201,8 +180,6 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_compressed(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, Any]:
     """Rebuild a model saved by ``save_compressed``. -> (model, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     manifest = read_manifest(path)
     weights = path / WEIGHTS
@@ -241,8 +218,6 @@ def _tied_names(model: nn.Module) -> list[set[str]]:
 
 def _load_shards(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
     """Load an index + shards one shard at a time. -> (missing, unexpected) names."""
-    from safetensors.torch import load_file
-
     try:
         weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         shards = sorted({str(v) for v in weight_map.values()})
@@ -269,14 +244,10 @@ def _load_shards(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """Replace every compressed module by a plain float linear of its dequantized weight (in place)."""
-    from slimlm.models.adapters import get_adapter
-
     conv1d = get_adapter(model).linear_kind == "conv1d"
     for name, m in compressed_modules(model).items():
         W = m.dequantized_weight().to(model.dtype)  # (out, in)
         if conv1d and not name.endswith(get_adapter(model).lm_head):
-            from transformers.pytorch_utils import Conv1D
-
             lin = Conv1D(m.out_features, m.in_features)
             lin.weight.data = W.t().contiguous()  # Conv1D keeps (in, out)
         else:

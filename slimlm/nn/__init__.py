@@ -1,16 +1,19 @@
 """Runtime modules that replace ``nn.Linear`` by module swap.
 
-:data:`RUNTIME_MODULES` maps the class names a checkpoint manifest records
-to the classes whose ``empty(...)`` shells ``load_state_dict`` fills.
+:data:`RUNTIME_MODULES` is the one table of them: it maps the class names a
+checkpoint manifest records to the classes whose ``from_manifest`` shells
+``load_state_dict`` fills (see :mod:`slimlm.nn.runtime`). A new runtime
+module subclasses :class:`RuntimeModule` and adds one line here.
 """
 
 from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import QuantLinear, linear_weight
+from slimlm.nn.runtime import RuntimeModule
 from slimlm.nn.sparse_linear import SparseLinear, SparseQuantLinear
 from slimlm.nn.w8a8_linear import W8A8_CLASSES, W8A8_WEIGHT_SCHEME, W8A8Linear, W8A8PerTensorLinear
 
-RUNTIME_MODULES: dict[str, type[PackedLinear]] = {
+RUNTIME_MODULES: dict[str, type[RuntimeModule]] = {
     "QuantLinear": QuantLinear,
     "W8A8Linear": W8A8Linear,
     "W8A8PerTensorLinear": W8A8PerTensorLinear,
@@ -19,5 +22,5 @@ RUNTIME_MODULES: dict[str, type[PackedLinear]] = {
     "SparseQuantLinear": SparseQuantLinear,
 }
 
-__all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear",
+__all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear", "RuntimeModule",
            "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "linear_weight"]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from slimlm.formats.scheme import Scheme
 from slimlm.kernels import REFERENCE, Tensors, WeightKernel, weight_matmul
+from slimlm.nn.runtime import RuntimeModule
 
 log = logging.getLogger("slimlm.nn")
 
@@ -30,7 +31,7 @@ def _nbytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(RuntimeModule):
     """Base of :class:`QuantLinear` and :class:`W8A8Linear` (not used directly)."""
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, *, bias: bool,

@@ -31,6 +31,7 @@ from slimlm.kernels import weight_matmul
 from slimlm.kernels.sparse import DenseSparse, select_sparse_kernel
 from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import linear_weight, zero_packed
+from slimlm.nn.runtime import RuntimeModule
 from slimlm.nn.sparse_format import NMPair, Tensors, decode_positions, encode_positions, pattern_of, pattern_tensor
 
 _POSITION_KEYS = ("mask", "index")
@@ -61,7 +62,7 @@ def _forget_unexpected(unexpected: list, prefix: str, names: tuple[str, ...]) ->
     unexpected[:] = [k for k in unexpected if k not in ours]
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(RuntimeModule):
     """``y = x @ W^T + b`` with ``W`` stored as kept float values and their positions.
 
     In memory the module holds the kernel's layout of the weight (on CPU: the dense pruned weight)

@@ -1,0 +1,62 @@
+"""What every runtime module a checkpoint can hold shares: how it describes itself in the manifest.
+
+A compressed checkpoint stores tensors in safetensors and, per swapped-in
+module, one manifest entry (``slimlm_manifest.json``). Loading builds an
+empty shell from that entry and lets ``load_state_dict`` fill it, so the
+entry must say everything the shell's *structure* depends on. The base entry
+is the type name, the two feature sizes, whether there is a bias, and the
+number format when the module has one; a module whose structure needs more
+(a low-rank linear's rank, an adapter's config) adds its own keys in
+:meth:`RuntimeModule.manifest_extra` and reads them back in
+:meth:`RuntimeModule.from_manifest`. ``slimlm.io`` never names a module type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.formats import parse_scheme, scheme_to_dict
+
+_BASE_KEYS = ("type", "in_features", "out_features", "bias", "scheme")
+
+
+class RuntimeModule(nn.Module):
+    """Base of the modules that replace ``nn.Linear`` in a compressed model (not used directly).
+
+    Subclasses set ``in_features``, ``out_features`` and ``bias`` (a parameter or None), may set
+    ``scheme``, and provide ``empty(in_features, out_features, [scheme], *, bias, dtype)``.
+    """
+
+    in_features: int
+    out_features: int
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """Structure beyond the base entry that ``empty`` needs (JSON values)."""
+        return {}
+
+    def manifest_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "type": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+        if getattr(self, "scheme", None) is not None:
+            entry["scheme"] = scheme_to_dict(self.scheme)
+        clash = set(self.manifest_extra()) & set(_BASE_KEYS)
+        if clash:
+            raise SlimlmError(f"{type(self).__name__}.manifest_extra may not redefine {sorted(clash)}")
+        return {**entry, **self.manifest_extra()}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any], *, dtype: torch.dtype) -> RuntimeModule:
+        """An empty shell of the structure ``entry`` describes; ``load_state_dict`` fills it."""
+        extra = {k: v for k, v in entry.items() if k not in _BASE_KEYS}
+        args = (entry["in_features"], entry["out_features"])
+        if "scheme" in entry:
+            args += (parse_scheme(entry["scheme"]),)
+        return cls.empty(*args, bias=entry["bias"], dtype=dtype, **extra)
