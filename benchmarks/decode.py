@@ -9,7 +9,7 @@
    slimlm's loop (eager, and compiled with --compile), as ratios from one run; engines interleaved run by
    run, medians reported. Decode tok/s = (N - 1) / (t(N) - t(1)) with t(n) the wall time to generate n
    tokens greedily from the same prompt, so prefill is taken out the same way for both engines. "GB/s" =
-   weight bytes read per token (slimlm.eval.size) x tok/s; "% peak" against the machine's ~35 GB/s.
+   weight bytes read per token (slimlm.models.size) x tok/s; "% peak" against the machine's ~35 GB/s.
    "same" = slimlm's greedy tokens equal HF's.
 2. batch table (base model): prompts of mixed lengths, grouped by length with left padding; throughput
    (new tokens/s over the batch) and latency (ms per decode step = per token of each request).
@@ -32,7 +32,7 @@ import torch
 
 from slimlm.api import apply
 from slimlm.data import protocol_texts
-from slimlm.eval.size import bytes_read_per_token
+from slimlm.models.size import bytes_read_per_token
 from slimlm.formats import parse_scheme
 from slimlm.kernels import dense
 from slimlm.generation import GenerationConfig, PagedKVCache, generate, make_decoder

@@ -191,7 +191,7 @@ def _compress_lazy(args: argparse.Namespace, recipe, out: Path) -> float:
 
     import torch
 
-    from slimlm.calib.streaming import check_lazy, compress_lazy
+    from slimlm.pipelines.lazy import check_lazy, compress_lazy
     from slimlm.models.lazy import load_lazy
 
     check_lazy(list(recipe.steps))  # refuse before any slow work
@@ -215,12 +215,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
+    from slimlm.methods import METHODS
     from slimlm.recipe import load_recipe, shipped_recipes
 
     for name, path in sorted(shipped_recipes().items()):
         comment = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
         steps = ", ".join(type(s).__name__ for s in load_recipe(name).steps)
         print(f"{name:20s} {steps:16s} {comment}")
+    print("\nmethods (a recipe step's `method:`; calib: needs calibration text; lazy: runs with --lazy)")
+    for name, m in METHODS.items():
+        calib = "calib?" if callable(m.calibration) else "calib" if m.calibration else ""
+        print(f"{name:20s} {m.config.__name__:16s} {calib:6s} {'lazy' if m.lazy else '':4s} {m.summary}")
     return 0
 
 

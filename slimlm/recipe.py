@@ -25,36 +25,10 @@ from typing import Any
 import yaml
 
 from slimlm.errors import SlimlmError
-from slimlm.prune.gradual import GradualMagnitude
-from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda
+from slimlm.methods import METHODS
 from slimlm.prune.patterns import parse_pattern
-from slimlm.prune.structured_handler import PruneDepth, PruneWidth, Structured
-from slimlm.quant.awq_handler import AWQ
-from slimlm.quant.gptq_handler import GPTQ
-from slimlm.quant.llm_int8 import LLMInt8
-from slimlm.quant.mixed_handler import MixedPrecision
-from slimlm.quant.qat import QAT
-from slimlm.quant.rtn import RTN
-from slimlm.quant.w8a8 import W8A8, SmoothQuant
 from slimlm.targets import Targets
 
-METHODS: dict[str, type] = {
-    "rtn": RTN,
-    "gptq": GPTQ,
-    "awq": AWQ,
-    "w8a8": W8A8,
-    "smoothquant": SmoothQuant,
-    "llm_int8": LLMInt8,
-    "mixed_precision": MixedPrecision,
-    "qat": QAT,
-    "prune_width": PruneWidth,
-    "prune_depth": PruneDepth,
-    "structured": Structured,
-    "magnitude": Magnitude,
-    "wanda": Wanda,
-    "sparsegpt": SparseGPT,
-    "gradual_magnitude": GradualMagnitude,
-}
 _TARGET_KEYS = ("include", "exclude", "lm_head")
 # Scheme fields a step may give inline instead of ``scheme:`` (see formats.parse_scheme).
 _SCHEME_KEYS = ("format", "bits", "group_size", "symmetric", "clip_search", "block_size", "double_quant",
@@ -74,7 +48,7 @@ def _normalise(step: Any) -> dict[str, Any]:
         step = {"method": method, **body}
     if not isinstance(step, dict) or step.get("method") not in METHODS:
         return step
-    own = {f.name for f in fields(METHODS[step["method"]])}
+    own = {f.name for f in fields(METHODS[step["method"]].config)}
     if "pattern" in own and "pattern" in step:  # sparsity pattern shorthand: "2:4" -> NM(2, 4)
         step = {**step, "pattern": parse_pattern(step["pattern"])}
     if "scheme" not in own:
@@ -102,9 +76,10 @@ def config_from_dict(step: dict[str, Any]) -> Any:
         raise SlimlmError(f"each recipe step needs a 'method' ({', '.join(METHODS)}), got {step!r}")
     kwargs = dict(step)
     method = kwargs.pop("method")
-    cls = METHODS.get(method)
-    if cls is None:
+    entry = METHODS.get(method)
+    if entry is None:
         raise SlimlmError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    cls = entry.config
     allowed = [f.name for f in fields(cls) if f.name != "targets"] + list(_TARGET_KEYS)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:

@@ -15,6 +15,9 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
+from slimlm.nn.runtime import replace_module
+
+__all__ = ["Targets", "candidate_linears", "check_targets", "match_override", "replace_module", "select_linears"]
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,3 @@ def match_override(name: str, overrides: tuple[tuple[str, object], ...]) -> obje
         if fnmatchcase(name, pattern):
             return value
     return None
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -3,7 +3,8 @@ import pytest
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerChannel, PerGroup
 from slimlm.quant import RTN
-from slimlm.recipe import METHODS, load_recipe, recipe_from_dict, shipped_recipes
+from slimlm.methods import METHOD_OF
+from slimlm.recipe import load_recipe, recipe_from_dict, shipped_recipes
 from slimlm.targets import Targets
 
 
@@ -12,7 +13,7 @@ def test_shipped_recipes_parse_into_typed_configs():
     assert "default" in names and "rtn-int4-g64" in names
     for name in names:
         recipe = load_recipe(name)
-        assert recipe.steps and all(type(s) in set(METHODS.values()) for s in recipe.steps)
+        assert recipe.steps and all(type(s) in METHOD_OF for s in recipe.steps)
     default = load_recipe("default").steps[0]
     assert default.scheme == IntScheme(bits=8, symmetric=True, granularity=PerChannel())
 

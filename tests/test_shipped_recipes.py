@@ -3,17 +3,13 @@
 import pytest
 import torch
 
-from slimlm.api import apply_all, handlers, needs_calibration
+from slimlm.api import apply_all, needs_calibration
 from slimlm.io import load_compressed, save_compressed
 from slimlm.models.tiny import tiny_model, tiny_tokenizer
-from slimlm.recipe import METHODS, load_recipe, shipped_recipes
+from slimlm.recipe import load_recipe, shipped_recipes
 
 CALIB = torch.randint(3, 512, (8, 272), generator=torch.Generator().manual_seed(0))
 IDS = torch.arange(3, 35).reshape(1, 32)
-
-
-def test_every_method_name_has_a_handler():
-    assert set(METHODS.values()) == set(handlers())
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))

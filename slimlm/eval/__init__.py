@@ -4,7 +4,7 @@ from slimlm.eval.protocol import PROTOCOLS, Protocol, get_protocol
 from slimlm.eval.quality import BaseStats, Quality, kl_to_base, score_windows
 from slimlm.eval.result import Result, format_results, load_result
 from slimlm.eval.runner import evaluate
-from slimlm.eval.size import SizeReport, measure_size
+from slimlm.models.size import SizeReport, measure_size
 from slimlm.eval.speed import Speed, measure_speed
 
 __all__ = [

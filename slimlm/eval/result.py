@@ -15,7 +15,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.eval.quality import Quality
-from slimlm.eval.size import SizeReport
+from slimlm.models.size import SizeReport
 from slimlm.eval.speed import Speed
 from slimlm.fsutil import atomic_write_text
 

@@ -13,7 +13,7 @@ from slimlm.eval.cache import cache_key, load_base_stats, store_base_stats
 from slimlm.eval.protocol import Protocol, get_protocol
 from slimlm.eval.quality import BaseStats, Quality, score_windows
 from slimlm.eval.result import Result
-from slimlm.eval.size import measure_size
+from slimlm.models.size import measure_size
 from slimlm.eval.speed import measure_speed
 
 log = logging.getLogger("slimlm.eval")

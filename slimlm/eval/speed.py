@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimlm.eval.size import bytes_read_per_token
+from slimlm.models.size import bytes_read_per_token
 
 
 @dataclass(frozen=True)

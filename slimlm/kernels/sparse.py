@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.sparse import to_sparse_semi_structured
 
 from slimlm.errors import SlimlmError
 from slimlm.kernels.base import Tensors
@@ -104,8 +105,6 @@ class SemiStructured24(DenseSparse):
                 and out_f % 64 == 0 and in_f % 64 == 0)  # fmt: skip
 
     def prepare(self, W: Tensor, *, dtype: torch.dtype) -> Tensors:
-        from torch.sparse import to_sparse_semi_structured
-
         return {"semi": to_sparse_semi_structured(W.to(dtype).contiguous())}
 
     def dense(self, t: Tensors) -> Tensor:

@@ -14,7 +14,8 @@ from slimlm.models.adapters import (
 from slimlm.models.builtin import BUILTINS, BuiltinSpec, builtin_dir
 from slimlm.models.info import ModelInfo, format_info, model_info
 from slimlm.models.lazy import LazyBlocks, lazy_blocks, load_lazy
-from slimlm.models.loading import ModelSource, load_model, resolve_source
+from slimlm.models.loading import load_model
+from slimlm.models.source import ModelSource, resolve_source
 from slimlm.models.tiny import TINY_FAMILIES, save_tiny_model_dir, tiny_model, tiny_tokenizer
 
 __all__ = [

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
 from slimlm.errors import SlimlmError
 from slimlm.models._common import short_error
 
@@ -14,11 +17,6 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 def check_causal(config, *, where: str) -> None:
     """Refuse configs that do not describe a decoder-only causal LM."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
     model_type = getattr(config, "model_type", None)
     archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
     reason = None
@@ -38,7 +36,7 @@ def check_causal(config, *, where: str) -> None:
         )
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
     """Files the checkpoint uses: the index's shards if there is an index, else *.safetensors."""
     index = path / "model.safetensors.index.json"
     if not index.is_file():
@@ -59,9 +57,7 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def check_weight_files(path: Path) -> None:
     """Read every safetensors header; refuse a directory without weights."""
-    from safetensors import SafetensorError, safe_open
-
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     if not files and not list(path.glob("pytorch_model*.bin")):
         raise SlimlmError(
             f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin): "

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from slimlm.formats import scheme_to_dict
 from slimlm.models.adapters import ADAPTERS, HeadLayout, head_layout, num_layers
+from slimlm.models.size import measure_size_light
 
 
 class LinearInfo(NamedTuple):
@@ -39,8 +41,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def scheme_label(scheme) -> str:
     """Short name of a scheme in the YAML shorthand where one exists ("int4-g64", "nf4 ...")."""
-    from slimlm.formats import scheme_to_dict
-
     d = scheme_to_dict(scheme)
     fmt = d.pop("format")
     if fmt == "int":
@@ -95,8 +95,6 @@ def model_info(model: nn.Module) -> ModelInfo:
     in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out_emb is not None and out_emb.weight is in_emb.weight
     kv_bytes = 2 * n_layers * heads.n_kv_heads * heads.head_dim * torch.empty((), dtype=dtype).element_size()
-    from slimlm.eval.size import measure_size_light
-
     n_params, size_bytes = measure_size_light(model)  # packed weights of compressed modules included
     return ModelInfo(
         architecture=type(model).__name__,

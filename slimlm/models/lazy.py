@@ -27,10 +27,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import decoder_blocks, get_adapter
+from slimlm.models.builtin import builtin_dir
+from slimlm.models.checks import check_causal, safetensors_files
+from slimlm.models.source import load_tokenizer, read_config, resolve_source
 
 log = logging.getLogger("slimlm.models")
 
@@ -80,8 +88,6 @@ class LazyBlocks:
 
     def materialize(self, i: int, device: torch.device | str | None = None) -> nn.Module:
         """Read block ``i``'s parameters from disk onto ``device``; returns the block."""
-        from safetensors import safe_open
-
         block = self.blocks[i]
         if i in self._live:
             return block
@@ -128,7 +134,7 @@ class LazyBlocks:
             self.blocks[i] = SpilledBlock(i)
         elif self.changed(i):
             raise SlimlmError(f"decoder block {i} was rewritten but this lazily loaded model has no sink to write "
-                              "it to; compress it with slimlm.calib.streaming.compress_lazy (or `slimlm compress "
+                              "it to; compress it with slimlm.pipelines.lazy.compress_lazy (or `slimlm compress "
                               "--lazy`)")  # fmt: skip
         # Also the parameters of modules the method swapped out (a handler may still hold them).
         for owner, name, p, _ in self._live.pop(i):
@@ -146,11 +152,7 @@ def lazy_blocks(model: nn.Module) -> LazyBlocks | None:
 
 def _checkpoint_keys(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (single file or index + shards)."""
-    from safetensors import SafetensorError, safe_open
-
-    from slimlm.models.checks import _safetensors_files
-
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     if not files:
         raise SlimlmError(f"lazy loading reads safetensors and {path} has none: re-save the model with "
                           "save_pretrained(dir) (safetensors is its default), or load it without lazy")  # fmt: skip
@@ -166,9 +168,6 @@ def _checkpoint_keys(path: Path) -> dict[str, Path]:
 
 def _key_map(model: nn.Module, ckpt_keys: list[str], wanted: dict[str, torch.Tensor]) -> dict[str, str]:
     """Model state-dict key -> checkpoint key, through transformers' renaming table."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
@@ -186,9 +185,6 @@ def _key_map(model: nn.Module, ckpt_keys: list[str], wanted: dict[str, torch.Ten
 
 
 def _skeleton(config, dtype: torch.dtype) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     # Parameters on meta; buffers real, so non-persistent ones (RoPE inv_freq) are computed as usual.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -197,8 +193,6 @@ def _skeleton(config, dtype: torch.dtype) -> nn.Module:
 
 def _load_eager_part(model: nn.Module, keys: dict[str, str], where: dict[str, Path], wanted: dict, device) -> None:
     """Read the tensors named in ``keys`` (model key -> checkpoint key) into ``model`` on ``device``."""
-    from safetensors import safe_open
-
     by_file: dict[Path, list[str]] = defaultdict(list)
     for model_key, ckpt_key in keys.items():
         by_file[where[ckpt_key]].append(model_key)
@@ -217,17 +211,13 @@ def _load_eager_part(model: nn.Module, keys: dict[str, str], where: dict[str, Pa
 def load_lazy(source: str | os.PathLike = "smollm2-135m", *, dtype: torch.dtype = torch.float32,
               device: str = "cpu"):  # fmt: skip
     """A built-in or a local HF directory with its block weights left on disk. -> (model, tokenizer)."""
-    from slimlm.models.builtin import builtin_dir
-    from slimlm.models.checks import check_causal
-    from slimlm.models.loading import _load_tokenizer, _read_config, resolve_source
-
     resolved = resolve_source(source)
     if resolved.kind not in ("builtin", "hf_dir"):
         raise SlimlmError(f"lazy loading reads a built-in or a local Hugging Face directory of safetensors; "
                           f"{resolved.source} is a {resolved.kind} source: load it without lazy, or save it with "
                           "save_pretrained(dir) first")  # fmt: skip
     path = builtin_dir(resolved.source) if resolved.kind == "builtin" else resolved.path
-    config = _read_config(path)
+    config = read_config(path)
     check_causal(config, where=str(path))
     where = _checkpoint_keys(path)
     model = _skeleton(config, dtype)
@@ -252,4 +242,4 @@ def load_lazy(source: str | os.PathLike = "smollm2-135m", *, dtype: torch.dtype 
         sources[int(i)][rel] = TensorSource(where[keys[key]], keys[key], wanted[key].dtype)
     setattr(model, ATTR, LazyBlocks(blocks, sources, device))
     log.info("loaded %s lazily: %d blocks left on disk", resolved.source, len(blocks))
-    return model, _load_tokenizer(path, str(path))
+    return model, load_tokenizer(path, str(path))

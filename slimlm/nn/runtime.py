@@ -60,3 +60,10 @@ class RuntimeModule(nn.Module):
         if "scheme" in entry:
             args += (parse_scheme(entry["scheme"]),)
         return cls.empty(*args, bias=entry["bias"], dtype=dtype, **extra)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap the submodule at full name ``name`` (``model.layers.3.mlp.down_proj``) for ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -5,7 +5,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.eval import Protocol, Result, evaluate, format_results, load_result, measure_size, measure_speed
-from slimlm.eval.size import bytes_read_per_token
+from slimlm.models.size import bytes_read_per_token
 from slimlm.models.tiny import tiny_model, tiny_tokenizer
 
 SMALL = Protocol(name="pydoc-test", text="pydoc-v1", window=64, eval_tokens=256, prompt_tokens=16,

@@ -5,7 +5,7 @@ import torch
 
 from slimlm.calib import StatsSpec, calibrate_blocks
 from slimlm.errors import SlimlmError
-from slimlm.eval.size import measure_size
+from slimlm.models.size import measure_size
 from slimlm.formats import IntScheme, PerGroup, fake_quantize, parse_scheme
 from slimlm.models.tiny import tiny_model
 from slimlm.nn import QuantLinear

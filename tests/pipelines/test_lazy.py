@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm.api import apply
-from slimlm.calib import StatsSpec, calibrate_blocks, check_lazy, compress_lazy
+from slimlm.calib import StatsSpec, calibrate_blocks
+from slimlm.pipelines.lazy import check_lazy, compress_lazy
 from slimlm.errors import SlimlmError
 from slimlm.io import INDEX, MANIFEST, WEIGHTS, ShardWriter, export_hf, load_compressed, save_compressed
 from slimlm.models import decoder_blocks, lazy_blocks, load_lazy, load_model

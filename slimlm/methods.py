@@ -1,0 +1,101 @@
+"""THE method registry: every compression method once, with everything the rest of slimlm asks of it.
+
+    name          the recipe's ``method:`` key                 "gptq"
+    config        its frozen config dataclass                  GPTQ
+    apply         the handler (model, config, calib) -> model  apply_gptq
+    calibration   whether it needs calibration token ids       True, or a function of the config
+    lazy          how it runs one block in memory at a time    (model, config, calib, sink) -> None, or None
+    lazy_check    what a lazy run of it refuses                 (config) -> None, raises SlimlmError
+    summary       one line for ``slimlm recipes`` and the docs
+
+``apply`` and ``apply_all`` (:mod:`slimlm.api`), recipe parsing
+(:mod:`slimlm.recipe`), lazy compression (:mod:`slimlm.pipelines.lazy`),
+compressed drafts and the CLI's listing all read :data:`METHODS`; nothing
+else keeps a table of methods. Adding a method is one algorithm file, one
+config + handler, and one line below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from slimlm.errors import SlimlmError
+from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude
+from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda, apply_magnitude, apply_sparsegpt, apply_wanda
+from slimlm.prune.structured_handler import (PruneDepth, PruneWidth, Structured, apply_prune_depth,
+                                           apply_prune_width, apply_structured)  # fmt: skip
+from slimlm.quant.awq_handler import AWQ, apply_awq
+from slimlm.quant.gptq_handler import GPTQ, apply_gptq
+from slimlm.quant.lazy import LazyRun, awq_lazy, check_gptq_lazy, check_mixed_lazy, gptq_lazy, mixed_lazy, rtn_lazy
+from slimlm.quant.llm_int8 import LLMInt8, apply_llm_int8
+from slimlm.quant.mixed_handler import MixedPrecision, apply_mixed
+from slimlm.quant.qat import QAT, apply_qat
+from slimlm.quant.rtn import RTN, apply_rtn
+from slimlm.quant.w8a8 import W8A8, SmoothQuant, apply_smoothquant, apply_w8a8
+
+Handler = Callable[[nn.Module, Any, Tensor | None], nn.Module]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type
+    apply: Handler
+    summary: str
+    calibration: bool | Callable[[Any], bool] = False
+    lazy: LazyRun | None = None
+    lazy_check: Callable[[Any], None] | None = None
+
+    def needs_calibration(self, config: Any) -> bool:
+        return self.calibration(config) if callable(self.calibration) else self.calibration
+
+
+_ALL = (
+    # quantization
+    Method("rtn", RTN, apply_rtn, "round-to-nearest weights (any scheme): the baseline", lazy=rtn_lazy),
+    Method("gptq", GPTQ, apply_gptq, "GPTQ: OBS rounding column by column (act-order, groups)", calibration=True,
+           lazy=gptq_lazy, lazy_check=check_gptq_lazy),
+    Method("awq", AWQ, apply_awq, "AWQ: activation-aware scales and clipping, then rounding", calibration=True,
+           lazy=awq_lazy),
+    Method("w8a8", W8A8, apply_w8a8, "int8 weights and int8 activations (per tensor or per token)"),
+    Method("smoothquant", SmoothQuant, apply_smoothquant, "SmoothQuant: migrate activation outliers, then W8A8",
+           calibration=True),
+    Method("llm_int8", LLMInt8, apply_llm_int8, "LLM.int8(): outlier columns in float, the rest W8A8",
+           calibration=lambda c: c.calibrated or c.smooth_alpha is not None),
+    Method("mixed_precision", MixedPrecision, apply_mixed, "a scheme per linear under a bits-per-weight budget",
+           calibration=True, lazy=mixed_lazy, lazy_check=check_mixed_lazy),
+    Method("qat", QAT, apply_qat, "quantization-aware training (STE), optionally distilled", calibration=True),
+    # pruning
+    Method("magnitude", Magnitude, apply_magnitude, "prune the smallest |W| (unstructured or N:M)"),
+    Method("wanda", Wanda, apply_wanda, "Wanda: prune by |W| x input norm", calibration=True),
+    Method("sparsegpt", SparseGPT, apply_sparsegpt, "SparseGPT: OBS pruning with weight updates (+ joint int)",
+           calibration=True),
+    Method("gradual_magnitude", GradualMagnitude, apply_gradual_magnitude,
+           "gradual magnitude pruning on a cubic schedule, with training", calibration=True),
+    Method("prune_width", PruneWidth, apply_prune_width, "remove attention heads and MLP neurons", calibration=True),
+    Method("prune_depth", PruneDepth, apply_prune_depth, "remove whole decoder layers", calibration=True),
+    Method("structured", Structured, apply_structured, "structured pruning to a parameter budget (width or depth)",
+           calibration=True),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+METHOD_OF: dict[type, Method] = {m.config: m for m in _ALL}
+
+
+def method_for(config: Any) -> Method:
+    """The registry entry of ``config``'s type, or a one-line refusal naming the known configs."""
+    method = METHOD_OF.get(type(config))
+    if method is None:
+        names = ", ".join(t.__name__ for t in METHOD_OF)
+        raise SlimlmError(f"no method for {type(config).__name__}; known configs: {names}")
+    return method
+
+
+def method_named(name: str) -> Method:
+    method = METHODS.get(name)
+    if method is None:
+        raise SlimlmError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return method
