@@ -41,7 +41,7 @@ from slimlm.eval import Result, evaluate, get_protocol, measure_speed
 from slimlm.eval.runner import eval_tokens
 from slimlm.io import save_compressed, load_compressed
 from slimlm.models import load_model
-from slimlm.prune.structured_handler import Structured
+from slimlm.prune.structured_config import Structured
 from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"

@@ -125,3 +125,20 @@ def score_windows(
     if collect_top_k is not None:
         collected = BaseStats(torch.stack(idx_rows), torch.stack(logp_rows), nll_w)
     return quality, collected
+
+
+@torch.no_grad()
+def mean_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token NLL (nats) of (N, L) token ids, scored ``batch_size`` sequences per forward.
+
+    The model's own loss (``labels=ids``) per batch, weighted by the batch's
+    sequences: with equal-length sequences that is the mean over all N*(L-1)
+    predicted tokens. A cheap, batched score for ranking model variants on
+    calibration data; the protocol's perplexity is ``score_windows``.
+    """
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start : start + batch_size].to(device)  # (B, L)
+        total += model(input_ids=batch, labels=batch, use_cache=False).loss.item() * batch.shape[0]
+    return total / ids.shape[0]

@@ -5,8 +5,9 @@ Algorithms are pure tensor functions (``magnitude_mask``, ``wanda_mask``,
 are in :mod:`slimlm.prune.handlers` and :mod:`slimlm.prune.gradual`.
 Pruned linears become :class:`slimlm.nn.SparseLinear` modules whose
 checkpoints store only the kept weights and their positions.
-Structured pruning (heads, neurons, layers -> a smaller dense model) is in
-:mod:`slimlm.prune.structured` and :mod:`slimlm.prune.structured_handler`.
+Structured pruning (heads, neurons, layers -> a smaller dense model): configs in
+:mod:`slimlm.prune.structured_config`, handlers in :mod:`slimlm.prune.structured_handler`
+(its docstring lists the other pieces).
 """
 
 from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude, cubic_sparsity
@@ -15,8 +16,8 @@ from slimlm.prune.magnitude import magnitude_mask
 from slimlm.prune.masks import keep_mask, nm_keep, topk_keep_global, topk_keep_per_layer, topk_keep_per_row
 from slimlm.prune.patterns import NM, Pattern, Unstructured, parse_pattern
 from slimlm.prune.sparsegpt import SparseResult, sparsegpt_prune
-from slimlm.prune.structured_handler import (PruneDepth, PruneWidth, Structured, apply_prune_depth,
-                                           apply_prune_width, apply_structured)
+from slimlm.prune.structured_config import PruneDepth, PruneWidth, Structured
+from slimlm.prune.structured_handler import apply_prune_depth, apply_prune_width, apply_structured
 from slimlm.prune.wanda import wanda_mask, wanda_scores
 
 __all__ = [

@@ -18,7 +18,10 @@ Removal keeps grouped-query attention intact: query head h reads KV head
 h // G (G = query heads per KV group, the order ``repeat_kv`` expands), so
 either every group keeps the same number of query heads, or whole groups
 (a KV head with all its query heads) go. Everything here is a pure function
-of tensors: no modules, hooks or I/O.
+of tensors: no modules, hooks or I/O. The passes that gather the
+statistics are in :mod:`slimlm.prune.structured_scores`, the module
+surgery in :mod:`slimlm.prune.surgery`, budgets in
+:mod:`slimlm.prune.structured_search`.
 """
 
 from __future__ import annotations
@@ -112,51 +115,3 @@ def slice_cols(W: Tensor, cols: Tensor) -> Tensor:
     """Keep input columns ``cols`` of a linear weight (out, in); the bias (out,) is unchanged."""
     return W.index_select(1, cols.to(W.device)).contiguous()
 
-
-# How Structured(mode="width") splits a budget between attention and MLP (see width_plan).
-ATTENTION_STEPS = ("search", "groups", "heads", "none")
-
-
-def width_candidates(
-    target: float, *, n_heads: int, n_kv: int, head_params: int, kv_params: int, neuron_params: int
-) -> list[tuple[int, int, int]]:
-    """Every way to remove about ``target`` parameters per layer. -> [(heads per group, groups, neurons)].
-
-    Attention goes in whole steps that fit in ``target``: k whole KV groups
-    (a KV head and its G query heads each), or k query heads from every
-    group (when G > 1); MLP neurons (fine steps) make up the rest. Neurons
-    may come out at or above the layer's neuron count: callers drop those.
-    """
-    G = n_heads // n_kv
-    plans = []
-    for k in range(n_kv):  # k whole groups (k = 0: neurons only)
-        plans.append((0, k, k * (G * head_params + kv_params)))
-    for k in range(1, G):  # k query heads from every group
-        plans.append((k, 0, k * n_kv * head_params))
-    return [(h, g, max(0, round((target - r) / neuron_params))) for h, g, r in plans if r <= target]
-
-
-def width_plan(
-    target: float, *, n_heads: int, n_kv: int, head_params: int, kv_params: int, neuron_params: int,
-    block_params: int, attention: str = "groups",
-) -> tuple[int, int, int]:
-    """The candidate (see ``width_candidates``) a fixed rule picks. -> (heads per group, groups, neurons).
-
-    ``attention="groups"`` or ``"heads"``: among whole-group (or heads-per-group;
-    the same when G = 1) candidates, the one whose share of the attention
-    parameters is nearest the share ``target / block_params`` of the block.
-    ``"none"``: neurons only.
-    """
-    G = n_heads // n_kv
-    plans = width_candidates(target, n_heads=n_heads, n_kv=n_kv, head_params=head_params, kv_params=kv_params,
-                             neuron_params=neuron_params)  # fmt: skip
-    if attention == "none":
-        return plans[0]
-    by_heads = attention == "heads" and G > 1
-    plans = [p for p in plans if (p[1] == 0 if by_heads else p[0] == 0)]
-    attn_total = n_heads * head_params + n_kv * kv_params
-
-    def attn_share(p: tuple[int, int, int]) -> float:
-        return (p[0] * n_kv * head_params + p[1] * (G * head_params + kv_params)) / attn_total
-
-    return min(plans, key=lambda p: abs(attn_share(p) - target / block_params))

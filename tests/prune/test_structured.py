@@ -8,21 +8,14 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.models.adapters import decoder_blocks
 from slimlm.models.tiny import tiny_config
+from slimlm.eval.quality import mean_nll as _mean_nll
 from slimlm.prune import structured as S
-from slimlm.prune.structured_handler import (
-    PruneDepth,
-    PruneWidth,
-    Structured,
-    apply_prune_depth,
-    apply_prune_width,
-    apply_structured,
-    block_importance_scores,
-    perplexity_scores,
-    _mean_nll,
-    prune_width,
-    remove_layers,
-    search_width,
-)
+from slimlm.prune import structured_search as B
+from slimlm.prune.structured_config import PruneDepth, PruneWidth, Structured
+from slimlm.prune.structured_handler import apply_prune_depth, apply_prune_width, apply_structured
+from slimlm.prune.structured_scores import block_importance_scores, perplexity_scores, prune_width
+from slimlm.prune.structured_search import search_width
+from slimlm.prune.surgery import remove_layers
 
 CALIB = torch.randint(3, 512, (4, 48), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -98,13 +91,13 @@ def test_importance_reads_the_runner_statistics():
 def test_width_plan_hits_the_target_within_one_neuron():
     # 6 query heads in 2 KV groups: attention holds 6*1000 + 2*500 = 7000 of a 20000 block; target 30%
     units = dict(head_params=1000, kv_params=500, neuron_params=30, block_params=20000)
-    per_group, groups, neurons = S.width_plan(6000.0, n_heads=6, n_kv=2, attention="heads", **units)
+    per_group, groups, neurons = B.width_plan(6000.0, n_heads=6, n_kv=2, attention="heads", **units)
     assert (per_group, groups) == (1, 0) and abs(2 * 1000 + neurons * 30 - 6000) <= 15  # 2/7 of attention
-    per_group, groups, neurons = S.width_plan(6000.0, n_heads=6, n_kv=2, **units)  # default: whole groups
+    per_group, groups, neurons = B.width_plan(6000.0, n_heads=6, n_kv=2, **units)  # default: whole groups
     assert (per_group, groups) == (0, 1) and abs(3500 + neurons * 30 - 6000) <= 15
-    assert S.width_plan(6000.0, n_heads=6, n_kv=2, attention="none", **units) == (0, 0, 200)
+    assert B.width_plan(6000.0, n_heads=6, n_kv=2, attention="none", **units) == (0, 0, 200)
     # one head per group (MHA): a "heads" step is a whole group
-    assert S.width_plan(9000.0, n_heads=4, n_kv=4, attention="heads", **units)[:2] == (0, 2)  # 3000 of 6000 ~ 45%
+    assert B.width_plan(9000.0, n_heads=4, n_kv=4, attention="heads", **units)[:2] == (0, 2)  # 3000 of 6000 ~ 45%
 
 
 # ---------------------------------------------------------------- width
@@ -219,7 +212,7 @@ def test_width_search_keeps_the_split_with_the_lowest_calibration_loss():
     before = logits(model)
     # 20% of 106,880 parameters over 2 layers: 56 neurons, or one whole KV group (6,144) + 24
     # neurons, or one query head per group (4,096) + 34 neurons
-    plans = S.width_candidates(0.2 * 106_880 / 2, n_heads=4, n_kv=2, head_params=2048, kv_params=2048,
+    plans = B.width_candidates(0.2 * 106_880 / 2, n_heads=4, n_kv=2, head_params=2048, kv_params=2048,
                                neuron_params=192)  # fmt: skip
     assert plans == [(0, 0, 56), (0, 1, 24), (1, 0, 34)]
     losses = [_mean_nll(prune_width(copy.deepcopy(model), p, CALIB), CALIB, 4) for p in plans]

@@ -12,7 +12,7 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerGroup
 from slimlm.io import load_compressed, save_compressed
 from slimlm.models.tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
-from slimlm.prune.structured_handler import PruneDepth, PruneWidth, Structured
+from slimlm.prune.structured_config import PruneDepth, PruneWidth, Structured
 from slimlm.quant import RTN
 from slimlm.recipe import recipe_from_dict
 from slimlm.targets import Targets
