@@ -81,7 +81,8 @@ def to_quant_linears(model: nn.Module, fake: dict[str, FakeQuantLinear]) -> None
 
 
 def train_qat(model: nn.Module, params: Sequence[nn.Parameter], calib: Tensor, config: QAT, *,
-              teacher: nn.Module | None = None, on_step: Callable[[int], None] | None = None) -> TrainReport:  # fmt: skip
+              teacher: nn.Module | None = None,
+              on_step: Callable[[int], None] | None = None) -> TrainReport:  # fmt: skip
     """:func:`slimlm.train.train` on ``params``: forward KL to ``teacher``, or next-token loss without one."""
     objective = next_token_objective if teacher is None else teacher_objective(teacher)
     return train(model, params, objective, calib, config, on_step=on_step, desc=f"QAT {config.scheme}")

@@ -92,8 +92,8 @@ def _training(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None
             p.requires_grad_(flag)
 
 
-def train(model: nn.Module, params: Sequence[nn.Parameter], objective: Objective, calib: Tensor,
-          config: TrainConfig, *, on_step: Callable[[int], None] | None = None, desc: str = "train") -> TrainReport:  # fmt: skip
+def train(model: nn.Module, params: Sequence[nn.Parameter], objective: Objective, calib: Tensor, config: TrainConfig,
+          *, on_step: Callable[[int], None] | None = None, desc: str = "train") -> TrainReport:  # fmt: skip
     """Minimise ``objective(model, ids)`` over ``params`` only, on windows of ``calib`` (N, L) ids.
 
     Everything else stays frozen for the run; the model ends in eval mode with
