@@ -11,29 +11,29 @@ so most weights go early, while the network is still redundant, and few at
 the end; pruned weights stay zero (the masks are re-applied after every
 optimizer step) and the survivors keep training in between, recovering what
 each event cost. After the last event (at ``prune_end * steps``) training
-goes on at the final sparsity. The training loop is QAT's
-(:func:`slimlm.quant.qat.train_qat`: AdamW on the target linears, random
-windows of the calibration ids, next-token loss or, by default, KL to the
-dense model's predictions), with the pruning as its per-step hook.
+goes on at the final sparsity. The training is the one loop,
+:func:`slimlm.train.train` (AdamW on the target linears, random windows of
+the calibration ids, next-token loss or, by default, KL to the dense
+model's predictions), with the pruning as its per-step hook.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from slimlm.distill import recovery_objective
 from slimlm.errors import SlimlmError
 from slimlm.prune.handlers import prune_plan, swap_sparse
 from slimlm.prune.magnitude import magnitude_mask
 from slimlm.prune.masks import SCOPES
 from slimlm.prune.patterns import Unstructured, check_sparsity
-from slimlm.quant.qat import SCHEDULES, _positive, train_qat
-from slimlm.targets import Targets
+from slimlm.targets import Targets, check_targets
+from slimlm.train import TrainConfig, check_number, train
+from slimlm.validate import check_calib
 
 log = logging.getLogger("slimlm.prune")
 
@@ -45,62 +45,42 @@ def cubic_sparsity(k: int, n: int, *, final: float, initial: float = 0.0) -> flo
 
 
 @dataclass(frozen=True)
-class GradualMagnitude:
+class GradualMagnitude(TrainConfig):
     """Prune to ``sparsity`` over ``steps`` training steps on the calibration ids.
 
     Every ``prune_every`` steps the smallest ``|W|`` (per layer or per row,
     ``scope``) are pruned up to the cubic schedule from ``initial_sparsity``;
     the final sparsity is reached at ``prune_end * steps`` (then the rest of
-    the steps recover). Training fields as in QAT: AdamW ``lr`` (``schedule``,
-    ``warmup``), ``batch_size`` windows of ``seq_len`` tokens, ``distill``
-    (KL to the dense model) or next-token cross-entropy.
+    the steps recover). The training fields are
+    :class:`~slimlm.train.TrainConfig`'s, with fewer steps, a smaller ``lr``
+    and a constant schedule by default.
     """
 
-    needs_calibration: ClassVar[bool] = True
-
     sparsity: float = 0.5
-    steps: int = 100
     prune_every: int = 10
     prune_end: float = 0.75
     initial_sparsity: float = 0.0
     scope: str = "layer"
-    lr: float = 5e-5
-    seq_len: int = 256
-    batch_size: int = 4
-    distill: bool = True
-    schedule: str = "constant"
-    warmup: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
     targets: Targets = field(default_factory=Targets)
+    _: KW_ONLY  # TrainConfig's fields with this method's defaults
+    steps: int = 100
+    lr: float = 5e-5
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
         check_sparsity(self.initial_sparsity, name="initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise SlimlmError(f"initial_sparsity {self.initial_sparsity} exceeds the final sparsity {self.sparsity}")
-        for name, hint in (("steps", "e.g. 100"), ("prune_every", "steps between pruning events, e.g. 10"),
-                           ("seq_len", "e.g. 256"), ("batch_size", "e.g. 4")):  # fmt: skip
-            _positive(name, getattr(self, name), int, hint)
+        check_number("prune_every", self.prune_every, "steps between pruning events, e.g. 10", integer=True)
         if isinstance(self.prune_end, bool) or not isinstance(self.prune_end, (int, float)) \
                 or not 0.0 < self.prune_end <= 1.0:  # fmt: skip
             raise SlimlmError(f"prune_end must be in (0, 1] (the fraction of steps by which the final sparsity "
                               f"is reached, e.g. 0.75), got {self.prune_end!r}")  # fmt: skip
-        _positive("warmup", self.warmup, int, "steps of linear warm-up", zero_ok=True)
-        _positive("lr", self.lr, float, "e.g. 5e-5")
-        _positive("weight_decay", self.weight_decay, float, "e.g. 0.0", zero_ok=True)
-        _positive("grad_clip", self.grad_clip, float, "max gradient norm, e.g. 1.0")
         if self.scope not in SCOPES:
             raise SlimlmError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
-        if not isinstance(self.distill, bool):
-            raise SlimlmError(f"distill must be true or false, got {self.distill!r}")
-        if self.schedule not in SCHEDULES:
-            raise SlimlmError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SlimlmError(f"seed must be an int, got {self.seed!r}")
-        if not isinstance(self.targets, Targets):
-            raise SlimlmError(f"targets must be a Targets(...), got {self.targets!r}")
+        super().__post_init__()
+        check_targets(self.targets)
 
     @property
     def events(self) -> int:
@@ -138,25 +118,20 @@ def apply_gradual_magnitude(model: nn.Module, config: GradualMagnitude, calib: T
     if calib is None:
         raise SlimlmError("gradual magnitude pruning trains on calibration token ids: pass calib=calibration_ids(...) "
                           "(or run it from a recipe, which provides them)")  # fmt: skip
+    check_calib(calib, "gradual magnitude pruning")
     plan = prune_plan(model, config.targets, Unstructured())
     if any(not isinstance(m, nn.Linear) for m in plan.values()):
         raise SlimlmError("gradual magnitude pruning trains nn.Linear weights; GPT-2's Conv1D layers are not supported")
-    teacher = None
-    if config.distill:
-        teacher = copy.deepcopy(model).eval()  # the dense model
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    objective = recovery_objective(model, distill=config.distill)  # the dense model, before any pruning
     masks = _Masks({name: m.weight.data for name, m in plan.items()}, config)
     masks.prune_to(0)
     params = [p for m in plan.values() for p in m.parameters()]
-    report = train_qat(model, params, calib, config, teacher=teacher, on_step=masks.after_step, desc="gradual")
-    del teacher
+    train(model, params, objective, calib, config, on_step=masks.after_step,
+          desc=f"gradual magnitude to {100 * config.sparsity:.0f}%")  # fmt: skip
+    del objective  # the teacher copy, if any
     if masks.event < config.events:  # a schedule longer than the run: finish it
         masks.prune_to(config.events)
-    k = max(1, min(10, len(report.losses) // 4))
-    log.info("gradual magnitude to %.0f%%: %d steps, %d events, %.1f s; loss %.4f -> %.4f (mean of first/last %d)",
-             100 * config.sparsity, len(report.losses), config.events, report.seconds,
-             sum(report.losses[:k]) / k, sum(report.losses[-k:]) / k, k)  # fmt: skip
+    log.info("gradual magnitude: %d pruning events to %.0f%%", config.events, 100 * config.sparsity)
     with torch.no_grad():
         for name, module in plan.items():
             swap_sparse(model, name, module, masks.keep[name], Unstructured())

@@ -2,14 +2,16 @@ import pytest
 import torch
 
 from slimlm.api import apply
+from slimlm.distill import forward_kl as distill_loss
 from slimlm.errors import SlimlmError
 from slimlm.models.tiny import tiny_model
 from slimlm.nn import SparseLinear
 from slimlm.prune import Magnitude
 from slimlm.prune.gradual import GradualMagnitude, _Masks, cubic_sparsity
 from slimlm.prune.patterns import n_pruned
-from slimlm.quant.qat import distill_loss
+from slimlm.recipe import config_from_dict
 from slimlm.targets import candidate_linears
+from slimlm.train import TrainConfig
 
 _g = torch.Generator().manual_seed(0)
 # a learnable pattern: each row counts up from a random start
@@ -77,3 +79,25 @@ def test_bad_configs_one_line(kw, words):
 def test_needs_calibration_ids():
     with pytest.raises(SlimlmError, match="trains on calibration token ids"):
         apply(tiny_model("llama"), _quick())
+
+
+@pytest.mark.parametrize("distill, pinned", [(False, (0.0041082436449239425, 0.12933116125202618)),
+                                             (True, (0.0030929126143732634, 0.12964768889514167))])  # fmt: skip
+def test_same_seed_trains_the_same_weights_as_before_the_shared_loop(distill, pinned):
+    """Pinned from gradual pruning on QAT's loop (c1db026): moving both onto slimlm.train changed nothing."""
+    model = tiny_model("llama")
+    apply(model, _quick(steps=6, prune_every=2, prune_end=0.75, seq_len=16, batch_size=2, distill=distill, seed=1),
+          PATTERN)  # fmt: skip
+    with torch.no_grad():
+        logits = model(HELD_OUT).logits.double()
+    assert (logits.mean().item(), logits.abs().mean().item()) == pytest.approx(pinned, rel=1e-5, abs=1e-8)
+
+
+def test_training_defaults_differ_from_qat_and_recipe_keys_stay_flat():
+    config = GradualMagnitude()
+    assert (config.steps, config.lr, config.schedule, config.seq_len) == (100, 5e-5, "constant", 256)
+    assert isinstance(config, TrainConfig) and GradualMagnitude(0.7).sparsity == 0.7
+    step = config_from_dict({"method": "gradual_magnitude", "sparsity": 0.6, "steps": 8, "lr": 1e-3, "warmup": 2})
+    assert step == GradualMagnitude(sparsity=0.6, steps=8, lr=1e-3, warmup=2)
+    with pytest.raises(SlimlmError, match="steps must be > 0"):
+        GradualMagnitude(steps=0)

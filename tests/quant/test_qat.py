@@ -1,14 +1,17 @@
 import pytest
 import torch
 
+from slimlm.distill import forward_kl as distill_loss
 from slimlm.errors import SlimlmError
 from slimlm.formats import fake_quantize, parse_scheme
 from slimlm.models.tiny import tiny_model
 from slimlm.nn import QuantLinear
 from slimlm.nn.fake_quant import FakeQuantLinear, ste_fake_quantize
 from slimlm.quant import RTN, apply_rtn
-from slimlm.quant.qat import QAT, apply_qat, distill_loss, lr_at, swap_fake_quant, to_quant_linears, train_qat
+from slimlm.quant.qat import QAT, apply_qat, swap_fake_quant, to_quant_linears, train_qat
+from slimlm.recipe import config_from_dict
 from slimlm.targets import Targets
+from slimlm.train import TrainConfig, lr_at
 
 def apply(model, config, calib=None):
     """Like slimlm.api.apply (handlers run under no_grad), without needing the registry entry."""
@@ -114,3 +117,24 @@ def test_gpt2_conv1d_converts_exactly():
         fake_logits = model(HELD_OUT).logits
         to_quant_linears(model, fake)
         torch.testing.assert_close(model(HELD_OUT).logits, fake_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("distill, pinned", [(False, (0.0014145104349750897, 0.13037031384913636)),
+                                             (True, (0.0022164370814541754, 0.1298658023852891))])  # fmt: skip
+def test_same_seed_trains_the_same_weights_as_before_the_shared_loop(distill, pinned):
+    """Pinned from QAT's own loop (slimlm/quant/qat.py at c1db026): the move to slimlm.train changed nothing."""
+    model = tiny_model("llama")
+    config = QAT(scheme="int3-g32", steps=4, lr=3e-3, seq_len=16, batch_size=2, warmup=1, distill=distill, seed=3)
+    apply(model, config, PATTERN)
+    with torch.no_grad():
+        logits = model(HELD_OUT).logits.double()
+    assert (logits.mean().item(), logits.abs().mean().item()) == pytest.approx(pinned, rel=1e-5, abs=1e-8)
+
+
+def test_training_fields_are_train_configs_keyword_only_with_flat_recipe_keys():
+    config = QAT("ternary", steps=3, lr=1e-3)
+    assert isinstance(config, TrainConfig) and config.schedule == "cosine" and config.seq_len == 256
+    with pytest.raises(TypeError):
+        QAT("ternary", Targets(), 3)  # training fields are keyword-only
+    step = config_from_dict({"method": "qat", "scheme": "ternary", "steps": 3, "lr": 1e-3, "warmup": 1})
+    assert step == QAT("ternary", steps=3, lr=1e-3, warmup=1)
