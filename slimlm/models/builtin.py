@@ -22,6 +22,7 @@ from typing import Iterator
 
 from slimlm.errors import SlimlmError
 from slimlm.fsutil import atomic_dir, atomic_write_text, cache_dir
+from slimlm.models.gguf import load_gguf
 
 log = logging.getLogger("slimlm.models")
 
@@ -106,8 +107,6 @@ def _sha256(path: Path) -> str:
 
 def convert_gguf_to_dir(gguf: Path, out: Path) -> None:
     """Dequantize ``gguf`` and save a safetensors model, tokenizer and generation config in ``out``."""
-    from slimlm.models.gguf import load_gguf
-
     model, tokenizer = load_gguf(gguf)
     model.save_pretrained(out)  # safetensors; includes generation_config.json
     tokenizer.save_pretrained(out)

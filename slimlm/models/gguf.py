@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.initialization import no_init_weights
 
 from slimlm.errors import SlimlmError
 from slimlm.models._common import short_error
@@ -60,8 +61,6 @@ def check_gguf(path: Path) -> str:
 
 def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     """The same weights in a freshly built model whose config has no quantization_config."""
-    from transformers.initialization import no_init_weights
-
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
