@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from slimlm.errors import SlimlmError
 from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude
 from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda, apply_magnitude, apply_sparsegpt, apply_wanda
-from slimlm.prune.structured_handler import (PruneDepth, PruneWidth, Structured, apply_prune_depth,
-                                           apply_prune_width, apply_structured)  # fmt: skip
+from slimlm.prune.structured_config import PruneDepth, PruneWidth, Structured
+from slimlm.prune.structured_handler import apply_prune_depth, apply_prune_width, apply_structured
 from slimlm.quant.awq_handler import AWQ, apply_awq
 from slimlm.quant.gptq_handler import GPTQ, apply_gptq
 from slimlm.quant.lazy import LazyRun, awq_lazy, check_gptq_lazy, check_mixed_lazy, gptq_lazy, mixed_lazy, rtn_lazy
