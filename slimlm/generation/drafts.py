@@ -195,7 +195,7 @@ def _shallow(module: nn.Module, configs: dict[int, Any]) -> nn.Module:
 def decode_bytes(model: nn.Module) -> int:
     """Bytes of weights read to decode one token: every distinct parameter, buffer and packed
     weight, less the input embedding table unless lm_head shares it (a lookup reads one row)."""
-    from slimlm.eval.size import packed_storage, unique_tensors
+    from slimlm.models.size import packed_storage, unique_tensors
 
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()

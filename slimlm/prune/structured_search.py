@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
 from slimlm.eval.quality import mean_nll
-from slimlm.eval.size import unique_params
+from slimlm.models.size import unique_params
 from slimlm.models.adapters import decoder_blocks, head_layout
 from slimlm.prune.structured_config import Structured
 from slimlm.prune.structured_scores import prune_width
