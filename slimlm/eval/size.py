@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
+
 
 @dataclass(frozen=True)
 class SizeReport:
@@ -52,8 +54,6 @@ def weight_storage(module: nn.Module) -> tuple[int, int]:
 
 
 def block_linears_of(model: nn.Module) -> list[nn.Module]:
-    from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
-
     adapter = get_adapter(model)
     return [m for block in decoder_blocks(model) for m in block_linears(block, adapter).values()]
 

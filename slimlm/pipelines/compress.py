@@ -129,6 +129,7 @@ def compress(
         seconds = time.perf_counter() - t0
         save_compressed(work, tokenizer, out, base_model=model, recipe=rec.spec, calibration=record,
                         overwrite=overwrite)  # fmt: skip
+    log.info("recipe %s: compressed in %.1f s; saved to %s", rec.name, seconds, out)
     del work
     work, tokenizer = load_compressed(out)  # measure what was saved, not what is in memory
     compressed = evaluate(
