@@ -165,6 +165,7 @@ def test_eval_on_a_user_text_names_it_and_refuses_other_protocols(capsys, tiny_d
     assert load_result(tmp_path / "u.json").text_sha256 == sha
     assert main(["eval", tiny_dir, *FAST, "--json", str(tmp_path / "p.json")]) == 0
     assert "text_sha256" not in json.loads((tmp_path / "p.json").read_text())  # built-in texts: JSON as before
+    assert main(["eval", str(tmp_path / "p.json")]) == 0  # a saved result is printed again
     capsys.readouterr()
     line = _one_line_error(capsys, main(["eval", "--compare", str(tmp_path / "p.json"), str(tmp_path / "u.json")]),
                            "cannot set results of different protocols or texts side by side")
@@ -201,3 +202,9 @@ def test_bad_user_text_gets_one_line_and_nothing_written(capsys, tiny_dir, tmp_p
                                          str(tmp_path / "r.json")]), "")  # fmt: skip
     assert re.search(eval_pattern, line), line
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "cache" / "base").exists()
+
+
+def test_nonpositive_token_budget_is_refused_by_eval_and_compress(capsys, tiny_dir, tmp_path):
+    for argv in (["eval", tiny_dir], ["compress", "--model", tiny_dir, "--out", str(tmp_path / "c")]):
+        _one_line_error(capsys, main([*argv, "--protocol", "pydoc-v1", "--tokens", "0"]), "--tokens must be a positive")
+    assert not (tmp_path / "c").exists()

@@ -31,6 +31,7 @@ from slimlm.models import load_model
 from slimlm.models.identity import model_dir, model_id
 from slimlm.models.lazy import load_lazy
 from slimlm.recipe import Recipe, load_recipe
+from slimlm.validate import check_pos_int
 
 log = logging.getLogger("slimlm.pipelines")
 
@@ -106,6 +107,8 @@ def compress(
     block by block, for models larger than memory (the measurements then load
     each model whole).
     """
+    if tokens is not None:
+        check_pos_int("--tokens", tokens, "evaluation tokens")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(os.fspath(recipe))
     steps = list(rec.steps)
     proto = with_user_text(protocol, calib_data=calib_data, eval_data=eval_data)  # reads and checks the texts

@@ -22,6 +22,7 @@ from slimlm.eval.result import measured_on
 from slimlm.io import is_compressed_dir, read_manifest
 from slimlm.models import load_model
 from slimlm.models.identity import local_path, model_dir, model_id
+from slimlm.validate import check_pos_int
 
 
 def default_base(source: str) -> str | None:
@@ -69,12 +70,15 @@ def evaluate_sources(
     model itself. ``eval_data`` scores a user's text (an ad-hoc protocol).
     """
     proto = with_user_text(protocol, eval_data=eval_data)  # refuse an unknown protocol or bad text first
-    if tokens is not None and tokens <= 0:
-        raise SlimlmError(f"--tokens must be a positive number of tokens, got {tokens}")
+    if tokens is not None:
+        check_pos_int("--tokens", tokens, "evaluation tokens")
     if not sources:
         raise SlimlmError("no model to evaluate; give a built-in name, HF directory, hub id, .gguf or result .json")
     saved = _saved_results(sources, proto)
-    base = base or (sources[0] if len(sources) > 1 else default_base(sources[0]))
+    if base is None and len(sources) > 1:  # the first column; a saved result stands for the model it measured
+        base = saved[sources[0]].model if sources[0] in saved else sources[0]
+    elif base is None and sources[0] not in saved:
+        base = default_base(sources[0])
     results: list[Result] = []
     for source in sources:
         if source in saved:
