@@ -11,7 +11,6 @@ tokenized, and the calibration batch drawn, before the first evaluation.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -32,9 +31,6 @@ from slimlm.models.identity import model_dir, model_id
 from slimlm.models.lazy import load_lazy
 from slimlm.recipe import Recipe, load_recipe
 from slimlm.validate import check_pos_int
-
-log = logging.getLogger("slimlm.pipelines")
-
 
 @dataclass(frozen=True)
 class CompressReport:
@@ -111,9 +107,9 @@ def compress(
         check_pos_int("--tokens", tokens, "evaluation tokens")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(os.fspath(recipe))
     steps = list(rec.steps)
-    proto = with_user_text(protocol, calib_data=calib_data, eval_data=eval_data)  # reads and checks the texts
     out = Path(out) if out else default_out(model, rec.name)
     refuse_existing(out, overwrite)
+    proto = with_user_text(protocol, calib_data=calib_data, eval_data=eval_data)  # reads and checks the texts
     if lazy:
         check_lazy(steps)  # refuse before any slow work
         seconds, stream = _compress_lazy(model, rec, proto, out, calib_samples=calib_samples, tokens=tokens,
@@ -132,7 +128,6 @@ def compress(
         seconds = time.perf_counter() - t0
         save_compressed(work, tokenizer, out, base_model=model, recipe=rec.spec, calibration=record,
                         overwrite=overwrite)  # fmt: skip
-    log.info("recipe %s: compressed in %.1f s; saved to %s", rec.name, seconds, out)
     del work
     work, tokenizer = load_compressed(out)  # measure what was saved, not what is in memory
     compressed = evaluate(
