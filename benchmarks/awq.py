@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from slimlm.cli import _model_dir, _model_id
 from slimlm.data import calibration_batch, protocol_texts
 from slimlm.eval import Result, evaluate
 from slimlm.models import load_model
+from slimlm.models.identity import model_dir, model_id
 from slimlm.quant import RTN
 from slimlm.quant.awq_handler import AWQ, apply_awq
 from slimlm.quant.rtn import apply_rtn
@@ -46,10 +46,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=args.speed)
     model, tok = load_model(MODEL)
-    base = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), model_dir=_model_dir(MODEL), **common)
+    base = evaluate(model, tok, source=MODEL, model_id=model_id(MODEL), model_dir=model_dir(MODEL), **common)
     calib = calibration_batch(tok, protocol_texts("wiki-v1").calibration, n_samples=args.samples, seq_len=512, seed=0)
     del model
-    vs_base = dict(base_source=MODEL, base_id=_model_id(MODEL), load_base=lambda: load_model(MODEL)[0])
+    vs_base = dict(base_source=MODEL, base_id=model_id(MODEL), load_base=lambda: load_model(MODEL)[0])
     head = ("method", "ppl", "Δppl", "KLD", "top-1", "bpw", "compress s")
     lines = [" | ".join(head), " | ".join("---" for _ in head), row("base", base, base, 0.0)]
     print("\n".join(lines), flush=True)

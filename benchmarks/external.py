@@ -154,7 +154,7 @@ def parse_rows(spec: str) -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    from slimlm.api import calibration_ids
+    from slimlm.eval import calibration_ids
     from slimlm.models import load_model
     from slimlm.models.builtin import builtin_dir
     from _table import quality_cells  # benchmarks/ is on sys.path when a script runs

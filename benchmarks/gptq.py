@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from slimlm.cli import _model_id
 from slimlm.data import calibration_batch, protocol_texts
 from slimlm.eval import Result, evaluate
 from slimlm.models import load_model
+from slimlm.models.identity import model_id
 from slimlm.quant import GPTQ, RTN, apply_gptq, apply_rtn
 from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
 
@@ -66,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=False)
     model, tok = load_model(MODEL)
-    base = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), **common)
+    base = evaluate(model, tok, source=MODEL, model_id=model_id(MODEL), **common)
     calib = calibration_batch(tok, protocol_texts("wiki-v1").calibration, n_samples=args.samples,
                               seq_len=args.seq_len, seed=0)  # fmt: skip
     del model
@@ -78,7 +78,7 @@ def main() -> None:
             if args.only and name not in args.only.split(","):
                 continue
             model, tok, seconds = run_one(config, calib)
-            r = evaluate(model, tok, source=name, base_source=MODEL, base_id=_model_id(MODEL),
+            r = evaluate(model, tok, source=name, base_source=MODEL, base_id=model_id(MODEL),
                          load_base=lambda: load_model(MODEL)[0], **common)  # fmt: skip
             lines.append(row(name, r, base, seconds))
             print(lines[-1], flush=True)

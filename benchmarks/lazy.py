@@ -31,8 +31,9 @@ def child(mode: str, out: str, method: str, samples: int, scheme: str, threads: 
 
     torch.set_num_threads(threads)
     import slimlm.quant.gptq_handler as gptq_handler
-    from slimlm.api import apply, calibration_ids
+    from slimlm.api import apply
     from slimlm.calib.runner import peak_rss_mb
+    from slimlm.eval import calibration_ids
     from slimlm.pipelines.lazy import compress_lazy
     from slimlm.io import save_compressed
     from slimlm.models import builtin_dir, load_lazy, load_model

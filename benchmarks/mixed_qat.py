@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from slimlm.cli import _model_id
 from slimlm.data import calibration_batch, protocol_texts
 from slimlm.eval import Result, evaluate
 from slimlm.models import load_model
+from slimlm.models.identity import model_id
 from slimlm.quant import RTN, apply_rtn
 from slimlm.quant.mixed_handler import MixedPrecision, apply_mixed
 from slimlm.quant.qat import QAT, apply_qat
@@ -90,7 +90,7 @@ def main() -> None:
     model, tok = load_model(MODEL)
     base_ppl = args.base_ppl
     if base_ppl is None:
-        base_ppl = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), **common).quality.perplexity
+        base_ppl = evaluate(model, tok, source=MODEL, model_id=model_id(MODEL), **common).quality.perplexity
     calib = calibration_batch(tok, protocol_texts("wiki-v1").calibration, n_samples=args.samples,
                               seq_len=args.seq_len, seed=0)  # fmt: skip
     del model
@@ -101,7 +101,7 @@ def main() -> None:
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
         model, tok, seconds = run_one(config, calib)
-        r = evaluate(model, tok, source=name, base_source=MODEL, base_id=_model_id(MODEL),
+        r = evaluate(model, tok, source=name, base_source=MODEL, base_id=model_id(MODEL),
                      load_base=lambda: load_model(MODEL)[0], **common)  # fmt: skip
         lines.append(row(name, r, base_ppl, seconds))
         print(lines[-1], flush=True)

@@ -15,7 +15,7 @@ model; about 15 s a step on one busy core here, forward, backward and the
 teacher's forward). Each model is pruned from a fresh copy of the base, saved with
 save_compressed, reloaded from disk and measured, so size and speed describe
 the checkpoint a user gets. Calibration: the protocol's calibration split
-through ``slimlm.api.calibration_ids`` (``--samples`` sequences of 512
+through ``slimlm.eval.calibration_ids`` (``--samples`` sequences of 512
 tokens, seed 0). "nonzero params" counts the model's parameters less the
 pruned weights; "bpw" is the decoder linears' stored bits per weight,
 positions (bitmask / N:M index) included; speed columns are ratios to the
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from slimlm.api import apply_all, calibration_ids, needs_calibration
-from slimlm.cli import _model_dir, _model_id
-from slimlm.eval import Result, evaluate
+from slimlm.api import apply_all, needs_calibration
+from slimlm.eval import Result, calibration_ids, evaluate
 from slimlm.io import load_compressed, save_compressed
 from slimlm.models import load_model
+from slimlm.models.identity import model_dir, model_id
 from slimlm.nn import SparseLinear, SparseQuantLinear
 from slimlm.prune import GradualMagnitude, Magnitude, SparseGPT, Wanda
 from slimlm.quant import RTN
@@ -85,7 +85,7 @@ def measure(name: str, steps: list[object], kernel: str | None, *, tmp: Path, co
         for m in model.modules():
             if isinstance(m, SparseLinear):
                 m.set_kernel(kernel)
-    r = evaluate(model, tok, source=name, model_id=None, base_source=MODEL, base_id=_model_id(MODEL),
+    r = evaluate(model, tok, source=name, model_id=None, base_source=MODEL, base_id=model_id(MODEL),
                  load_base=lambda: load_model(MODEL)[0], model_dir=str(out), **common)  # fmt: skip
     return r, seconds, nonzero_params(model, r)
 
@@ -119,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=not args.no_speed)
     model, tok = load_model(MODEL)
-    base = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), model_dir=_model_dir(MODEL), **common)
+    base = evaluate(model, tok, source=MODEL, model_id=model_id(MODEL), model_dir=model_dir(MODEL), **common)
     calib = calibration_ids(tok, "wiki-v1", n_samples=args.samples)
     del model
     head = ("method", "ppl", "Δppl", "KLD", "top-1", "bpw", "nonzero params", "ckpt MB", "prefill", "decode",

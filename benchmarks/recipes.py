@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from slimlm.api import apply_all, calibration_ids, needs_calibration
-from slimlm.cli import _model_dir, _model_id
-from slimlm.eval import Result, evaluate
+from slimlm.api import apply_all, needs_calibration
+from slimlm.eval import Result, calibration_ids, evaluate
 from slimlm.io import load_compressed, save_compressed
 from slimlm.models import load_model
+from slimlm.models.identity import model_dir, model_id
 from slimlm.recipe import load_recipe, shipped_recipes
 
 MODEL = "smollm2-135m"
@@ -62,8 +62,8 @@ def measure(recipe_name: str, *, tmp: Path, common: dict,
     out = save_compressed(model, tok, tmp / recipe.name, base_model=MODEL, recipe=recipe.spec)
     del model
     model, tok = load_compressed(out)
-    result = evaluate(model, tok, source=recipe.name, model_id=_model_id(str(out)), base_source=MODEL,
-                      base_id=_model_id(MODEL), load_base=lambda: load_model(MODEL)[0], model_dir=str(out),
+    result = evaluate(model, tok, source=recipe.name, model_id=model_id(str(out)), base_source=MODEL,
+                      base_id=model_id(MODEL), load_base=lambda: load_model(MODEL)[0], model_dir=str(out),
                       recipe=recipe.spec, **common)  # fmt: skip
     return result, seconds, peak
 
@@ -100,7 +100,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=not args.no_speed)
     model, tok = load_model(MODEL)
-    base = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), model_dir=_model_dir(MODEL), **common)
+    base = evaluate(model, tok, source=MODEL, model_id=model_id(MODEL), model_dir=model_dir(MODEL), **common)
     del model
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from slimlm.api import apply, calibration_ids
-from slimlm.cli import _model_dir, _model_id
-from slimlm.eval import Result, evaluate, get_protocol, measure_speed
+from slimlm.api import apply
+from slimlm.eval import Result, calibration_ids, evaluate, get_protocol, measure_speed
 from slimlm.eval.runner import eval_tokens
 from slimlm.io import save_compressed, load_compressed
 from slimlm.models import load_model
+from slimlm.models.identity import model_dir, model_id
 from slimlm.prune.structured_config import Structured
 from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
 
@@ -84,7 +84,7 @@ def prune_one(mode: str, params: float, calib: torch.Tensor, tmp: Path, args) ->
     del model
     model, tok = load_compressed(out)
     result = evaluate(model, tok, source=f"{mode} {params:.0%}", model_id=None, base_source=MODEL,
-                      base_id=_model_id(MODEL), load_base=lambda: load_model(MODEL)[0], model_dir=str(out),
+                      base_id=model_id(MODEL), load_base=lambda: load_model(MODEL)[0], model_dir=str(out),
                       protocol="wiki-v1", n_tokens=args.tokens, speed=False)  # fmt: skip
     return dict(name=f"{mode} {params:.0%}", result=result, seconds=seconds, shape=shape, model=model, speed=None)
 
@@ -133,7 +133,7 @@ def main() -> None:
     model, tok = load_model(MODEL)
     prompt = eval_tokens(tok, proto)[: args.prompt_tokens or proto.prompt_tokens]
     calib = calibration_ids(tok, "wiki-v1", n_samples=args.calib_samples)
-    dense = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), model_dir=_model_dir(MODEL),
+    dense = evaluate(model, tok, source=MODEL, model_id=model_id(MODEL), model_dir=model_dir(MODEL),
                      protocol="wiki-v1", n_tokens=args.tokens, speed=False)  # fmt: skip
     base = dict(name="dense", result=dense, seconds=0.0, speed=None, model=model,
                 shape=f"L{model.config.num_hidden_layers} H{model.config.num_attention_heads}/"

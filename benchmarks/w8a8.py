@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from slimlm.api import calibration_ids
-from slimlm.cli import _model_dir, _model_id
-from slimlm.eval import Result, evaluate
+from slimlm.eval import Result, calibration_ids, evaluate
 from slimlm.io import load_compressed, save_compressed
 from slimlm.models import load_model
+from slimlm.models.identity import model_dir, model_id
 from slimlm.quant.llm_int8 import LLMInt8, apply_llm_int8
 from slimlm.quant.w8a8 import W8A8, SmoothQuant, apply_smoothquant, apply_w8a8
 from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
@@ -70,7 +69,7 @@ def measure(name: str, calib: torch.Tensor, *, tmp: Path, common: dict) -> tuple
     out = save_compressed(model, tok, tmp / name, base_model=MODEL, recipe=repr(config))
     del model
     model, tok = load_compressed(out)
-    result = evaluate(model, tok, source=name, model_id=None, base_source=MODEL, base_id=_model_id(MODEL),
+    result = evaluate(model, tok, source=name, model_id=None, base_source=MODEL, base_id=model_id(MODEL),
                       load_base=lambda: load_model(MODEL)[0], model_dir=str(out), **common)  # fmt: skip
     return result, seconds, prefill_tokens_per_s(model)
 
@@ -92,7 +91,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     common = dict(protocol="wiki-v1", n_tokens=args.tokens, speed=False)
     model, tok = load_model(MODEL)
-    base = evaluate(model, tok, source=MODEL, model_id=_model_id(MODEL), model_dir=_model_dir(MODEL), **common)
+    base = evaluate(model, tok, source=MODEL, model_id=model_id(MODEL), model_dir=model_dir(MODEL), **common)
     fp32 = prefill_tokens_per_s(model)
     bf16 = prefill_tokens_per_s(model.to(torch.bfloat16))
     del model

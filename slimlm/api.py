@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimlm.errors import SlimlmError
 from slimlm.methods import method_for
 
 log = logging.getLogger("slimlm")
@@ -30,23 +29,6 @@ def apply(model: nn.Module, config: Any, calib: torch.Tensor | None = None) -> n
 def needs_calibration(configs: list[Any]) -> bool:
     """Whether any config's method gathers statistics from calibration text."""
     return any(method_for(c).needs_calibration(c) for c in configs)
-
-
-def calibration_ids(tokenizer: Any, protocol: str = "wiki-v1", *, n_samples: int | None = None) -> torch.Tensor:
-    """The protocol's calibration batch: (n_samples, seq_len) token ids, seeded.
-
-    Drawn from the protocol's calibration split, which is disjoint (by article)
-    from the evaluation text.
-    """
-    from slimlm.data import calibration_batch, protocol_texts
-    from slimlm.eval.protocol import get_protocol
-
-    proto = get_protocol(protocol)
-    if n_samples is not None and n_samples < 1:
-        raise SlimlmError(f"--calib-samples must be >= 1, got {n_samples}")
-    docs = protocol_texts(proto.text).calibration
-    return calibration_batch(tokenizer, docs, n_samples=n_samples or proto.calib_samples,
-                             seq_len=proto.calib_seq_len, seed=proto.calib_seed)  # fmt: skip
 
 
 def apply_all(model: nn.Module, configs: list[Any], calib: torch.Tensor | None = None) -> nn.Module:

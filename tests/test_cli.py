@@ -1,11 +1,18 @@
+import dataclasses
 import json
+import re
 
 import pytest
+import torch
 
 from slimlm.cli import main
-from slimlm.models.tiny import save_tiny_model_dir
+from slimlm.data import load_documents, text_sha256, tokenize_documents
+from slimlm.eval import calibration_ids, get_protocol, load_result, with_user_text
+from slimlm.models.tiny import save_tiny_model_dir, tiny_tokenizer
+from slimlm.pipelines.compress import compress
 
 FAST = ["--protocol", "pydoc-v1", "--tokens", "512", "--no-speed"]
+PY_FAST = dict(protocol="pydoc-v1", tokens=512, speed=False)
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +107,104 @@ def test_compress_with_a_calibrated_recipe_records_its_calibration(capsys, tiny_
     assert manifest["recipe"]["name"] == "gptq-int4-g64"
     _one_line_error(capsys, main(["compress", "--model", tiny_dir, "--recipe", "gptq-int4-g64", "--out",
                                   str(tmp_path / "h"), "--calib-samples", "0", *FAST]), "--calib-samples")
+
+
+# ---------------------------------------------------------------- the pipeline from Python; a user's text
+
+def user_file(path, words=("zebra", "lantern", "quartz"), n_docs=12):
+    """A .txt of ``n_docs`` paragraphs (documents) of words no built-in text is made of."""
+    paras = [f"Note {i}: " + " ".join(f"{w}{i % 3}" for w in words) * 20 for i in range(n_docs)]
+    path.write_text("\n\n".join(paras) + "\n")
+    return path
+
+
+def test_compress_from_python_equals_the_cli(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "c"
+    assert main(["compress", "--model", tiny_dir, "--recipe", "rtn-int4-g64", "--out", str(out), *FAST,
+                 "--json", str(tmp_path / "cli.json")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    cli = json.loads((tmp_path / "cli.json").read_text())["results"]
+    report = compress(tiny_dir, "rtn-int4-g64", out=out, overwrite=True, **PY_FAST)
+    assert report.out == out and report.recipe == "rtn-int4-g64" and report.seconds >= 0
+    for ours, theirs in zip(report.results, cli):
+        assert (ours.protocol, ours.model, ours.base) == (theirs["protocol"], theirs["model"], theirs["base"])
+        assert dataclasses.asdict(ours.size) == theirs["size"]
+        assert ours.quality.perplexity == pytest.approx(theirs["quality"]["perplexity"], rel=1e-6)
+        assert ours.quality.kld == pytest.approx(theirs["quality"]["kld"], abs=1e-6)
+    summary = report.summary().splitlines()
+    assert summary[0] == printed[0] and summary[-1].startswith("recipe rtn-int4-g64: compressed in ")
+    assert summary[-1].endswith(f"saved to {out}") and printed[-1].endswith(f"saved to {out}")
+    assert [ln.split()[0] for ln in summary[2:-1] if ln] == [ln.split()[0] for ln in printed[2:-1] if ln]
+
+
+def test_calibration_on_a_user_file_is_recorded_and_drawn_only_from_it(tiny_dir, tmp_path):
+    text = user_file(tmp_path / "notes.txt")
+    proto = dataclasses.replace(get_protocol("pydoc-v1"), calib_seed=7)  # the seed comes from the protocol
+    report = compress(tiny_dir, "gptq-int4-g64", out=tmp_path / "g", protocol=proto, calib_data=str(text),
+                      calib_samples=2, tokens=512, speed=False)  # fmt: skip
+    manifest = json.loads((tmp_path / "g" / "slimlm_manifest.json").read_text())
+    sha = text_sha256(load_documents(str(text)))
+    assert manifest["calibration"] == {"protocol": "pydoc-v1", "source": str(text), "sha256": sha, "samples": 2,
+                                       "seq_len": 512, "seed": 7}  # fmt: skip
+    assert report.compressed.protocol == "pydoc-v1"  # calibration changes the model, not the measurement
+    tok = tiny_tokenizer()
+    calib = calibration_ids(tok, with_user_text(proto, calib_data=str(text)), n_samples=8)  # (8, 512)
+    windows = tokenize_documents(tok, load_documents(str(text))).unfold(0, 512, 1)  # every window of the file
+    assert all((windows == row).all(dim=1).any() for row in calib)
+    assert not torch.equal(calib, calibration_ids(tok, with_user_text("pydoc-v1", calib_data=str(text)), n_samples=8))
+
+
+def test_eval_on_a_user_text_names_it_and_refuses_other_protocols(capsys, tiny_dir, tmp_path):
+    text = user_file(tmp_path / "notes.txt")
+    assert main(["eval", tiny_dir, "--eval-data", str(text), "--no-speed", "--json", str(tmp_path / "u.json")]) == 0
+    sha = text_sha256(load_documents(str(text)))
+    assert f"text {text}, sha256 {sha[:12]}" in capsys.readouterr().out
+    result = json.loads((tmp_path / "u.json").read_text())
+    assert result["protocol"] == f"wiki-v1+text:{sha[:12]}"
+    assert result["text_source"] == str(text) and result["text_sha256"] == sha
+    assert load_result(tmp_path / "u.json").text_sha256 == sha
+    assert main(["eval", tiny_dir, *FAST, "--json", str(tmp_path / "p.json")]) == 0
+    assert "text_sha256" not in json.loads((tmp_path / "p.json").read_text())  # built-in texts: JSON as before
+    assert main(["eval", str(tmp_path / "p.json")]) == 0  # a saved result is printed again
+    capsys.readouterr()
+    line = _one_line_error(capsys, main(["eval", "--compare", str(tmp_path / "p.json"), str(tmp_path / "u.json")]),
+                           "cannot set results of different protocols or texts side by side")
+    assert "pydoc-v1" in line and sha[:12] in line
+    _one_line_error(capsys, main(["eval", "--compare", tiny_dir, str(tmp_path / "p.json"), "--eval-data", str(text),
+                                  "--json", str(tmp_path / "x.json")]), "cannot set")
+    assert not (tmp_path / "x.json").exists()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+SHORT = r"holds \d+ tokens, fewer than one window of 512 needed to score it"
+
+
+@pytest.mark.parametrize("make, eval_pattern, calib_pattern", [
+    (lambda d: _write(d / "empty.txt", ""), "holds no text", "holds no text"),
+    (lambda d: _write(d / "bad.jsonl", '{"text": "a"}\nnot json\n'), "line 2 is not valid JSON", "line 2 is not"),
+    (lambda d: _write(d / "short.txt", "A short note.\n\nAnother one.\n"), SHORT,
+     r"holds only \d+ tokens, fewer than one sequence of 512 needed for calibration"),
+    (lambda d: d / "missing.txt", "does not exist", "does not exist"),
+])
+def test_bad_user_text_gets_one_line_and_nothing_written(capsys, tiny_dir, tmp_path, make, eval_pattern,
+                                                         calib_pattern):
+    src = str(make(tmp_path))
+    for flag, pattern in (("--eval-data", eval_pattern), ("--calib-data", calib_pattern)):
+        line = _one_line_error(capsys, main(["compress", "--model", tiny_dir, "--recipe", "gptq-int4-g64", "--out",
+                                             str(tmp_path / "c"), flag, src, *FAST]), "")  # fmt: skip
+        assert re.search(pattern, line), line
+        assert not (tmp_path / "c").exists() and not (tmp_path / "cache" / "base").exists()
+    line = _one_line_error(capsys, main(["eval", tiny_dir, "--eval-data", src, "--no-speed", "--json",
+                                         str(tmp_path / "r.json")]), "")  # fmt: skip
+    assert re.search(eval_pattern, line), line
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "cache" / "base").exists()
+
+
+def test_nonpositive_token_budget_is_refused_by_eval_and_compress(capsys, tiny_dir, tmp_path):
+    for argv in (["eval", tiny_dir], ["compress", "--model", tiny_dir, "--out", str(tmp_path / "c")]):
+        _one_line_error(capsys, main([*argv, "--protocol", "pydoc-v1", "--tokens", "0"]), "--tokens must be a positive")
+    assert not (tmp_path / "c").exists()

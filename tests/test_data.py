@@ -361,3 +361,24 @@ def test_wiki_protocol_token_counts_with_smollm2_tokenizer(wiki, monkeypatch, ca
     assert n_eval > 4 * 16_384
     assert n_calib > 128 * 512
     assert calibration_batch(tok, split.calibration).shape == (128, 512)
+
+
+# ---------------------------------------------------------------- a user's text
+
+def test_text_hash_covers_content_and_document_boundaries(tmp_path):
+    from slimlm.data import load_text, text_sha256, user_texts
+
+    assert text_sha256(["ab", "c"]) != text_sha256(["a", "bc"]) != text_sha256(["abc"])
+    assert text_sha256(["ab", "c"]) == text_sha256(("ab", "c"))
+    a = tmp_path / "a.txt"
+    a.write_text("one\n\ntwo\n\nthree\n\nfour\n")
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("one", "two", "three", "four")))
+    text = load_text(str(a))
+    assert text.documents == ("one", "two", "three", "four") and text.part == "all"
+    assert text.record() == {"source": str(a), "sha256": text.sha256} and len(text.sha256) == 64
+    calib, evaluation = user_texts(str(a), str(copy))  # the same documents: split, whatever the file format
+    assert calib.part == "calibration" and evaluation.part == "evaluation"
+    assert set(calib.documents) | set(evaluation.documents) == set(text.documents)
+    assert user_texts(str(a), str(copy)) == (calib, evaluation)  # deterministic
+    assert user_texts(None, str(a)) == (None, text)

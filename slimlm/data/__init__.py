@@ -6,20 +6,23 @@
     tokenize_documents(tok, docs)     -> (n,) LongTensor
     token_windows(ids, window=512)    -> (n_windows, 512) LongTensor
     calibration_batch(tok, docs)      -> (128, 512) LongTensor, seeded
+    load_text("notes.txt")            -> Text        (documents + source + sha256)
+    user_texts(calib_src, eval_src)   -> (Text | None, Text | None), split when one source serves both
 """
 
 from slimlm.data.hf import HFSpec, load_hf_documents, parse_hf_spec
 from slimlm.data.sources import (SOURCES, load_documents, pydoc_documents, read_jsonl_file,
                                  read_text_file, wiki_documents)
 from slimlm.data.splits import PROTOCOL_TEXTS, ProtocolText, Split, protocol_texts, split_documents
+from slimlm.data.texts import Text, load_text, text_sha256, user_texts
 from slimlm.data.tokens import calibration_batch, token_windows, tokenize_documents
 from slimlm.data.wiki import Article, wiki_articles, wiki_dump_path
 from slimlm.data.wikimarkup import strip_wikitext
 
 __all__ = [
-    "Article", "HFSpec", "PROTOCOL_TEXTS", "ProtocolText", "SOURCES", "Split",
-    "calibration_batch", "load_documents", "load_hf_documents", "parse_hf_spec",
+    "Article", "HFSpec", "PROTOCOL_TEXTS", "ProtocolText", "SOURCES", "Split", "Text",
+    "calibration_batch", "load_documents", "load_text", "load_hf_documents", "parse_hf_spec",
     "protocol_texts", "pydoc_documents", "read_jsonl_file", "read_text_file",
-    "split_documents", "strip_wikitext", "token_windows", "tokenize_documents",
+    "split_documents", "strip_wikitext", "text_sha256", "token_windows", "tokenize_documents", "user_texts",
     "wiki_articles", "wiki_documents", "wiki_dump_path",
 ]

@@ -82,20 +82,21 @@ def token_windows(tokens: torch.Tensor, *, window: int = 512, n_tokens: int | No
 
 
 def calibration_batch(tokenizer: Any, docs: list[str], *, n_samples: int = 128, seq_len: int = 512,
-                      seed: int = 0) -> torch.Tensor:
+                      seed: int = 0, name: str = "the calibration text") -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens: (n_samples, seq_len).
 
     Start offsets are drawn uniformly from a ``torch.Generator`` seeded with
     ``seed``, so the batch is identical for the same text and seed on every
     machine. Windows may overlap one another (as in the GPTQ reference).
+    ``name`` says which text a refusal is about.
     """
     if n_samples <= 0 or seq_len <= 0:
         raise SlimlmError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
     tokens = tokenize_documents(tokenizer, docs)
     available = tokens.numel()
     if available < seq_len:
-        raise SlimlmError(f"the calibration text holds only {_fmt(available)} tokens, fewer than "
-                          f"one sequence of {seq_len}; pass a longer text or a smaller --seq-len")
+        raise SlimlmError(f"{name} holds only {_fmt(available)} tokens, fewer than one sequence of "
+                          f"{seq_len} needed for calibration; pass a longer text")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, available - seq_len + 1, (n_samples,), generator=g)  # (n_samples,)
     offsets = torch.arange(seq_len)  # (seq_len,)

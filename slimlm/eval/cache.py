@@ -1,8 +1,9 @@
 """On-disk cache of the base model's reference outputs.
 
-Keyed by the base model's fingerprint, the protocol and the exact windows
-scored, so a second evaluation against the same base does not recompute it.
-Files live in ``$SLIMLM_CACHE/base/`` as safetensors, written atomically.
+Keyed by the base model's identity (``slimlm.models.identity.model_id``:
+source plus a fingerprint of its files), the protocol, a user's text hash
+and the exact windows scored, so a second evaluation against the same base
+does not recompute it. Files live in ``$SLIMLM_CACHE/base/`` as safetensors, written atomically.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -22,24 +22,15 @@ from slimlm.fsutil import atomic_write_bytes, cache_dir
 
 log = logging.getLogger("slimlm.eval")
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json")
 
-
-def fingerprint_path(path: str | os.PathLike) -> str:
-    """A cheap identity for a model on disk: names, sizes and mtimes of its files."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+def cache_key(*, model_id: str, protocol: str, windows: torch.Tensor, top_k: int,
+              text_sha256: str | None = None) -> str:
+    """``text_sha256`` names a user's text (built-in protocol texts are named by ``protocol``)."""
     h = hashlib.sha256()
-    for f in files:
-        if f.suffix in _WEIGHT_SUFFIXES:
-            st = f.stat()
-            h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
-def cache_key(*, model_id: str, protocol: str, windows: torch.Tensor, top_k: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": model_id, "protocol": protocol, "top_k": top_k}).encode())
+    ident = {"model": model_id, "protocol": protocol, "top_k": top_k}
+    if text_sha256 is not None:  # absent for built-in texts, so their existing cache entries stay valid
+        ident["text"] = text_sha256
+    h.update(json.dumps(ident).encode())
     h.update(windows.to(torch.int64).numpy().tobytes())  # the exact tokens scored
     return h.hexdigest()[:24]
 

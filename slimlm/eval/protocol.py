@@ -1,15 +1,27 @@
-"""Named, locked measurement protocols.
+"""Named, locked measurement protocols, and ad-hoc ones on a user's own text.
 
 A protocol fixes everything that changes a number: which text, the window
 length, how many tokens are scored, the calibration draw, and the speed
 workload. Its name is printed beside every result so runs can be compared.
+
+``with_user_text(protocol, calib_data=..., eval_data=...)`` derives an
+ad-hoc protocol with the same window, calibration and speed settings that
+reads a user's text instead; when it scores a user's text its name carries
+the text's hash (``wiki-v1+text:<sha256[:12]>``), so results on different
+texts never share a name, a cache entry or a comparison table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
+
+from slimlm.data import PROTOCOL_TEXTS, Text, calibration_batch, protocol_texts, user_texts
 from slimlm.errors import SlimlmError
+from slimlm.validate import check_pos_int
 
 
 @dataclass(frozen=True)
@@ -25,10 +37,19 @@ class Protocol:
     prompt_tokens: int = 512  # speed: prefill length
     new_tokens: int = 128  # speed: greedy decode length
     speed_runs: int = 3  # timed runs after one warm-up; the median is reported
+    calib_text: Text | None = field(default=None, repr=False)  # a user's text instead of the calibration split
+    eval_text: Text | None = field(default=None, repr=False)  # a user's text instead of the evaluation split
+    derived_from: str | None = None  # the named protocol an ad-hoc one keeps the settings of
 
     def __post_init__(self) -> None:
         if self.eval_tokens % self.window:
             raise ValueError(f"eval_tokens {self.eval_tokens} must be a multiple of window {self.window}")
+
+    def calibration_documents(self) -> list[str]:
+        return list(self.calib_text.documents) if self.calib_text else protocol_texts(self.text).calibration
+
+    def evaluation_documents(self) -> list[str]:
+        return list(self.eval_text.documents) if self.eval_text else protocol_texts(self.text).evaluation
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -38,8 +59,56 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
-def get_protocol(name: str) -> Protocol:
+def get_protocol(name: str | Protocol) -> Protocol:
+    if isinstance(name, Protocol):
+        return name
     try:
         return PROTOCOLS[name]
     except KeyError:
         raise SlimlmError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}") from None
+
+
+def with_user_text(protocol: str | Protocol, *, calib_data: str | None = None,
+                   eval_data: str | None = None) -> Protocol:
+    """``protocol`` reading a user's calibration and/or evaluation text (see ``slimlm.data.user_texts``).
+
+    The same source for both is split by document like the protocol's own
+    text; different sources are each used whole. Only the evaluation text
+    renames the protocol: calibration changes the model, not the measurement.
+    """
+    proto = get_protocol(protocol)
+    if calib_data is None and eval_data is None:
+        return proto
+    split = PROTOCOL_TEXTS[proto.text]
+    calib, evaluation = user_texts(calib_data, eval_data, eval_fraction=split.eval_fraction, seed=split.seed)
+    named = proto.derived_from or proto.name
+    name = f"{named}+text:{evaluation.sha256[:12]}" if evaluation else proto.name
+    return dataclasses.replace(proto, name=name, calib_text=calib or proto.calib_text,
+                               eval_text=evaluation or proto.eval_text,
+                               derived_from=named)  # fmt: skip
+
+
+def calibration_ids(tokenizer: Any, protocol: str | Protocol = "wiki-v1", *,
+                    n_samples: int | None = None) -> torch.Tensor:
+    """The protocol's calibration batch: (n_samples, seq_len) token ids, seeded by ``calib_seed``.
+
+    Drawn from the protocol's calibration split (disjoint, by document, from
+    its evaluation text) or from the user's calibration text of an ad-hoc
+    protocol.
+    """
+    proto = get_protocol(protocol)
+    if n_samples is not None:
+        check_pos_int("--calib-samples", n_samples, "calibration sequences")
+    name = f"the calibration text {proto.calib_text.source}" if proto.calib_text else "the calibration text"
+    return calibration_batch(tokenizer, proto.calibration_documents(), n_samples=n_samples or proto.calib_samples,
+                             seq_len=proto.calib_seq_len, seed=proto.calib_seed, name=name)  # fmt: skip
+
+
+def calibration_record(protocol: str | Protocol, calib: torch.Tensor) -> dict[str, Any]:
+    """What a checkpoint's manifest says about its calibration batch ``calib`` (N, L)."""
+    proto = get_protocol(protocol)
+    record: dict[str, Any] = {"protocol": proto.derived_from or proto.name}
+    if proto.calib_text is not None:
+        record.update(proto.calib_text.record())
+    record.update(samples=calib.shape[0], seq_len=calib.shape[1], seed=proto.calib_seed)
+    return record

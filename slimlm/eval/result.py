@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
+import slimlm
 from slimlm.errors import SlimlmError
 from slimlm.eval.quality import Quality
 from slimlm.models.size import SizeReport
@@ -20,13 +22,10 @@ from slimlm.eval.speed import Speed
 from slimlm.fsutil import atomic_write_text
 
 SCHEMA = "slimlm.result/1"
+COMPARISON_SCHEMA = "slimlm.comparison/1"
 
 
 def environment() -> dict[str, Any]:
-    import transformers
-
-    import slimlm
-
     return {
         "slimlm": slimlm.__version__,
         "torch": torch.__version__,
@@ -48,12 +47,17 @@ class Result:
     size: SizeReport
     speed: Speed | None
     recipe: Any = None
+    text_source: str | None = None  # a user's evaluation text (ad-hoc protocol), as given
+    text_sha256: str | None = None  # and the hash of its documents (slimlm.data.text_sha256)
     env: dict[str, Any] = field(default_factory=environment)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.text_sha256 is None:  # a built-in protocol text: the JSON stays as it always was
+            del d["text_source"], d["text_sha256"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Result":
@@ -68,6 +72,14 @@ class Result:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", overwrite=overwrite)
+
+
+def save_results(path: str | os.PathLike, results: list[Result], *, overwrite: bool = False) -> Path:
+    """One result as a Result JSON; several as a comparison document holding each."""
+    if len(results) == 1:
+        return results[0].save(path, overwrite=overwrite)
+    doc = {"schema": COMPARISON_SCHEMA, "results": [r.to_dict() for r in results]}
+    return atomic_write_text(path, json.dumps(doc, indent=2) + "\n", overwrite=overwrite)
 
 
 def load_result(path: str | os.PathLike) -> Result:
@@ -107,12 +119,29 @@ def _delta(value: Any, ref: Any) -> str:
     return f" ({value - ref:+.4g})"
 
 
+def measured_on(protocol: str, text_source: str | None = None, text_sha256: str | None = None) -> str:
+    """How a table names what a result was measured on: the protocol, and a user's text if any."""
+    return protocol + (f" (text {text_source}, sha256 {text_sha256[:12]})" if text_sha256 else "")
+
+
+def check_comparable(results: list[Result]) -> None:
+    """Refuse results measured on different protocols or texts: their numbers do not compare."""
+    seen = {(r.protocol, r.text_sha256): r for r in results}
+    if len(seen) > 1:
+        kinds = "; ".join(f"{r.model} on {measured_on(r.protocol, r.text_source, r.text_sha256)}"
+                          for r in seen.values())
+        raise SlimlmError(f"cannot set results of different protocols or texts side by side ({kinds}); "
+                          "measure them all with the same --protocol and --eval-data")
+
+
 def format_results(results: list[Result]) -> str:
     """One column per result; columns after the first show the change vs the first."""
+    check_comparable(results)
     first = results[0]
     q = first.quality
+    on = measured_on(first.protocol, first.text_source, first.text_sha256)
     header = (
-        f"protocol {first.protocol} · {q.tokens:,} tokens in {q.windows} windows of {q.window} · "
+        f"protocol {on} · {q.tokens:,} tokens in {q.windows} windows of {q.window} · "
         f"{first.env.get('threads')} threads · slimlm {first.env.get('slimlm')}, torch {first.env.get('torch')}"
     )
     names = ["", *(r.model for r in results)]

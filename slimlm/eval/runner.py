@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from slimlm.data import token_windows, tokenize_documents
+from slimlm.errors import SlimlmError
 from slimlm.eval.cache import cache_key, load_base_stats, store_base_stats
 from slimlm.eval.protocol import Protocol, get_protocol
 from slimlm.eval.quality import BaseStats, Quality, score_windows
@@ -19,25 +21,34 @@ from slimlm.eval.speed import measure_speed
 log = logging.getLogger("slimlm.eval")
 
 
-def eval_tokens(tokenizer: Any, protocol: Protocol) -> torch.Tensor:
+def eval_tokens(tokenizer: Any, protocol: str | Protocol) -> torch.Tensor:
     """The protocol's evaluation text, tokenized once. -> (N,) int64."""
-    from slimlm.data import protocol_texts, tokenize_documents
-
-    return tokenize_documents(tokenizer, protocol_texts(protocol.text).evaluation)
+    return tokenize_documents(tokenizer, get_protocol(protocol).evaluation_documents())
 
 
 def eval_windows(tokens: torch.Tensor, protocol: Protocol, *, n_tokens: int | None, full: bool) -> torch.Tensor:
-    """(N,) -> (W, window): the locked windows; the protocol's budget unless ``full``."""
-    from slimlm.data import token_windows
+    """(N,) -> (W, window): the locked windows; the protocol's budget unless ``full``.
 
+    A user's text shorter than the default budget is scored whole (in whole
+    windows); an explicit ``n_tokens`` larger than the text is still refused.
+    """
     budget = None if full else (n_tokens or protocol.eval_tokens)
+    text = protocol.eval_text
+    if text is not None:
+        if tokens.numel() < protocol.window:
+            raise SlimlmError(f"the evaluation text {text.source} holds {tokens.numel():,} tokens, fewer than "
+                              f"one window of {protocol.window} needed to score it; pass a longer text")
+        if n_tokens is None and budget is not None:
+            budget = min(budget, tokens.numel() // protocol.window * protocol.window)
     return token_windows(tokens, window=protocol.window, n_tokens=budget)
 
 
 def _key(model_id: str | None, windows: torch.Tensor, protocol: Protocol) -> str | None:
     if model_id is None:
         return None
-    return cache_key(model_id=model_id, protocol=protocol.name, windows=windows, top_k=protocol.kl_top_k)
+    text = protocol.eval_text.sha256 if protocol.eval_text else None
+    return cache_key(model_id=model_id, protocol=protocol.name, windows=windows, top_k=protocol.kl_top_k,
+                     text_sha256=text)
 
 
 def _score_self(model: nn.Module, windows: torch.Tensor, protocol: Protocol, model_id: str | None) -> Quality:
@@ -85,6 +96,7 @@ def evaluate(
     speed: bool = True,
     model_dir: str | None = None,
     recipe: Any = None,
+    stream: torch.Tensor | None = None,
 ) -> Result:
     """Measure quality, size and speed of ``model`` on ``protocol``.
 
@@ -92,9 +104,11 @@ def evaluate(
     against; without them the model is its own base (KLD 0, agreement 1).
     ``model_id``/``base_id`` are stable identities (source plus file
     fingerprint) that key the on-disk cache of base outputs; None disables it.
+    ``stream`` is the protocol's evaluation text already tokenized
+    (``eval_tokens``), when a caller measures several models with one tokenizer.
     """
-    proto = protocol if isinstance(protocol, Protocol) else get_protocol(protocol)
-    tokens = eval_tokens(tokenizer, proto)
+    proto = get_protocol(protocol)
+    tokens = eval_tokens(tokenizer, proto) if stream is None else stream
     windows = eval_windows(tokens, proto, n_tokens=n_tokens, full=full)
     is_self = base_source is None or load_base is None
     if is_self:
@@ -113,5 +127,7 @@ def evaluate(
         size=measure_size(model, model_dir=model_dir),
         speed=spd,
         recipe=recipe,
+        text_source=proto.eval_text.source if proto.eval_text else None,
+        text_sha256=proto.eval_text.sha256 if proto.eval_text else None,
     )
 

@@ -101,3 +101,18 @@ def test_size_of_a_quantized_model_counts_packed_weights():
     saved = dense.linear_bytes - q.linear_bytes
     assert dense.model_bytes - q.model_bytes == saved
     assert bytes_read_per_token(model) == bytes_read_per_token(tiny_model("llama")) - saved
+
+
+def test_results_on_different_texts_are_not_set_side_by_side(tmp_path):
+    from slimlm.eval import with_user_text
+
+    (tmp_path / "t.txt").write_text("\n\n".join(f"note {i}: " + "zebra lantern quartz " * 30 for i in range(6)))
+    tok, model = tiny_tokenizer(), tiny_model("llama")
+    user = with_user_text(SMALL, eval_data=str(tmp_path / "t.txt"))
+    assert user.name.startswith("pydoc-test+text:") and user.window == SMALL.window
+    r_user = evaluate(model, tok, source="tiny", protocol=user, speed=False)
+    r_small = evaluate(model, tok, source="tiny", protocol=SMALL, speed=False)
+    assert r_user.text_source == str(tmp_path / "t.txt") and r_user.quality.tokens == SMALL.eval_tokens
+    assert "sha256" in format_results([r_user, r_user])
+    with pytest.raises(SlimlmError, match="different protocols or texts"):
+        format_results([r_small, r_user])
