@@ -4,9 +4,10 @@
 to the classes whose ``empty(...)`` shells ``load_state_dict`` fills.
 """
 
+from slimlm.nn.compose import check_schemes, gptq_pruned, rtn_pruned
 from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
-from slimlm.nn.quant_linear import QuantLinear, linear_weight
+from slimlm.nn.quant_linear import QuantLinear, in_features_of, linear_weight
 from slimlm.nn.sparse_linear import SparseLinear, SparseQuantLinear
 from slimlm.nn.w8a8_linear import W8A8_CLASSES, W8A8_WEIGHT_SCHEME, W8A8Linear, W8A8PerTensorLinear
 
@@ -20,4 +21,5 @@ RUNTIME_MODULES: dict[str, type[PackedLinear]] = {
 }
 
 __all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear",
-           "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "linear_weight"]
+           "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "check_schemes", "gptq_pruned",
+           "in_features_of", "linear_weight", "rtn_pruned"]
