@@ -31,7 +31,7 @@ from slimlm.kernels import select_weight_kernel, weight_matmul
 from slimlm.kernels.sparse import DenseSparse, select_sparse_kernel
 from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import linear_weight, zero_packed
-from slimlm.nn.sparse_format import NMPair, Tensors, decode_positions, encode_positions, pattern_of, pattern_tensor
+from slimlm.nn.sparse_format import NMPair, Tensors, decode_positions, encode_positions, pattern_of
 
 _POSITION_KEYS = ("mask", "index")
 

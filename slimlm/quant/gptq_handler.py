@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from slimlm.calib.runner import calibrate_linears
