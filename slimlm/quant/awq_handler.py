@@ -61,7 +61,7 @@ class AWQ:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "clip_exclude", tuple(self.clip_exclude))
         check_targets(self.targets)
-        check_pos_int("grid", self.grid, "alphas tried, e.g. 20")
+        check_pos_int("grid", self.grid, "alphas tried, the paper uses 20")
         check_pos_int("n_sample_rows", self.n_sample_rows, "calibration tokens kept per linear, e.g. 4096")
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
         check_bool("clip_search", self.clip_search)
