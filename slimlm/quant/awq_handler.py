@@ -6,9 +6,10 @@ linears' input columns and ``1/s`` is folded exactly into the op that
 produces the input: the norm's weight (and bias), or the rows of the linear
 whose output it is (the adapter's ``producers``: ``v_proj`` for ``o_proj``
 when there is no GQA, ``up_proj`` for ``down_proj`` since ``act(gate) * up``
-is elementwise, OPT's ``fc1`` through ReLU; see :mod:`slimlm.quant.fold`). The float model computes the same function after the
-folding; only then are the block's linears clipped, quantized and swapped
-for QuantLinear. The algorithm itself is in :mod:`slimlm.quant.awq`.
+is elementwise, OPT's ``fc1`` through ReLU; see :mod:`slimlm.quant.fold`).
+The float model computes the same function after the folding; only then
+are the block's linears clipped, quantized and swapped for QuantLinear. The
+algorithm itself is in :mod:`slimlm.quant.awq`.
 """
 
 from __future__ import annotations

@@ -5,6 +5,6 @@ from slimlm.solvers.grid import GPTQ_SCHEMES, ColumnGrid, check_gptq_scheme, col
 from slimlm.solvers.masked import MaskedColumns, SparseResult, masked_solve, solve_with_mask
 from slimlm.solvers.obs import LazyBlock, ObsProblem, check_layer, dampen_and_invert, obs_solve, prepare
 
-__all__ = ["GPTQ_SCHEMES", "ColumnGrid", "LazyBlock", "MaskedColumns", "ObsProblem", "SparseResult", "check_gptq_scheme",
-           "check_layer", "column_grid", "dampen_and_invert", "masked_solve", "obs_solve", "prepare",
-           "solve_with_mask"]  # fmt: skip
+__all__ = ["GPTQ_SCHEMES", "ColumnGrid", "LazyBlock", "MaskedColumns", "ObsProblem", "SparseResult",
+           "check_gptq_scheme", "check_layer", "column_grid", "dampen_and_invert", "masked_solve", "obs_solve",
+           "prepare", "solve_with_mask"]  # fmt: skip

@@ -100,8 +100,9 @@ def masked_solve(
     return SparseResult(Q, kept, qweight, prob.stats(losses))
 
 
-def solve_with_mask(W: Tensor, H: Tensor, keep: Tensor, *, scheme: IntScheme | None = None, blocksize: int = 128,
-                    percdamp: float = 0.01, act_order: bool = False, static_groups: bool = True) -> SparseResult:  # fmt: skip
+def solve_with_mask(W: Tensor, H: Tensor, keep: Tensor, *, scheme: IntScheme | None = None,
+                    blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                    static_groups: bool = True) -> SparseResult:  # fmt: skip
     """OBS update of ``W (out, in)`` with the bool mask ``keep (out, in)`` fixed, survivors rounded to ``scheme``."""
     if keep.shape != W.shape or keep.dtype != torch.bool:
         raise SlimlmError(f"keep must be a bool mask shaped like W {tuple(W.shape)}, got {keep.dtype} "

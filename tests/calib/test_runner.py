@@ -135,5 +135,5 @@ def test_calibrate_linears_visits_each_name_once_and_lm_head_last():
     calibrate_linears(model, CALIB, names, fix, spec=StatsSpec(sq_sum=True), batch_size=4)
     hidden, inter = model.config.hidden_size, model.config.intermediate_size
     tokens = CALIB.numel()
-    assert seen == [("model.layers.0.self_attn.q_proj", tokens, hidden), ("model.layers.1.mlp.down_proj", tokens, inter),
-                    ("lm_head", tokens, hidden)]  # fmt: skip
+    assert seen == [("model.layers.0.self_attn.q_proj", tokens, hidden),
+                    ("model.layers.1.mlp.down_proj", tokens, inter), ("lm_head", tokens, hidden)]  # fmt: skip
