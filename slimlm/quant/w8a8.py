@@ -30,7 +30,7 @@ from slimlm.calib.stats import StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import HeadLayout, head_layout
 from slimlm.nn import W8A8_CLASSES, W8A8_WEIGHT_SCHEME, check_schemes, linear_weight
-from slimlm.quant.fold import divide_outputs, fold_norm, producing_linear, scale_columns
+from slimlm.quant.fold import divide_outputs, fold_norm, producing_linear, scale_inputs
 from slimlm.quant.smoothquant import grouped_head_scales, smoothing_scales, weight_absmax
 from slimlm.targets import Targets, check_targets, replace_module, select_linears
 from slimlm.validate import check_calib, check_pos_int
@@ -139,8 +139,8 @@ def _smooth_block(ctx: BlockContext, names: set[str], alpha: float, fold_previou
             s = _smooth_producer(ctx, group.linears, x_absmax, w_absmax, alpha, layout) if fold_previous else None
             if s is None:
                 continue
-        for W in Ws:
-            W.copy_(scale_columns(W, s).to(W.dtype))
+        for linear in group.linears.values():
+            scale_inputs(linear, s)
         done += 1
     return done
 
