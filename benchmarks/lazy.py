@@ -41,8 +41,8 @@ def child(mode: str, out: str, method: str, samples: int, scheme: str, threads: 
     from transformers import AutoTokenizer
 
     reports = []  # the GPTQ handler drops its CalibReport; keep it for the peak-tracked column
-    run = gptq_handler.calibrate_blocks
-    gptq_handler.calibrate_blocks = lambda *a, **kw: reports.append(run(*a, **kw)) or reports[-1]
+    run = gptq_handler.calibrate_linears
+    gptq_handler.calibrate_linears = lambda *a, **kw: reports.append(run(*a, **kw)) or reports[-1]
     # The calibration batch first: reading and tokenizing the wiki text takes ~300 MB of its own.
     calib = calibration_ids(AutoTokenizer.from_pretrained(builtin_dir(MODEL)), "wiki-v1", n_samples=samples)
     rss_before = peak_rss_mb()

@@ -14,6 +14,11 @@ from its safetensors just before it runs and, once its outputs are computed,
 handed to the model's sink (a shard writer) and freed, so the model itself
 never needs to fit in memory.
 Where blocks sit is read from the family adapter table, never hard-coded.
+
+Most methods rewrite linears one at a time from their own statistics
+(GPTQ, Wanda, SparseGPT): :func:`calibrate_linears` is that walk, followed
+by the pass for linears outside the blocks (``lm_head``), whose statistics
+need one more forward of the model compressed so far.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +37,7 @@ from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.models.adapters import Adapter, block_linears, decoder_blocks, get_adapter
 from slimlm.models.lazy import lazy_blocks
 from slimlm.nn.packed import PackedLinear
+from slimlm.nn.quant_linear import in_features_of
 
 log = logging.getLogger("slimlm.calib")
 
@@ -164,7 +170,7 @@ def _collect(ctx: BlockContext, spec: StatsSpec) -> list[Tensor]:
         first = next(iter(group.linears.values()), None)
         if first is None:
             continue
-        stats = LinearStats(in_features=_in_features(first), spec=spec)
+        stats = LinearStats(in_features=in_features_of(first), spec=spec)
         ctx.stats.update(dict.fromkeys(group.linears, stats))
         handles.append(first.register_forward_pre_hook(lambda _m, args, s=stats: s.add(args[0])))
     try:
@@ -172,10 +178,6 @@ def _collect(ctx: BlockContext, spec: StatsSpec) -> list[Tensor]:
     finally:
         for h in handles:
             h.remove()
-
-
-def _in_features(lin: nn.Module) -> int:
-    return lin.in_features if hasattr(lin, "in_features") else lin.weight.shape[0]  # Conv1D: (in, out)
 
 
 @torch.no_grad()
@@ -233,4 +235,50 @@ def calibrate_blocks(
                          peak_tracked_mb=tracked / 1e6, peak_rss_mb=peak_rss_mb(), lazy=lazy is not None)  # fmt: skip
     log.info("%s: %d blocks in %.1f s, peak tracked %.0f MB, process peak RSS %s MB", desc, report.blocks,
              report.seconds, report.peak_tracked_mb, f"{report.peak_rss_mb:.0f}" if report.peak_rss_mb else "?")
+    return report
+
+
+@torch.no_grad()
+def head_stats(model: nn.Module, head: nn.Module, calib: Tensor, spec: StatsSpec, batch_size: int) -> LinearStats:
+    """Statistics of ``head``'s inputs (lm_head lies outside the blocks): one more forward over ``calib``."""
+    stats = LinearStats(in_features=in_features_of(head), spec=spec)
+    handle = head.register_forward_pre_hook(lambda _m, args: stats.add(args[0]))
+    device = model.get_input_embeddings().weight.device  # where the token ids go
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return stats
+
+
+def calibrate_linears(
+    model: nn.Module,
+    calib: Tensor,
+    names: Collection[str],
+    fix: Callable[[str, LinearStats], None],
+    *,
+    spec: StatsSpec,
+    batch_size: int = 8,
+    desc: str = "calibrate",
+) -> CalibReport:
+    """Call ``fix(name, stats)`` once for every full linear name in ``names``, with that linear's input statistics.
+
+    Inside the decoder blocks ``fix`` runs as each block is reached (the block
+    is then re-run, so later blocks calibrate on the rewritten model); the
+    names left over (``lm_head``) get theirs afterwards from one more forward
+    of the rewritten model, in the order of ``names``.
+    """
+    done: set[str] = set()
+
+    def on_block(ctx: BlockContext) -> bool:
+        mine = [n for n in ctx.linears if n in names]
+        for name in mine:
+            fix(name, ctx.stats[name])
+            done.add(name)
+        return bool(mine)
+
+    report = calibrate_blocks(model, calib, on_block=on_block, spec=spec, batch_size=batch_size, desc=desc)
+    for name in [n for n in names if n not in done]:  # outside the blocks: lm_head
+        fix(name, head_stats(model, model.get_submodule(name), calib, spec, batch_size))
     return report

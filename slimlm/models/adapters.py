@@ -30,6 +30,22 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class Producer:
+    """The linear whose output is the input of a group without a norm (block-relative names).
+
+    AWQ and SmoothQuant fold ``1/s`` into its output rows (:mod:`slimlm.quant.fold`).
+    """
+
+    linear: str
+    parts: int = 1  # its output stacks ``parts`` equal slices (fused qkv: 3); the consumer reads the last
+    # What sits in between: "channels" = elementwise ops, which commute with a positive per-channel
+    # scale (gate product, ReLU); "heads" = attention, which mixes tokens, not channels (under GQA a
+    # scale must be shared by the query heads of one kv head).
+    through: str = "channels"
+    relu: str | None = None  # an activation module in between; a scale passes it only if it is nn.ReLU
+
+
+@dataclass(frozen=True)
 class HeadLayout:
     n_heads: int
     n_kv_heads: int
@@ -66,9 +82,15 @@ class Adapter:
     # Config flag that, when False, makes the family post-norm (OPT-350m):
     # the norms then follow the linears, so no norm feeds a group.
     pre_norm_flag: str | None = None
+    # Groups without a norm: consumer linear -> the linear producing its input (AWQ, SmoothQuant).
+    producers: tuple[tuple[str, Producer], ...] = ()
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for g in self.groups for name in g.linears)
+
+    def producer(self, linear: str) -> Producer | None:
+        """The producer of block-relative ``linear``'s input, None if it is not a linear's output."""
+        return dict(self.producers).get(linear)
 
 
 def _llama_groups(mlp_norm: str = "post_attention_layernorm") -> tuple[LinearGroup, ...]:
@@ -80,6 +102,12 @@ def _llama_groups(mlp_norm: str = "post_attention_layernorm") -> tuple[LinearGro
     )
 
 
+_LLAMA_PRODUCERS = (
+    ("self_attn.o_proj", Producer("self_attn.v_proj", through="heads")),
+    ("mlp.down_proj", Producer("mlp.up_proj")),  # act(gate) * up is elementwise
+)
+
+
 def _llama_like(family: str, **kw) -> Adapter:
     base = dict(
         family=family,
@@ -88,6 +116,7 @@ def _llama_like(family: str, **kw) -> Adapter:
         final_norm="model.norm",
         embeddings=("model.embed_tokens",),
         lm_head="lm_head",
+        producers=_LLAMA_PRODUCERS,
     )
     base.update(kw)
     return Adapter(**base)
@@ -123,6 +152,10 @@ ADAPTERS: dict[str, Adapter] = {
             LinearGroup(None, ("mlp.down_proj",)),
         ),
         fused=("self_attn.qkv_proj", "mlp.gate_up_proj"),
+        producers=(
+            ("self_attn.o_proj", Producer("self_attn.qkv_proj", parts=3, through="heads")),
+            ("mlp.down_proj", Producer("mlp.gate_up_proj", parts=2)),
+        ),
     ),
     "opt": Adapter(
         family="opt",
@@ -140,6 +173,10 @@ ADAPTERS: dict[str, Adapter] = {
         n_kv_heads_attr=None,
         head_dim_attr=None,
         pre_norm_flag="do_layer_norm_before",
+        producers=(
+            ("self_attn.out_proj", Producer("self_attn.v_proj", through="heads")),
+            ("fc2", Producer("fc1", relu="activation_fn")),
+        ),
     ),
     "gpt2": Adapter(
         family="gpt2",
@@ -161,6 +198,7 @@ ADAPTERS: dict[str, Adapter] = {
         head_dim_attr=None,
         hidden_attr="n_embd",
         n_layers_attr="n_layer",
+        producers=(("attn.c_proj", Producer("attn.c_attn", parts=3, through="heads")),),  # mlp.c_proj reads GELU
     ),
 }
 

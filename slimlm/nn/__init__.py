@@ -6,9 +6,10 @@ checkpoint manifest records to the classes whose ``from_manifest`` shells
 module subclasses :class:`RuntimeModule` and adds one line here.
 """
 
+from slimlm.nn.compose import check_schemes, gptq_pruned, rtn_pruned
 from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
-from slimlm.nn.quant_linear import QuantLinear, linear_weight
+from slimlm.nn.quant_linear import QuantLinear, in_features_of, linear_weight
 from slimlm.nn.runtime import RuntimeModule
 from slimlm.nn.sparse_linear import SparseLinear, SparseQuantLinear
 from slimlm.nn.w8a8_linear import W8A8_CLASSES, W8A8_WEIGHT_SCHEME, W8A8Linear, W8A8PerTensorLinear
@@ -22,5 +23,6 @@ RUNTIME_MODULES: dict[str, type[RuntimeModule]] = {
     "SparseQuantLinear": SparseQuantLinear,
 }
 
-__all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear", "RuntimeModule",
-           "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "linear_weight"]
+__all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear",
+           "RuntimeModule", "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "check_schemes",
+           "gptq_pruned", "in_features_of", "linear_weight", "rtn_pruned"]

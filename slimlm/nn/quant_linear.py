@@ -42,6 +42,11 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
                       "pruned layers)")  # fmt: skip
 
 
+def in_features_of(module: nn.Module) -> int:
+    """Input size of an ``nn.Linear``, a runtime module or a transformers ``Conv1D`` (weight (in, out))."""
+    return module.in_features if hasattr(module, "in_features") else module.weight.shape[0]
+
+
 def zero_packed(scheme: Scheme, shape: tuple[int, int], device: torch.device | str | None) -> dict[str, Tensor]:
     """Zero tensors shaped and typed like ``codec.pack`` output for ``scheme`` and ``shape``."""
     meta = codec.pack(codec.quantize(torch.zeros(shape, device="meta"), scheme))

@@ -27,12 +27,12 @@ from torch import Tensor, nn
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, QuantizedWeight, Scheme, codec
 from slimlm.formats.packing import pack_bits, packed_length, unpack_bits
-from slimlm.kernels import weight_matmul
+from slimlm.kernels import select_weight_kernel, weight_matmul
 from slimlm.kernels.sparse import DenseSparse, select_sparse_kernel
 from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import linear_weight, zero_packed
 from slimlm.nn.runtime import RuntimeModule
-from slimlm.nn.sparse_format import NMPair, Tensors, decode_positions, encode_positions, pattern_of, pattern_tensor
+from slimlm.nn.sparse_format import NMPair, Tensors, decode_positions, encode_positions, pattern_of
 
 _POSITION_KEYS = ("mask", "index")
 
@@ -238,8 +238,6 @@ class SparseQuantLinear(PackedLinear):
     _fixed = ("scale", "zero")
 
     def _select_kernel(self, device: torch.device) -> object:
-        from slimlm.kernels import select_weight_kernel
-
         return select_weight_kernel(self.scheme, self.shape, device)
 
     @classmethod

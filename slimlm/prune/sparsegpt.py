@@ -20,89 +20,57 @@ error over the columns not yet fixed. Pieces of the paper kept here:
   from the live values of those ``M`` columns (``LazyBlock.current``: they
   may straddle a lazy block);
 * joint sparsity + quantization: the surviving weights of each column are
-  rounded to an int scheme with GPTQ's grid (:func:`slimlm.quant.gptq.column_grid`,
+  rounded to an int scheme with GPTQ's grid (:func:`slimlm.solvers.column_grid`,
   static group parameters computed before the solve), so pruning and
   rounding errors are compensated in one pass;
-* a fixed mask (``keep=``): only the weight update and rounding run; this is
-  how a GPTQ step on an already pruned layer keeps its zeros (GPTQ alone
-  would fill them in with its updates).
-* dead inputs (``H_jj = 0``) get ``H_jj = 1`` and weight 0; dampening
-  ``percdamp * mean(diag H)``.
+* a fixed mask (``keep=``): only the weight update and rounding run
+  (:func:`slimlm.solvers.solve_with_mask`); this is how a GPTQ step on an
+  already pruned layer keeps its zeros (GPTQ alone would fill them in with
+  its updates).
+* dead inputs and dampening as in GPTQ (:func:`slimlm.solvers.prepare`).
+
+The masked solve and the joint rounding are shared in
+:mod:`slimlm.solvers.masked`; this file is the mask choice.
 """
 
 from __future__ import annotations
-
-import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from slimlm.errors import SlimlmError
-from slimlm.formats import IntScheme, QuantizedWeight
+from slimlm.formats import IntScheme
 from slimlm.prune.masks import nm_keep, prune_lowest
 from slimlm.prune.patterns import NM, Pattern, check_fits, n_pruned
-from slimlm.solvers import LazyBlock, dampen_and_invert, obs_solve
+from slimlm.solvers import (ColumnGrid, LazyBlock, MaskedColumns, ObsProblem, SparseResult, check_layer,
+                            masked_solve, solve_with_mask)
+
+__all__ = ["SparseResult", "sparsegpt_prune"]
 
 
-@dataclass(frozen=True, eq=False)
-class SparseResult:
-    weight: Tensor  # (out, in) float32: survivors updated (and rounded in joint mode), zeros where pruned
-    keep: Tensor  # (out, in) bool, True where kept
-    qweight: QuantizedWeight | None  # joint mode: codes (out, in), pruned entries at the code of 0
-    stats: dict  # loss (sum of OBS column losses), damp, dead inputs, seconds
+class _Pruner(MaskedColumns):
+    """SparseGPT's adaptive mask, chosen in solve order as the solver reaches each lazy block or N:M group."""
 
-
-class _Pruner:
-    """SparseGPT's column callback and lazy-block hook, in solve order."""
-
-    def __init__(self, W: Tensor, sparsity: float, pattern: Pattern, keep: Tensor | None, grid) -> None:
+    def __init__(self, W: Tensor, sparsity: float, pattern: Pattern, grid: ColumnGrid | None) -> None:
+        super().__init__(torch.ones_like(W, dtype=torch.bool), grid)
         self.n_out, self.n_in = W.shape
-        self.sparsity, self.pattern, self.grid = sparsity, pattern, grid
-        self.adaptive = keep is None
-        self.keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.clone()
-        self.block: LazyBlock | None = None
+        self.sparsity, self.pattern = sparsity, pattern
 
     def on_block(self, block: LazyBlock) -> None:
-        self.block = block
-        if self.grid is not None and self.grid.on_block is not None:
-            self.grid.on_block(block)
-        if self.adaptive and not isinstance(self.pattern, NM):
+        super().on_block(block)
+        if not isinstance(self.pattern, NM):
             d = block.Hinv1.diagonal()  # (B,)
             score = block.W1**2 / d.unsqueeze(0) ** 2  # (out, B) OBS saliency of each weight of the block
             k = n_pruned(self.n_out * block.i2, self.sparsity) - n_pruned(self.n_out * block.i1, self.sparsity)
             self.keep[:, block.i1 : block.i2] = prune_lowest(score.flatten(), k).reshape(score.shape)
 
     def __call__(self, j: int, w: Tensor) -> Tensor:
-        if self.adaptive and isinstance(self.pattern, NM) and j % self.pattern.m == 0:
+        if isinstance(self.pattern, NM) and j % self.pattern.m == 0:
             cols = torch.arange(j, j + self.pattern.m, device=w.device)
             live = self.block.current(cols)  # (out, M) updated values of the group's columns
             d = self.block.Hinv.diagonal()[j : j + self.pattern.m]  # (M,)
             self.keep[:, j : j + self.pattern.m] = nm_keep(live**2 / d**2, self.pattern.n, self.pattern.m)
-        q = self.grid(j, w) if self.grid is not None else w
-        return torch.where(self.keep[:, j], q, torch.zeros_like(q))
-
-
-def _zero_codes(qw: QuantizedWeight) -> Tensor:
-    """The code of 0.0 for every weight of ``qw``: 0 (symmetric) or its group's zero point."""
-    if qw.zero is None:
-        return torch.zeros_like(qw.codes)
-    R, g = qw.zero.shape
-    z = qw.zero.unsqueeze(-1).expand(R, g, qw.codes.numel() // (R * g))  # (R, g, n) as in group_view
-    return z.reshape(qw.codes.shape).to(qw.codes.dtype)
-
-
-def _check(W: Tensor, H: Tensor, pattern: Pattern, scheme: IntScheme | None, keep: Tensor | None) -> None:
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise SlimlmError(f"W must be (out, in) and H (in, in); got {tuple(W.shape)} and {tuple(H.shape)}")
-    if scheme is not None and not isinstance(scheme, IntScheme):
-        raise SlimlmError(f"SparseGPT's joint mode rounds survivors to an int scheme (int2..8, e.g. int4-g64), "
-                          f"got {scheme!r}")  # fmt: skip
-    if keep is not None and (keep.shape != W.shape or keep.dtype != torch.bool):
-        raise SlimlmError(f"keep must be a bool mask shaped like W {tuple(W.shape)}, got {keep.dtype} "
-                          f"{tuple(keep.shape)}")  # fmt: skip
-    if keep is None:
-        check_fits(pattern, W.shape[1])
+        return super().__call__(j, w)
 
 
 @torch.no_grad()
@@ -125,28 +93,18 @@ def sparsegpt_prune(
     instead of choosing it (then ``sparsity``/``pattern`` are not used and
     ``act_order``, solving columns by decreasing ``H_jj`` as GPTQ does, is allowed).
     """
-    from slimlm.quant.gptq import column_grid
-
-    t0 = time.perf_counter()
-    _check(W, H, pattern, scheme, keep)
-    if act_order and keep is None:
+    check_layer(W, H)
+    if scheme is not None and not isinstance(scheme, IntScheme):
+        raise SlimlmError(f"SparseGPT's joint mode rounds survivors to an int scheme (int2..8, e.g. int4-g64), "
+                          f"got {scheme!r}")  # fmt: skip
+    solve = dict(scheme=scheme, blocksize=blocksize, percdamp=percdamp, static_groups=static_groups)
+    if keep is not None:
+        return solve_with_mask(W, H, keep, act_order=act_order, **solve)
+    check_fits(pattern, W.shape[1])
+    if act_order:
         raise SlimlmError("act_order needs a fixed mask (keep=...): SparseGPT chooses its mask in column order")
-    W, H = W.detach().float().clone(), H.detach().float().to(W.device).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    n_in = W.shape[1]
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n_in, device=W.device)
-    grid = None if scheme is None else column_grid(W, scheme, perm, static_groups=static_groups)
-    pruner = _Pruner(W, sparsity, pattern, None if keep is None else keep.to(W.device)[:, perm], grid)
-    Hinv, damp = dampen_and_invert(H[perm][:, perm], percdamp)
-    Q, losses = obs_solve(W[:, perm], Hinv, pruner, on_block=pruner.on_block, blocksize=blocksize)
-    inv = torch.argsort(perm)
-    Q, kept = Q[:, inv], pruner.keep[:, inv]  # back to the original column order
-    qweight = None
-    if grid is not None:
-        qw = grid.result(tuple(W.shape))
-        codes = torch.where(kept, qw.codes, _zero_codes(qw))
-        qweight = QuantizedWeight(qw.scheme, qw.shape, codes, scale=qw.scale, zero=qw.zero)
-    stats = {"loss": float(losses.sum()), "damp": damp, "dead": int(dead.sum()), "seconds": time.perf_counter() - t0}
-    return SparseResult(Q, kept, qweight, stats)
+
+    def adaptive(prob: ObsProblem, grid: ColumnGrid | None) -> _Pruner:
+        return _Pruner(prob.W, sparsity, pattern, grid)
+
+    return masked_solve(W, H, adaptive, **solve)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from slimlm.errors import SlimlmError
+from slimlm.validate import check_pos_int
 from slimlm.formats import (
     IntScheme,
     PerTensor,
@@ -77,8 +78,7 @@ def awq_search_scale(
     per channel. Returns ``(s, alpha, errors per alpha)``; ties keep the smaller
     alpha, so ``alpha = 0`` (RTN, ``s = 1``) wins unless scaling strictly helps.
     """
-    if grid < 1:
-        raise SlimlmError(f"grid must be an int >= 1 (the paper uses 20), got {grid!r}")
+    check_pos_int("grid", grid, "alphas tried, the paper uses 20")
     Ws = [W.float() for W in Ws]
     H = H.float()
     errors = [scaled_error(Ws, H, awq_scale(s_x, i / grid), scheme) for i in range(grid)]

@@ -4,11 +4,12 @@ For each group of linears that read one input (the adapter's groups), the
 scale ``s`` found by :func:`slimlm.quant.awq.awq_search_scale` multiplies the
 linears' input columns and ``1/s`` is folded exactly into the op that
 produces the input: the norm's weight (and bias), or the rows of the linear
-whose output it is (``v_proj`` for ``o_proj`` when there is no GQA,
-``up_proj`` for ``down_proj`` since ``act(gate) * up`` is elementwise, OPT's
-``fc1`` through ReLU). The float model computes the same function after the
-folding; only then are the block's linears clipped, quantized and swapped
-for QuantLinear. The algorithm itself is in :mod:`slimlm.quant.awq`.
+whose output it is (the adapter's ``producers``: ``v_proj`` for ``o_proj``
+when there is no GQA, ``up_proj`` for ``down_proj`` since ``act(gate) * up``
+is elementwise, OPT's ``fc1`` through ReLU; see :mod:`slimlm.quant.fold`).
+The float model computes the same function after the folding; only then
+are the block's linears clipped, quantized and swapped for QuantLinear. The
+algorithm itself is in :mod:`slimlm.quant.awq`.
 """
 
 from __future__ import annotations
@@ -18,38 +19,20 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from slimlm.calib import BlockContext, Group, StatsSpec, calibrate_blocks
+from slimlm.calib.runner import BlockContext, Group, calibrate_blocks
+from slimlm.calib.stats import StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme, quantize
+from slimlm.nn import QuantLinear, check_schemes, in_features_of, linear_weight
 from slimlm.quant.awq import awq_clip_quantize, awq_search_scale
-from slimlm.quant.rtn import check_schemes
-from slimlm.targets import Targets, replace_module, select_linears
+from slimlm.quant.fold import divide_outputs, fold_norm, producing_linear, scale_inputs
+from slimlm.targets import Targets, check_targets, replace_module, select_linears
+from slimlm.validate import check_bool, check_calib, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
-
-
-@dataclass(frozen=True)
-class Producer:
-    """The linear whose output is a group's input (block-relative names)."""
-
-    linear: str
-    parts: int = 1  # its output stacks ``parts`` equal slices (fused qkv: 3); the group reads the last
-    relu: str | None = None  # an activation in between; scaling passes it only if it is ReLU
-
-
-_LLAMA = {"self_attn.o_proj": Producer("self_attn.v_proj"), "mlp.down_proj": Producer("mlp.up_proj")}
-# Groups without a norm, by family: which op's output rows take the 1/s.
-PRODUCERS: dict[str, dict[str, Producer]] = {
-    **{f: _LLAMA for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3")},
-    "phi3": {"self_attn.o_proj": Producer("self_attn.qkv_proj", parts=3),
-             "mlp.down_proj": Producer("mlp.gate_up_proj", parts=2)},  # fmt: skip
-    "opt": {"self_attn.out_proj": Producer("self_attn.v_proj"), "fc2": Producer("fc1", relu="activation_fn")},
-    "gpt2": {"attn.c_proj": Producer("attn.c_attn", parts=3)},  # mlp.c_proj reads GELU(c_fc): not scalable
-}
 
 
 @dataclass(frozen=True)
@@ -78,67 +61,23 @@ class AWQ:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "clip_exclude", tuple(self.clip_exclude))
-        if not isinstance(self.targets, Targets):
-            raise SlimlmError(f"targets must be a Targets(...), got {self.targets!r}")
-        for name in ("grid", "n_sample_rows", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SlimlmError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("clip_search", "quantize"):
-            if not isinstance(getattr(self, name), bool):
-                raise SlimlmError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_targets(self.targets)
+        check_pos_int("grid", self.grid, "alphas tried, the paper uses 20")
+        check_pos_int("n_sample_rows", self.n_sample_rows, "calibration tokens kept per linear, e.g. 4096")
+        check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
+        check_bool("clip_search", self.clip_search)
+        check_bool("quantize", self.quantize)
         if not isinstance(self.max_shrink, (int, float)) or not 0.0 < self.max_shrink < 1.0:
             raise SlimlmError(f"max_shrink must be in (0, 1) (the paper uses 0.5), got {self.max_shrink!r}")
         if self.clip_search and not isinstance(self.scheme, IntScheme):
             raise SlimlmError(f"clip_search needs an IntScheme, got {self.scheme!r}; set clip_search=False")
 
 
-# --- exact folding of 1/s -----------------------------------------------------
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return isinstance(module, Conv1D)  # GPT-2: weight (in, out)
+# --- where 1/s goes ------------------------------------------------------------
 
 
 def _is_float_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def _mul_(p: Tensor, factor: Tensor) -> None:
-    """``p *= factor`` computed in float32 (``factor`` broadcasts), stored in ``p``'s dtype."""
-    p.copy_((p.float() * factor).to(p.dtype))
-
-
-def scale_inputs(linear: nn.Module, s: Tensor) -> None:
-    """``W <- W diag(s)``: multiply input column j by ``s[j]``."""
-    _mul_(linear.weight.data, s[:, None] if _is_conv1d(linear) else s[None, :])  # Conv1D weight (in, out)
-
-
-def scale_outputs(linear: nn.Module, factor: Tensor) -> None:
-    """Multiply the last ``len(factor)`` outputs (weight rows and bias) by ``factor``."""
-    k = factor.shape[0]
-    if _is_conv1d(linear):
-        _mul_(linear.weight.data[:, -k:], factor[None, :])
-    else:
-        _mul_(linear.weight.data[-k:], factor[:, None])
-    if linear.bias is not None:
-        _mul_(linear.bias.data[-k:], factor)
-
-
-def fold_into_norm(norm: nn.Module, s: Tensor, *, offset: float) -> None:
-    """Divide the norm's output by ``s``: ``(offset + w) / s - offset``, and ``b / s`` for LayerNorm."""
-    w = norm.weight.data
-    w.copy_(((offset + w.float()) / s - offset).to(w.dtype))
-    if getattr(norm, "bias", None) is not None:
-        _mul_(norm.bias.data, 1.0 / s)
-
-
-def _out_features(linear: nn.Module) -> int:
-    return linear.weight.shape[1] if _is_conv1d(linear) else linear.weight.shape[0]
-
-
-def _in_features(linear: nn.Module) -> int:
-    return linear.weight.shape[0] if _is_conv1d(linear) else linear.weight.shape[1]
+    return isinstance(module, (nn.Linear, Conv1D))  # Conv1D: GPT-2, weight (in, out)
 
 
 def folder(ctx: BlockContext, group: Group):
@@ -148,18 +87,16 @@ def folder(ctx: BlockContext, group: Group):
     if group.norm is not None:
         if getattr(group.norm, "weight", None) is None:
             return None
-        return lambda s: fold_into_norm(group.norm, s, offset=ctx.adapter.norm_weight_offset)
+        return lambda s: fold_norm(group.norm, s, offset=ctx.adapter.norm_weight_offset)
     rels = [name[len(ctx.prefix) + 1 :] for name in group.linears]
-    producer = PRODUCERS.get(ctx.adapter.family, {}).get(rels[0]) if len(rels) == 1 else None
-    if producer is None:
+    found = producing_linear(ctx.block, ctx.adapter, rels[0]) if len(rels) == 1 else None
+    if found is None:
         return None
-    prev = ctx.block.get_submodule(producer.linear)
-    n_in = _in_features(next(iter(group.linears.values())))
-    if not _is_float_linear(prev) or _out_features(prev) != producer.parts * n_in:
+    prev, producer = found
+    n_in = in_features_of(next(iter(group.linears.values())))
+    if not _is_float_linear(prev) or linear_weight(prev)[0].shape[0] != producer.parts * n_in:
         return None  # e.g. GQA: v_proj has fewer outputs than o_proj has inputs
-    if producer.relu is not None and not isinstance(ctx.block.get_submodule(producer.relu), nn.ReLU):
-        return None
-    return lambda s: scale_outputs(prev, 1.0 / s)
+    return lambda s: divide_outputs(prev, s)
 
 
 # --- the block pass -------------------------------------------------------------
@@ -189,13 +126,10 @@ def _search_and_fold(ctx: BlockContext, plan: dict[str, nn.Module], config: AWQ)
 
 def _weight(linear: nn.Module) -> Tensor:
     """The weight as (out, in) float32."""
-    W = linear.weight.detach().float()
-    return W.t() if _is_conv1d(linear) else W
+    return linear_weight(linear)[0].float()
 
 
 def _quantize_block(ctx: BlockContext, plan: dict[str, nn.Module], config: AWQ, scales: dict[str, Tensor]) -> None:
-    from slimlm.nn import QuantLinear
-
     for name, linear in ctx.linears.items():
         if name not in plan:
             continue
@@ -213,11 +147,7 @@ def _quantize_block(ctx: BlockContext, plan: dict[str, nn.Module], config: AWQ, 
 
 def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.Module:
     """Search, fold, clip and quantize block by block on calibration token ids ``calib`` (N, L)."""
-    from slimlm.nn import QuantLinear, linear_weight
-
-    if calib is None:
-        raise SlimlmError("AWQ needs calibration data: pass calib token ids (N, L) "
-                          "(e.g. slimlm.data.calibration_batch) or use RTN")
+    calib = check_calib(calib, "AWQ", purpose="(or use RTN)")
     plan = select_linears(model, config.targets)
     for module in plan.values():
         linear_weight(module)  # refuses an already compressed (e.g. pruned) layer in one line

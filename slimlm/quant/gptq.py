@@ -9,127 +9,21 @@ GPTQ minimises ``||W X - Q X||^2`` over ``Q`` on the quantization grid. The
 columns of ``W`` are rounded one at a time and the rounding error of each is
 spread over the columns not yet rounded through the inverse Hessian of
 ``H = 2/n X X^T`` (the column loop is :func:`slimlm.solvers.obs_solve`).
-Details of the paper and its reference code kept here:
-
-* dead inputs (``H_jj = 0``, the input is always 0) get ``H_jj = 1`` and
-  ``W[:, j] = 0``: their weight never matters and keeps ``H`` invertible;
-* dampening ``lambda = percdamp * mean(diag H)`` added to the diagonal;
-* act-order: columns are solved by decreasing ``H_jj`` (most active inputs
-  first, while the most columns remain to absorb their error), then
-  un-permuted;
-* static groups: each contiguous group's scale/zero computed from ``W``
-  before the solve, so groups stay contiguous in the stored layout whatever
-  the solve order; without them a group's parameters are computed from the
-  updated weights when the loop reaches its first column (in solve order);
-* per-channel and per-tensor parameters and the ternary row scale are
-  always computed from ``W`` before the solve.
+The paper's set-up (dead inputs, act-order, dampening) is
+:func:`slimlm.solvers.prepare`; its rounding, with static or dynamic group
+parameters, is :func:`slimlm.solvers.column_grid`.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
-from slimlm.errors import SlimlmError
-from slimlm.formats import IntScheme, PerChannel, PerGroup, QuantizedWeight, Scheme, TernaryScheme
-from slimlm.formats.affine import affine_dequantize, affine_params, affine_quantize
+from slimlm.formats import IntScheme, PerGroup, QuantizedWeight, Scheme
 from slimlm.formats.granularity import check_group_size
-from slimlm.formats.ternary import ternary_quantize
-from slimlm.solvers import LazyBlock, dampen_and_invert, obs_solve
+from slimlm.solvers import GPTQ_SCHEMES, check_gptq_scheme, check_layer, column_grid, obs_solve, prepare
 
-GPTQ_SCHEMES = (IntScheme, TernaryScheme)
-
-
-def check_gptq_scheme(scheme: Scheme) -> None:
-    if not isinstance(scheme, GPTQ_SCHEMES):
-        raise SlimlmError(f"GPTQ quantizes to IntScheme (2..8 bits) or TernaryScheme, got {scheme!r}; "
-                          "use RTN for NF4, k-means and binary")  # fmt: skip
-
-
-class _IntGrid:
-    """Scales/zeros of an IntScheme and the per-column rounding against them, in original column order."""
-
-    def __init__(self, W: Tensor, s: IntScheme, perm: Tensor, static: bool):
-        self.s, self.perm = s, perm
-        n_out, n_in = W.shape
-        gran = s.granularity
-        self.G = gran.size if isinstance(gran, PerGroup) else n_in  # columns sharing one parameter column
-        self.dynamic = isinstance(gran, PerGroup) and not static and self.G < n_in
-        self.codes = torch.zeros(W.shape, dtype=torch.int8 if s.symmetric else torch.uint8, device=W.device)
-        if self.dynamic:
-            self.scale = torch.zeros(n_out, n_in // self.G, device=W.device)
-            self.zero = torch.zeros_like(self.scale)
-            self.ready = [False] * (n_in // self.G)
-        else:  # static: from W before the solve, exactly as RTN computes them
-            self.scale, self.zero = affine_params(W, bits=s.bits, symmetric=s.symmetric, granularity=gran,
-                                                  clip_search=s.clip_search)  # fmt: skip
-        self.inv = torch.argsort(perm)  # original column -> solve position
-        self.cols = perm.tolist()  # solve position -> original column, as ints for the column loop
-        self.one_column = self.scale.shape[1] == 1  # per channel or per tensor
-        self.block: LazyBlock | None = None
-
-    def on_block(self, block: LazyBlock) -> None:
-        self.block = block
-
-    def _params_for(self, c: int) -> tuple[Tensor, Tensor]:
-        """``(scale, zero)`` ``(R, 1)`` of original column ``c``; a dynamic group's on first touch."""
-        g = 0 if self.one_column else c // self.G
-        if self.dynamic and not self.ready[g]:
-            cols = self.inv[g * self.G : (g + 1) * self.G]  # the group's solve positions
-            Wg = self.block.current(cols)  # (out, G) updated weights of the group
-            sc, zr = affine_params(Wg, bits=self.s.bits, symmetric=self.s.symmetric, granularity=PerChannel(),
-                                   clip_search=self.s.clip_search)  # fmt: skip
-            self.scale[:, g : g + 1], self.zero[:, g : g + 1] = sc, zr
-            self.ready[g] = True
-        return self.scale[:, g : g + 1], self.zero[:, g : g + 1]
-
-    def __call__(self, j: int, w: Tensor) -> Tensor:
-        c = self.cols[j]
-        scale, zero = self._params_for(c)
-        if scale.shape[0] == 1:  # per tensor: one scale for every row
-            scale, zero = scale.expand(w.shape[0], 1), zero.expand(w.shape[0], 1)
-        q = affine_quantize(w.unsqueeze(1), scale, zero, bits=self.s.bits, symmetric=self.s.symmetric)  # (out, 1)
-        self.codes[:, c] = q[:, 0]
-        return affine_dequantize(q, scale, None if self.s.symmetric else zero)[:, 0]
-
-    def result(self, shape: tuple[int, int]) -> QuantizedWeight:
-        zero = None if self.s.symmetric else self.zero
-        return QuantizedWeight(self.s, shape, self.codes, scale=self.scale, zero=zero)
-
-
-class _TernaryGrid:
-    """Ternary ``{-a, 0, a}``: the row scale ``a`` from W (TWN), columns rounded to the nearest level."""
-
-    def __init__(self, W: Tensor, s: TernaryScheme, perm: Tensor):
-        self.s, self.perm = s, perm
-        _, self.scale = ternary_quantize(W, threshold=s.threshold)  # (out, 1)
-        self.codes = torch.zeros(W.shape, dtype=torch.int8, device=W.device)
-        self.on_block = None
-
-    def __call__(self, j: int, w: Tensor) -> Tensor:
-        a = self.scale[:, 0]  # (out,)
-        q = torch.where(a > 0, torch.round(w / a.clamp(min=1e-30)).clamp(-1, 1), torch.zeros_like(w))
-        self.codes[:, int(self.perm[j])] = q.to(torch.int8)
-        return q * a
-
-    def result(self, shape: tuple[int, int]) -> QuantizedWeight:
-        return QuantizedWeight(self.s, shape, self.codes, scale=self.scale)
-
-
-def column_grid(W: Tensor, scheme: Scheme, perm: Tensor, *, static_groups: bool = True) -> _IntGrid | _TernaryGrid:
-    """GPTQ's per-column rounding of ``W (out, in)`` solved in column order ``perm``.
-
-    The grid is the ``quantize_column`` callback of :func:`slimlm.solvers.obs_solve`
-    (call its ``on_block`` from the solver's hook); ``grid.result(shape)`` is the
-    :class:`QuantizedWeight`, codes in the original column order. SparseGPT's joint
-    mode rounds its surviving weights with the same grid.
-    """
-    check_gptq_scheme(scheme)
-    if isinstance(scheme, IntScheme):
-        return _IntGrid(W, scheme, perm.cpu(), static_groups)
-    return _TernaryGrid(W, scheme, perm.cpu())
+__all__ = ["GPTQ_SCHEMES", "check_gptq_scheme", "gptq_quantize"]
 
 
 @torch.no_grad()
@@ -150,22 +44,11 @@ def gptq_quantize(
     per-column OBS losses, "damp": dampening used, "dead": dead inputs,
     "seconds": time}``.
     """
-    t0 = time.perf_counter()
     check_gptq_scheme(scheme)
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise SlimlmError(f"W must be (out, in) and H (in, in); got {tuple(W.shape)} and {tuple(H.shape)}")
+    check_layer(W, H)
     if isinstance(scheme, IntScheme) and isinstance(scheme.granularity, PerGroup):
         check_group_size(W.shape[1], scheme.granularity.size)
-    W, H = W.detach().float().clone(), H.detach().float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
-    n_in = W.shape[1]
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(n_in, device=W.device)
-    grid = column_grid(W, scheme, perm, static_groups=static_groups)
-    W, H = W[:, perm], H[perm][:, perm]  # solve order
-    Hinv, damp = dampen_and_invert(H, percdamp)
-    _, losses = obs_solve(W, Hinv, grid, on_block=grid.on_block, blocksize=blocksize)
-    stats = {"loss": float(losses.sum()), "damp": damp, "dead": int(dead.sum()), "seconds": time.perf_counter() - t0}
-    return grid.result(tuple(W.shape)), stats
+    prob = prepare(W, H, percdamp=percdamp, act_order=act_order)
+    grid = column_grid(prob.W, scheme, prob.perm, static_groups=static_groups)
+    _, losses = obs_solve(prob.W[:, prob.perm], prob.Hinv, grid, on_block=grid.on_block, blocksize=blocksize)
+    return grid.result(tuple(prob.W.shape)), prob.stats(losses)

@@ -22,11 +22,11 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import Scheme
 from slimlm.models.adapters import get_adapter
 from slimlm.models.lazy import LazyBlocks, Sink, lazy_blocks
-from slimlm.nn import QuantLinear
+from slimlm.nn import QuantLinear, check_schemes
 from slimlm.quant.awq_handler import apply_awq
 from slimlm.quant.gptq_handler import GPTQ, apply_gptq
 from slimlm.quant.mixed_handler import MixedPrecision, log_allocation, mixed_allocation
-from slimlm.quant.rtn import RTN, check_schemes
+from slimlm.quant.rtn import RTN
 from slimlm.targets import replace_module, select_linears
 
 LazyRun = Callable[[nn.Module, Any, Tensor | None, Sink], None]

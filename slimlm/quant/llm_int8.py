@@ -27,10 +27,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from slimlm.calib import BlockContext, StatsSpec, calibrate_blocks
+from slimlm.calib.runner import BlockContext, calibrate_blocks
+from slimlm.calib.stats import StatsSpec
 from slimlm.errors import SlimlmError
-from slimlm.quant.w8a8 import _check_targets, _plan, smooth_model
-from slimlm.targets import Targets, replace_module
+from slimlm.nn import OutlierLinear
+from slimlm.quant.w8a8 import smooth_model, w8a8_plan
+from slimlm.targets import Targets, check_targets, replace_module
+from slimlm.validate import check_calib, check_pos_int
 
 
 @torch.no_grad()
@@ -54,9 +57,8 @@ class LLMInt8:
         if not self.threshold > 0 or math.isnan(self.threshold):
             raise SlimlmError(f"threshold must be > 0 (6.0 in the paper; inf = plain vector-wise int8), "
                               f"got {self.threshold}")  # fmt: skip
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise SlimlmError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        _check_targets(self.targets)
+        check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
+        check_targets(self.targets)
         if self.smooth_alpha is not None and not 0.0 <= float(self.smooth_alpha) <= 1.0:
             raise SlimlmError(f"smooth_alpha must be in [0, 1] (0.5 as in SmoothQuant) or unset for no smoothing, "
                               f"got {self.smooth_alpha}")  # fmt: skip
@@ -67,21 +69,17 @@ class LLMInt8:
 
 
 def apply_llm_int8(model: nn.Module, config: LLMInt8, calib: Tensor | None) -> nn.Module:
-    from slimlm.nn import OutlierLinear
-
-    plan = _plan(model, config.targets)
+    plan = w8a8_plan(model, config.targets)
     if config.smooth_alpha is not None:
-        if calib is None:
-            raise SlimlmError("LLMInt8(smooth_alpha=...) needs calibration token ids (N, L) for the smoothing "
-                              "scales: pass calib, or leave smooth_alpha unset")  # fmt: skip
+        calib = check_calib(calib, "LLMInt8(smooth_alpha=...)",
+                            purpose="for the smoothing scales (or leave smooth_alpha unset)")  # fmt: skip
         smooth_model(model, calib, alpha=config.smooth_alpha, names=set(plan), batch_size=config.batch_size)
     if not config.calibrated:
         for name, module in tqdm(plan.items(), desc="LLM.int8", unit="linear", leave=False):
             replace_module(model, name, OutlierLinear.from_linear(module, threshold=config.threshold))
         return model
-    if calib is None:
-        raise SlimlmError("LLMInt8(calibrated=True) needs calibration token ids (N, L) to find outlier columns: "
-                          "pass calib, or LLMInt8(calibrated=False) for run-time detection only")  # fmt: skip
+    calib = check_calib(calib, "LLMInt8(calibrated=True)",
+                        purpose="to find outlier columns (or LLMInt8(calibrated=False) for run-time detection only)")
     fixed: dict[str, int] = {}
 
     def on_block(ctx: BlockContext) -> bool:

@@ -17,12 +17,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from slimlm.calib import StatsSpec, calibrate_blocks
+from slimlm.calib.runner import calibrate_blocks
+from slimlm.calib.stats import StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.formats import Scheme, bits_per_weight, parse_scheme
+from slimlm.nn import QuantLinear, check_schemes, linear_weight
+from slimlm.quant.gptq import check_gptq_scheme
+from slimlm.quant.gptq_handler import GPTQ, apply_gptq
 from slimlm.quant.mixed import allocate, average_bpw, fits, min_bpw, sensitivities
-from slimlm.quant.rtn import check_schemes
-from slimlm.targets import Targets, replace_module, select_linears
+from slimlm.targets import Targets, check_targets, replace_module, select_linears
+from slimlm.validate import check_bool, check_calib, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
 
@@ -72,15 +76,12 @@ class MixedPrecision:
             raise SlimlmError(f"candidates must be a list of schemes such as ['int3-g64', 'int4-g64'], "
                               f"got {self.candidates!r}")  # fmt: skip
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(parse_scheme(s) for s in self.candidates)))
-        if not isinstance(self.targets, Targets):
-            raise SlimlmError(f"targets must be a Targets(...), got {self.targets!r}")
+        check_targets(self.targets)
         if self.targets.lm_head:
             raise SlimlmError("MixedPrecision allocates bits among decoder-block linears only; "
                               "quantize lm_head in a separate RTN step")  # fmt: skip
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise SlimlmError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if not isinstance(self.normalize, bool):
-            raise SlimlmError(f"normalize must be true or false, got {self.normalize!r}")
+        check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
+        check_bool("normalize", self.normalize)
         if self.sensitivity not in SENSITIVITIES:
             raise SlimlmError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {self.sensitivity!r}")
         if isinstance(self.fisher_samples, bool) or not isinstance(self.fisher_samples, int) or self.fisher_samples < 1:
@@ -89,15 +90,11 @@ class MixedPrecision:
         if self.quantizer not in QUANTIZERS:
             raise SlimlmError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
         if self.quantizer == "gptq":
-            from slimlm.quant.gptq import check_gptq_scheme
-
             for scheme in self.candidates:
                 check_gptq_scheme(scheme)
 
     def gptq_config(self, schemes: dict[str, Scheme]):
         """The GPTQ step that quantizes each linear at its allocated scheme (``quantizer: gptq``)."""
-        from slimlm.quant.gptq_handler import GPTQ
-
         first = next(iter(schemes.values()), self.candidates[0])
         return GPTQ(scheme=first, targets=self.targets, overrides=tuple(schemes.items()),
                     batch_size=self.batch_size)  # fmt: skip
@@ -112,8 +109,6 @@ class Allocation:
 
 
 def _weight(module: nn.Module) -> Tensor:
-    from slimlm.nn import linear_weight
-
     return linear_weight(module)[0]  # (out, in)
 
 
@@ -173,9 +168,7 @@ def measure_sensitivities(model: nn.Module, config: MixedPrecision, calib: Tenso
 @torch.no_grad()
 def mixed_allocation(model: nn.Module, config: MixedPrecision, calib: Tensor | None) -> Allocation:
     """Measure and allocate without changing the model."""
-    if calib is None:
-        raise SlimlmError("MixedPrecision needs calibration token ids: pass calib=calibration_batch(...) "
-                          "(or run it from a recipe, which builds them)")  # fmt: skip
+    calib = check_calib(calib, "MixedPrecision")
     linears = select_linears(model, config.targets)
     shapes = {name: tuple(_weight(m).shape) for name, m in linears.items()}
     for scheme in config.candidates:
@@ -219,13 +212,9 @@ def log_allocation(alloc: Allocation) -> None:
 
 
 def apply_mixed(model: nn.Module, config: MixedPrecision, calib: Tensor | None = None) -> nn.Module:
-    from slimlm.nn import QuantLinear
-
     alloc = mixed_allocation(model, config, calib)
     log_allocation(alloc)
     if config.quantizer == "gptq":
-        from slimlm.quant.gptq_handler import apply_gptq
-
         return apply_gptq(model, config.gptq_config(alloc.schemes), calib)
     linears = select_linears(model, config.targets)
     for name, scheme in tqdm(alloc.schemes.items(), desc="mixed: quantize", unit="linear", leave=False):

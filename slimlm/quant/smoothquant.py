@@ -25,7 +25,8 @@ operation that produced X, so the float model's function is unchanged:
   elementwise gate product, fc1 before a ReLU, v_proj before attention, which
   mixes tokens but not channels): divide its row j (and bias) by ``s_j``.
 
-Only pure tensor functions live here; ``slimlm.quant.w8a8`` applies them.
+Only pure tensor functions live here; the folding is :mod:`slimlm.quant.fold`
+(shared with AWQ) and ``slimlm.quant.w8a8`` applies both.
 """
 
 from __future__ import annotations
@@ -64,23 +65,3 @@ def grouped_head_scales(x_absmax: Tensor, w_absmax: Tensor, alpha: float, *, n_h
     s_v = smoothing_scales(ax, aw, alpha)  # (kv, hd)
     s_o = s_v[:, None, :].expand(n_kv_heads, rep, head_dim).reshape(-1)  # (heads * hd,)
     return s_o, s_v.reshape(-1)
-
-
-@torch.no_grad()
-def fold_into_norm(weight: Tensor, bias: Tensor | None, s: Tensor, *,
-                   offset: float = 0.0) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """Norm parameters whose output is the old output divided by ``s`` (float32)."""
-    w = (offset + weight.float()) / s - offset
-    return w, (None if bias is None else bias.float() / s)
-
-
-@torch.no_grad()
-def scale_columns(W: Tensor, s: Tensor) -> Tensor:
-    """``W diag(s)``: ``W (out, in)`` with column j times ``s_j`` (float32)."""
-    return W.float() * s  # (out, in) * (in,)
-
-
-@torch.no_grad()
-def scale_rows(W: Tensor, bias: Tensor | None, s: Tensor) -> tuple[Tensor, Tensor | None]:
-    """``diag(s)^-1 W``, ``b / s``: the producing linear's outputs divided by ``s`` (float32)."""
-    return W.float() / s[:, None], (None if bias is None else bias.float() / s)

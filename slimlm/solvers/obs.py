@@ -24,11 +24,23 @@ What "fixing a column" means is left to the caller: ``quantize_column(j, w)``
 returns the new column (GPTQ rounds it to the grid, SparseGPT zeroes the
 masked entries). ``on_block(block)`` is called at the start of each lazy
 block with its live state, where SparseGPT chooses its adaptive mask.
+
+The set-up both papers' reference code does before the loop is
+:func:`prepare`:
+
+* dead inputs (``H_jj = 0``, the input is always 0) get ``H_jj = 1`` and
+  ``W[:, j] = 0``: their weight never matters and keeps ``H`` invertible;
+* act-order (GPTQ, and SparseGPT with a fixed mask): columns are solved by
+  decreasing ``H_jj`` (most active inputs first, while the most columns
+  remain to absorb their error), then un-permuted by the caller;
+* dampening ``lambda = percdamp * mean(diag H)`` added to the diagonal
+  (:func:`dampen_and_invert`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,6 +88,42 @@ class LazyBlock:
         pending = self.Err1[:, : self.done] @ self.Hinv[self.i1 : self.i1 + self.done][:, later]  # (out, k)
         out[:, ~inside] = self.W[:, later] - pending
         return out
+
+
+def check_layer(W: Tensor, H: Tensor) -> None:
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise SlimlmError(f"W must be (out, in) and H (in, in); got {tuple(W.shape)} and {tuple(H.shape)}")
+
+
+@dataclass(frozen=True, eq=False)
+class ObsProblem:
+    """One layer made ready for :func:`obs_solve` by :func:`prepare`."""
+
+    W: Tensor  # (out, in) float32 copy in the original column order, dead columns zeroed
+    perm: Tensor  # (in,) solve position -> original column
+    Hinv: Tensor  # (in, in) upper Cholesky factor of the dampened H^-1, in solve order
+    damp: float  # dampening added to the diagonal
+    dead: int  # inputs with H_jj = 0
+    t0: float  # perf_counter() when the set-up began
+
+    def stats(self, losses: Tensor) -> dict:
+        """``{"loss": sum of the column losses, "damp", "dead", "seconds"}`` of a finished solve."""
+        return {"loss": float(losses.sum()), "damp": self.damp, "dead": self.dead,
+                "seconds": time.perf_counter() - self.t0}  # fmt: skip
+
+
+@torch.no_grad()
+def prepare(W: Tensor, H: Tensor, *, percdamp: float, act_order: bool = False) -> ObsProblem:
+    """Dead inputs, solve order and dampened inverse of ``W (out, in)``, ``H (in, in)`` (inputs are not changed)."""
+    t0 = time.perf_counter()
+    check_layer(W, H)
+    W, H = W.detach().float().clone(), H.detach().float().to(W.device).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(W.shape[1], device=W.device)
+    Hinv, damp = dampen_and_invert(H[perm][:, perm], percdamp)
+    return ObsProblem(W, perm, Hinv, damp, int(dead.sum()), t0)
 
 
 def dampen_and_invert(H: Tensor, percdamp: float) -> tuple[Tensor, float]:

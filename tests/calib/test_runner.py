@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from slimlm.calib import StatsSpec, calibrate_blocks
+from slimlm.calib.runner import calibrate_linears
 from slimlm.models.adapters import decoder_blocks
 from slimlm.models.tiny import tiny_model
 
@@ -121,3 +122,18 @@ def test_add_gram_is_the_scaled_running_gram_matrix(n):
     X = torch.cat([X1, X2]).double()
     assert (n >= SPLIT_AT) == (n > 1000)
     torch.testing.assert_close(H.double(), 2 * X.t() @ X / 120, rtol=1e-5, atol=1e-5)
+
+
+def test_calibrate_linears_visits_each_name_once_and_lm_head_last():
+    model = tiny_model("llama")
+    names = ["model.layers.1.mlp.down_proj", "lm_head", "model.layers.0.self_attn.q_proj"]
+    seen = []
+
+    def fix(name, stats):
+        seen.append((name, stats.n, stats.sq_sum.shape[0]))
+
+    calibrate_linears(model, CALIB, names, fix, spec=StatsSpec(sq_sum=True), batch_size=4)
+    hidden, inter = model.config.hidden_size, model.config.intermediate_size
+    tokens = CALIB.numel()
+    assert seen == [("model.layers.0.self_attn.q_proj", tokens, hidden),
+                    ("model.layers.1.mlp.down_proj", tokens, inter), ("lm_head", tokens, hidden)]  # fmt: skip

@@ -108,3 +108,14 @@ def test_unknown_model_type_lists_supported():
 
     with pytest.raises(SlimlmError, match="mamba.*supported: .*llama"):
         get_adapter(Fake())
+
+
+def test_every_producer_feeds_a_group_without_a_norm():
+    for adapter in ADAPTERS.values():
+        no_norm = {name for g in adapter.groups if g.norm is None for name in g.linears}
+        for consumer, producer in adapter.producers:
+            assert consumer in no_norm, (adapter.family, consumer)
+            assert producer.linear in adapter.linear_names(), (adapter.family, producer.linear)
+            assert producer.through in ("channels", "heads") and producer.parts >= 1
+            assert adapter.producer(consumer) is producer
+        assert adapter.producer("not.a.linear") is None

@@ -9,7 +9,8 @@ from slimlm.models.tiny import tiny_config, tiny_model
 from slimlm.nn import QuantLinear
 from slimlm.quant import RTN, apply_rtn
 from slimlm.quant.awq import awq_clip_quantize, awq_scale, awq_search_scale, output_error
-from slimlm.quant.awq_handler import AWQ, apply_awq, folder, scale_inputs
+from slimlm.quant.awq_handler import AWQ, apply_awq, folder
+from slimlm.quant.fold import scale_inputs
 
 CALIB = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(1))

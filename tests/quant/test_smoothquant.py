@@ -7,7 +7,8 @@ from slimlm.errors import SlimlmError
 from slimlm.io import load_compressed, save_compressed
 from slimlm.models.tiny import tiny_model, tiny_tokenizer
 from slimlm.nn import W8A8Linear, W8A8PerTensorLinear
-from slimlm.quant.smoothquant import fold_into_norm, grouped_head_scales, smoothing_scales
+from slimlm.quant.fold import fold_into_norm
+from slimlm.quant.smoothquant import grouped_head_scales, smoothing_scales
 from slimlm.quant.w8a8 import W8A8, SmoothQuant, apply_smoothquant, apply_w8a8, smooth_model
 from tests.quant.outliers import CALIB, logits, outlier_llama, rel_err
 

@@ -1,6 +1,8 @@
 import torch
 
-from slimlm.solvers import LazyBlock, dampen_and_invert, obs_solve
+from slimlm.formats import IntScheme, PerGroup
+from slimlm.quant.gptq import gptq_quantize
+from slimlm.solvers import LazyBlock, dampen_and_invert, obs_solve, prepare, solve_with_mask
 
 
 def _problem(n_in=48, n_out=12, rows=400, seed=0):
@@ -95,3 +97,35 @@ def test_singular_hessian_gets_more_dampening():
     H[0, 0] = 1.0  # rank 1, and percdamp 0
     U, damp = dampen_and_invert(H, 0.0)
     assert damp > 0 and torch.isfinite(U).all()
+
+
+def test_prepare_zeroes_dead_inputs_and_orders_by_activity():
+    W, H = _problem(n_in=16)
+    H[3, :], H[:, 3] = 0.0, 0.0  # input 3 is always 0
+    prob = prepare(W, H, percdamp=0.01, act_order=True)
+    assert prob.dead == 1 and torch.equal(prob.W[:, 3], torch.zeros(W.shape[0]))
+    assert torch.equal(W[:, :3], prob.W[:, :3])  # the caller's W is not changed, the rest copied
+    diag = H.diagonal().clone()
+    diag[3] = 1.0
+    assert torch.equal(prob.perm, torch.argsort(diag, descending=True))
+    assert torch.equal(prepare(W, H, percdamp=0.01).perm, torch.arange(16))
+
+
+def test_a_mask_that_keeps_everything_is_gptq():
+    W, H = _problem(n_in=64)
+    scheme = IntScheme(bits=4, granularity=PerGroup(16))
+    keep = torch.ones_like(W, dtype=torch.bool)
+    qw, stats = gptq_quantize(W, H, scheme, blocksize=16, act_order=True)
+    res = solve_with_mask(W, H, keep, scheme=scheme, blocksize=16, act_order=True)
+    assert torch.equal(res.qweight.codes, qw.codes) and torch.equal(res.qweight.scale, qw.scale)
+    assert abs(res.stats["loss"] - stats["loss"]) <= 1e-6 * max(1.0, stats["loss"])
+
+
+def test_a_fixed_mask_stays_and_is_compensated():
+    W, H = _problem()
+    keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) > 0.5
+    res = solve_with_mask(W, H, keep, blocksize=16)
+    assert torch.equal(res.keep, keep) and torch.equal(res.weight[~keep], torch.zeros(int((~keep).sum())))
+    naive = W * keep
+    err = lambda Q: torch.trace((W - Q) @ H @ (W - Q).t())  # noqa: E731 -- layer output error
+    assert err(res.weight) < err(naive)
