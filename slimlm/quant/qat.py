@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from slimlm.distill import recovery_objective, teacher_objective
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
+from slimlm.nn import check_schemes
 from slimlm.nn.fake_quant import FakeQuantLinear
-from slimlm.quant.rtn import check_schemes
 from slimlm.targets import Targets, check_targets, replace_module, select_linears
 from slimlm.train import TrainConfig, TrainReport, next_token_objective, train
 from slimlm.validate import check_calib

@@ -16,7 +16,7 @@ from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
 from slimlm.nn import QuantLinear, SparseLinear, check_schemes, in_features_of, rtn_pruned
 from slimlm.targets import Targets, check_targets, match_override, replace_module, select_linears
 
-__all__ = ["RTN", "apply_rtn", "check_schemes", "in_features_of"]  # check_schemes: quant/qat.py, calib/streaming.py
+__all__ = ["RTN", "apply_rtn"]
 
 
 @dataclass(frozen=True)
