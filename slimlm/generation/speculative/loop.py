@@ -10,6 +10,9 @@ One round, with committed context ``x`` whose last token the target has not read
     accept:  n = how many of d_1..d_k survive verification
     emit:    d_1..d_n and one more token from the target (so every round emits >= 1 token)
 
+Decoding one token costs about one read of every weight, whatever the number of tokens in the
+forward, so checking k+1 positions costs little more than generating one.
+
 Why the output is the target's own (greedy: token for token; sampling: in distribution) is
 argued in :mod:`slimlm.generation.speculative.verify`, next to the functions it proves; how k
 is chosen per round is :mod:`slimlm.generation.speculative.adaptive`.

@@ -1,19 +1,11 @@
 """Speculative decoding, verification: the draft's tokens against the target's distributions.
 
-
 Leviathan, Kalman & Matias 2023, "Fast Inference from Transformers via Speculative Decoding" (ICML);
 Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling".
 
-One round, with committed context ``x`` whose last token the target has not read yet::
-
-    draft:   d_1..d_k,  d_i ~ q_i = q(. | x, d_<i)           (k cheap forwards, or a lookup)
-    target:  one forward over [x_last, d_1, .., d_k] -> p_1..p_{k+1},  p_i = p(. | x, d_<i)
-    accept:  n = how many of d_1..d_k survive verification
-    emit:    d_1..d_n and one more token from the target (so every round emits >= 1 token)
-
-Decoding one token costs about one read of every weight, whatever the number of tokens in the
-forward, so checking k+1 positions costs little more than generating one: each target forward
-emits ``(1 - a^(k+1)) / (1 - a)`` tokens on average at per-token acceptance ``a``.
+In a round (:mod:`slimlm.generation.speculative.loop`) the draft proposed d_1..d_k with
+d_i ~ q_i = q(. | x, d_<i), and one target forward gave p_1..p_{k+1}, p_i = p(. | x, d_<i).
+Verification picks n, how many of d_1..d_k to keep, and one more token from the target.
 
 Greedy (temperature 0): d_i is accepted while it equals argmax p_i; the extra token is
 argmax p_{n+1}. Every emitted token is the target's own argmax after the committed prefix, so
