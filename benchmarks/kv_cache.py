@@ -34,8 +34,7 @@ import torch
 
 from slimlm.eval.longtext import LongTextScore, score_recompute, score_stream, stream_tokens
 from slimlm.generation.decoder import make_decoder
-from slimlm.generation.kv_policies import H2O, Sinks, Window
-from slimlm.generation.kv_quant import KIVI
+from slimlm.generation.kv import H2O, KIVI, Sinks, Window
 from slimlm.models import load_model
 
 MODEL = "smollm2-135m"

@@ -4,7 +4,7 @@
         [--tasks copy,summary,open] [--prompts 2] [--new-tokens 128] [--passage-tokens 256] \
         [--k 4] [--k-max 8] [--fixed-k] [--repeats 1] [--threads 1] [--json out.json]
 
-Drafts are ``--draft`` shorthands (slimlm.generation.drafts.make_draft): also e.g.
+Drafts are ``--draft`` shorthands (slimlm.pipelines.drafts.make_draft): also e.g.
 recipe:structured-depth-25 (a structurally pruned copy, ~2 minutes to calibrate) or a model path.
 
 Tasks, all on passages of the protocol's evaluation text (slimlm.data protocol_texts("wiki-v1")):
@@ -42,11 +42,10 @@ import torch
 from slimlm.data import protocol_texts
 from slimlm.fsutil import atomic_write_text
 from slimlm.generation.decoder import make_decoder
-from slimlm.generation.drafts import DecoderRunner, make_draft
 from slimlm.generation.loop import GenerationConfig, generate
-from slimlm.generation.speculative import SpecConfig, SpecStats, speculative_generate
-from slimlm.generation.speculative_run import measure_costs
+from slimlm.generation.speculative import DecoderRunner, SpecConfig, SpecStats, measure_costs, speculative_generate
 from slimlm.models import load_model
+from slimlm.pipelines.drafts import make_draft
 
 MODEL = "smollm2-135m"
 log = logging.getLogger("bench")

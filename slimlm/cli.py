@@ -128,10 +128,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(args.model_and_prompt) > 2:
         raise SlimlmError('usage: slimlm generate [MODEL] "PROMPT" (quote the prompt)')
     *maybe_model, prompt = args.model_and_prompt
+    _check_sampling_flags(args)
     _check_draft_flags(args)
     _check_kv_flags(args)
     model, tokenizer = _load(maybe_model[0] if maybe_model else DEFAULT_MODEL, args.dtype)
     kv = _kv_decoder(args, model)  # None without --kv-* flags
+    prompt = _chat_prompt(args, tokenizer, prompt)
     if args.draft is not None:
         return _generate_speculative(args, model, tokenizer, prompt)
     for piece in generate_text(
@@ -143,7 +145,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        chat=args.chat,
         engine=args.engine,
         decoder=kv,
     ):
@@ -157,6 +158,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise SlimlmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise SlimlmError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise SlimlmError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise SlimlmError(f"--top-k must be >= 1, got {args.top_k}")
+
+
+def _chat_prompt(args: argparse.Namespace, tokenizer, prompt: str) -> str:
+    """generate --chat: the prompt wrapped in the model's chat template."""
+    if not args.chat:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise SlimlmError("this tokenizer has no chat template; drop --chat")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+
+
 def _check_kv_flags(args: argparse.Namespace) -> None:
     if (args.kv_policy, args.kv_budget, args.kv_bits) != (None, None, None) and (
             args.draft is not None or args.engine != "slimlm"):
@@ -168,11 +190,28 @@ def _kv_decoder(args: argparse.Namespace, model):
     """generate --kv-policy / --kv-bits: a decoder over a compressed KV cache, or None."""
     if (args.kv_policy, args.kv_budget, args.kv_bits) == (None, None, None):
         return None
-    from slimlm.generation.decoder import make_decoder
-    from slimlm.generation.kv_caches import kv_decoder
+    from slimlm.generation import make_decoder
 
     return kv_decoder(make_decoder(model), policy=args.kv_policy, budget=args.kv_budget, sinks=args.kv_sinks,
                       bits=args.kv_bits)
+
+
+def kv_decoder(decoder, *, policy: str | None, budget: int | None, sinks: int = 4, bits: int | None = None):
+    """--kv-policy / --kv-budget / --kv-sinks / --kv-bits -> a decoder with a compressed cache, or None for
+    the plain static cache."""
+    from slimlm.generation.kv import KIVI, KVCompressedDecoder, parse_policy
+
+    if bits is not None and policy not in (None, "full"):
+        raise SlimlmError("--kv-bits (a KIVI-quantized full cache) and --kv-policy (eviction) do not combine; "
+                          "choose one")
+    if bits is not None:
+        return KVCompressedDecoder(decoder, KIVI(bits))
+    if policy is None and budget is not None:
+        raise SlimlmError("--kv-budget needs --kv-policy (window, sinks or h2o)")
+    if policy not in (None, "full") and budget is None:
+        raise SlimlmError(f"--kv-policy {policy} needs a budget (--kv-budget, tokens kept in the cache)")
+    kind = parse_policy(policy, budget, sinks=sinks) if policy is not None else None
+    return KVCompressedDecoder(decoder, kind) if kind is not None else None
 
 
 def _check_draft_flags(args: argparse.Namespace) -> None:
@@ -184,8 +223,6 @@ def _check_draft_flags(args: argparse.Namespace) -> None:
         raise SlimlmError("--draft runs on slimlm's decode loop; drop --engine hf")
     if args.k is not None and args.k < 1:
         raise SlimlmError(f"--k (draft tokens per round) must be >= 1, got {args.k}")
-    if args.draft is not None and args.max_new_tokens < 1:
-        raise SlimlmError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _check_output(args.json, args.overwrite)
 
 
@@ -195,23 +232,17 @@ def _generate_speculative(args: argparse.Namespace, model, tokenizer, prompt: st
 
     from slimlm.fsutil import atomic_write_text
     from slimlm.generation.sampling import Sampling
-    from slimlm.generation.speculative import SpecConfig
-    from slimlm.generation.speculative_run import run_speculative, text_writer
-    from slimlm.generation.stream import sampling_kwargs, stop_token_ids
+    from slimlm.generation.speculative import SpecConfig, run_speculative, text_writer
+    from slimlm.generation.stream import stop_token_ids
+    from slimlm.pipelines.drafts import make_draft
 
-    sampling_kwargs(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # refuses bad values
     k = args.k or 4
     config = SpecConfig(k=k, adaptive=not args.fixed_k, k_max=max(args.k_max, k))
-    if args.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise SlimlmError("this tokenizer has no chat template; drop --chat")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)  # fmt: skip
     ids = tokenizer(prompt).input_ids
     if not ids:
         raise SlimlmError("the prompt is empty after tokenization; give some text")
     report = run_speculative(
-        model, tokenizer, ids, args.draft, max_new_tokens=args.max_new_tokens, config=config,
+        model, ids, make_draft(args.draft, model, tokenizer), max_new_tokens=args.max_new_tokens, config=config,
         sampling=Sampling(args.temperature, args.top_k, args.top_p, args.seed), stop_ids=stop_token_ids(model, tokenizer),
         baseline=not args.no_baseline, on_tokens=text_writer(tokenizer, sys.stdout),
     )  # fmt: skip

@@ -10,7 +10,7 @@ StreamingLLM paper's evaluation (Xiao et al. 2024, Sec. 4.1):
   token at a time;
 * the full cache and KIVI caches in chunks of ``chunk`` tokens: a chunked
   forward gives the same logits as one token at a time for both (the full
-  cache trivially, KIVI by construction, see ``kv_caches.KIVICache``).
+  cache trivially, KIVI by construction, see ``slimlm.generation.kv.kivi.KIVICache``).
 
 :func:`score_recompute` is the paper's "sliding window with re-computation"
 reference: each token predicted from the last ``budget - stride`` to
@@ -36,10 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.cache import StaticKVCache
-from slimlm.generation.kv_caches import make_kv_cache
-from slimlm.generation.kv_policies import H2O, Policy, Sinks, Window
-from slimlm.generation.kv_quant import KIVI
+from slimlm.generation.kv import H2O, KIVI, Policy, Sinks, StaticKVCache, Window, make_kv_cache
 
 log = logging.getLogger("slimlm.eval")
 

@@ -1,13 +1,17 @@
-"""Text generation: slimlm's decode loop over a KV-cache protocol, paged caches, streaming.
+"""Text generation: slimlm's decode loop over a KV-cache protocol, paged and compressed caches,
+speculative decoding, streaming.
 
     dec = make_decoder(model)                     # lean llama-like forward, or the HF forward
     outs = generate(dec, [ids], GenerationConfig(max_new_tokens=64))
+
+Layout: ``decoder`` (the forwards), ``loop`` (prefill + steps), ``sampling``, ``rope``, ``stream``
+(text pieces); ``kv/`` (the cache protocol and every cache); ``speculative/`` (verify loop, adaptive
+k, drafts). Generation imports only the layers below it (models, kernels, formats), never compression.
 """
 
-from slimlm.generation.cache import CacheSpec, KVCache, KVView, StaticKVCache
 from slimlm.generation.decoder import FastDecoder, HFDecoder, make_decoder
+from slimlm.generation.kv import CacheSpec, KVCache, KVView, PagedKVCache, StaticKVCache
 from slimlm.generation.loop import GenerationConfig, generate, stream_text, stream_tokens
-from slimlm.generation.paged import PagedKVCache
 from slimlm.generation.sampling import Sampling
 from slimlm.generation.stream import generate_text
 

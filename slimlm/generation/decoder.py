@@ -1,4 +1,4 @@
-"""A lean forward for llama-like decoders over slimlm's KV-cache protocol (see cache.py).
+"""A lean forward for llama-like decoders over slimlm's KV-cache protocol (see kv/protocol.py).
 
 ``FastDecoder`` walks the HF model's own modules (read through the adapter
 table): norms and embeddings are called as modules, every linear that is not
@@ -32,13 +32,15 @@ from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
 from slimlm.kernels import dense
-from slimlm.generation.cache import CacheSpec, KVCache, KVView, StaticKVCache
+from slimlm.generation.kv.hf import HFCache
+from slimlm.generation.kv.protocol import CacheSpec, KVCache, KVView
+from slimlm.generation.kv.static import StaticKVCache
 from slimlm.generation.rope import Rope, apply_rotary_signed
-from slimlm.models.adapters import ADAPTERS, decoder_blocks, head_layout, text_config
+from slimlm.models.adapters import ADAPTERS, Adapter, decoder_blocks, fast_decoder_families, head_layout, text_config
 
 log = logging.getLogger("slimlm.generation")
 
-FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+FAST_FAMILIES = fast_decoder_families()  # the adapters marked fast_decoder
 
 
 def _plain(m: nn.Module) -> bool:
@@ -64,31 +66,33 @@ def _cat_fn(mods: list[nn.Module], fuse: bool) -> Callable[[Tensor], Tensor]:
     return lambda x: torch.cat([f(x) for f in fns], dim=-1)
 
 
-def _rms_parts(norm: nn.Module) -> tuple[Tensor, float] | None:
-    """(weight, eps) of an HF RMSNorm over the last dim in float32, else None (then call the module)."""
+def _rms_parts(norm: nn.Module, kind: str) -> tuple[Tensor, float] | None:
+    """(weight, eps) of an HF RMSNorm (``kind``: the family's ``Adapter.norm_kind``) over the last dim in
+    float32, else None (then call the module)."""
     w = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if not type(norm).__name__.endswith("RMSNorm") or not isinstance(w, Tensor) or eps is None:
+    if kind != "rmsnorm" or not isinstance(w, Tensor) or eps is None:
         return None
     return (w.detach(), float(eps)) if w.dtype == torch.float32 and w.dim() == 1 else None
 
 
-def _norm_fn(norm: nn.Module, offset: float) -> Callable[[Tensor], Tensor]:
+def _norm_fn(norm: nn.Module, adapter: Adapter) -> Callable[[Tensor], Tensor]:
     """One fused ``rms_norm`` call for float32 RMSNorms (Gemma's x * (1 + w) folded into w), else the module."""
-    parts = _rms_parts(norm)
+    parts = _rms_parts(norm, adapter.norm_kind)
     if parts is None:
         return norm
     w, eps = parts
+    offset = adapter.norm_weight_offset
     w = w + offset if offset else w
     return lambda x: F.rms_norm(x, (w.shape[0],), w, eps)
 
 
-def _qk_norm_fn(attn: nn.Module, n_q: int, n_kv: int) -> Callable[[Tensor], Tensor] | None:
+def _qk_norm_fn(attn: nn.Module, n_q: int, n_kv: int, norm_kind: str) -> Callable[[Tensor], Tensor] | None:
     """Qwen3's per-head RMSNorm of q and k as one call over (B, T, Hq + Hkv, D), or None without q/k norms."""
     qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if qn is None or kn is None:
         return None
-    pq, pk = _rms_parts(qn), _rms_parts(kn)
+    pq, pk = _rms_parts(qn, norm_kind), _rms_parts(kn, norm_kind)
     if pq is None or pk is None or pq[1] != pk[1]:
         return lambda qk: torch.cat([qn(qk[:, :, :n_q]), kn(qk[:, :, n_q:])], dim=2)
     D = pq[0].shape[0]
@@ -127,9 +131,10 @@ class _Layer:
 def _fast_refusal(model: nn.Module) -> str | None:
     """Why the fast path cannot run this model, or None."""
     cfg = model.config
-    if cfg.model_type not in FAST_FAMILIES:
+    adapter = ADAPTERS.get(cfg.model_type)
+    if adapter is None or not adapter.fast_decoder:
         return f"model type {cfg.model_type!r} is not one of the fast families ({', '.join(FAST_FAMILIES)})"
-    tcfg = text_config(cfg, ADAPTERS[cfg.model_type])
+    tcfg = text_config(cfg, adapter)
     rope = getattr(tcfg, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") == "dynamic":
         return "dynamic rope scaling depends on the sequence length"
@@ -149,11 +154,11 @@ class FastDecoder(nn.Module):
             raise SlimlmError(f"the fast decoder cannot run this model: {why}; use make_decoder(model) "
                               "to fall back to the HF forward")
         self.model = model
-        cfg = text_config(model.config, ADAPTERS[model.config.model_type])
-        adapter = ADAPTERS[model.config.model_type]
+        adapter = self.adapter = ADAPTERS[model.config.model_type]
+        cfg = text_config(model.config, adapter)
         self.head_dim = head_layout(model.config).head_dim
         self.embed = model.get_submodule(adapter.embeddings[0])
-        self.final_norm = _norm_fn(model.get_submodule(adapter.final_norm), adapter.norm_weight_offset)
+        self.final_norm = _norm_fn(model.get_submodule(adapter.final_norm), adapter)
         self.lm_head = _linear_fn(model.get_submodule(adapter.lm_head))
         self.layers = [self._layer(block, fuse) for block in decoder_blocks(model)]
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -167,7 +172,7 @@ class FastDecoder(nn.Module):
     def _window(self, cfg) -> int | None:
         types = getattr(cfg, "layer_types", None) or ()
         window = getattr(cfg, "sliding_window", None)
-        if cfg.model_type == "mistral" or "sliding_attention" in types:
+        if self.adapter.sliding_window_all_layers or "sliding_attention" in types:
             return window
         return None
 
@@ -178,13 +183,13 @@ class FastDecoder(nn.Module):
         if n_kv < 1 or n_q % n_kv:
             raise SlimlmError(f"a layer has {n_q} query heads and {n_kv} KV heads; the query heads must be a "
                               "multiple of the KV heads")
-        offset = ADAPTERS[self.model.config.model_type].norm_weight_offset
+        adapter = self.adapter
         return _Layer(
-            in_norm=_norm_fn(block.input_layernorm, offset),
+            in_norm=_norm_fn(block.input_layernorm, adapter),
             qkv=_cat_fn([q, k, v], fuse),
-            qk_norm=_qk_norm_fn(attn, n_q, n_kv),
+            qk_norm=_qk_norm_fn(attn, n_q, n_kv, adapter.norm_kind),
             o_proj=_linear_fn(attn.o_proj),
-            mlp_norm=_norm_fn(block.post_attention_layernorm, offset),
+            mlp_norm=_norm_fn(block.post_attention_layernorm, adapter),
             gate_up=_cat_fn([mlp.gate_proj, mlp.up_proj], fuse),
             act=_act_fn(mlp.act_fn),
             down=_linear_fn(mlp.down_proj),
@@ -263,55 +268,6 @@ def attend(q: Tensor, view: KVView, *, scale: float, observe=None, layer: int = 
         observe(layer, probs.view(B, Hq, T, S))
         out = (probs @ view.v.float()).to(q.dtype)
     return out.view(B, Hq, T, D)
-
-
-class HFCache:
-    """A transformers ``DynamicCache`` behind the slimlm cache interface (generic path only).
-
-    It keeps the 2D padding mask HF expects; eviction and quantization caches
-    need the fast path.
-    """
-
-    raw_keys = False
-
-    def __init__(self, model: nn.Module, *, batch: int, max_len: int):
-        from transformers import DynamicCache
-
-        self.hf = DynamicCache(config=model.config)
-        self.batch, self.max_len = batch, max_len
-        self.mask2d = torch.zeros(batch, 0, dtype=torch.long, device=next(model.parameters()).device)
-        self.rollback = False  # enable_rollback(): crops may reach back past a sliding window
-
-    def enable_rollback(self) -> None:
-        """Let ``crop`` roll sliding-window layers back (speculative decoding): transformers then keeps
-        their past states until the next crop, and every crop trims them back to the window."""
-        self.hf.activate_past_recording()
-        self.rollback = True
-
-    @property
-    def length(self) -> int:
-        return self.mask2d.shape[1]
-
-    def update(self, *args, **kwargs) -> KVView:
-        raise SlimlmError("HFCache only serves the HF forward (HFDecoder); it has no per-layer update")
-
-    def wants_scores(self, layer: int) -> bool:
-        return False
-
-    def observe(self, layer: int, probs: Tensor) -> None:
-        return None
-
-    def crop(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise SlimlmError(f"cannot crop the KV cache to {length}; it holds {self.length} slots")
-        if length < self.length or (self.rollback and length > 0):  # then crop(0) trims sliding layers
-            self.hf.crop(length - self.length)  # transformers 5: a negative count of tokens to remove
-        self.mask2d = self.mask2d[:, :length]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.hf.layers
-                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                   if isinstance(t, Tensor))
 
 
 class HFDecoder(nn.Module):

@@ -9,18 +9,16 @@ import torch
 from transformers import TextIteratorStreamer
 
 from slimlm.errors import SlimlmError
+from slimlm.generation.decoder import make_decoder
+from slimlm.generation.loop import GenerationConfig, stream_text
+from slimlm.generation.sampling import Sampling
 
 ENGINES = ("slimlm", "hf")
 
 
 def sampling_kwargs(*, temperature: float, top_k: int | None, top_p: float | None) -> dict[str, Any]:
-    """HF generate arguments for greedy (temperature 0) or sampled decoding."""
-    if temperature < 0:
-        raise SlimlmError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise SlimlmError(f"--top-p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise SlimlmError(f"--top-k must be >= 1, got {top_k}")
+    """HF generate arguments for greedy (temperature 0) or sampled decoding (checked as ``Sampling``)."""
+    Sampling(temperature, top_k, top_p)  # refuses bad values
     if temperature == 0:
         return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     return {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
@@ -58,13 +56,13 @@ def generate_text(
     ``generate`` for comparison.
     """
     if max_new_tokens < 1:
-        raise SlimlmError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise SlimlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if engine not in ENGINES:
         raise SlimlmError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     kwargs = sampling_kwargs(temperature=temperature, top_k=top_k, top_p=top_p)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise SlimlmError("this tokenizer has no chat template; drop --chat")
+            raise SlimlmError("this tokenizer has no chat template; pass chat=False")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     if engine == "slimlm":
         yield from _slimlm_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -75,10 +73,6 @@ def generate_text(
 
 def _slimlm_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int, decoder) -> Iterator[str]:
-    from slimlm.generation.decoder import make_decoder
-    from slimlm.generation.loop import GenerationConfig, stream_text
-    from slimlm.generation.sampling import Sampling
-
     ids = tokenizer(prompt).input_ids
     if not ids:
         raise SlimlmError("the prompt is empty after tokenization; give some text")

@@ -84,6 +84,12 @@ class Adapter:
     pre_norm_flag: str | None = None
     # Groups without a norm: consumer linear -> the linear producing its input (AWQ, SmoothQuant).
     producers: tuple[tuple[str, Producer], ...] = ()
+    # -- slimlm.generation: the lean decoder (generation/decoder.py) --
+    # The lean llama-like forward runs this family (same block layout as llama, RMSNorm, rotary).
+    fast_decoder: bool = False
+    # ``config.sliding_window`` applies to every layer (Mistral), not only to layers typed
+    # "sliding_attention" in ``config.layer_types``.
+    sliding_window_all_layers: bool = False
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for g in self.groups for name in g.linears)
@@ -127,11 +133,11 @@ def _llama_like(family: str, **kw) -> Adapter:
 _GEMMA2_GROUPS = _llama_groups(mlp_norm="pre_feedforward_layernorm")
 
 ADAPTERS: dict[str, Adapter] = {
-    "llama": _llama_like("llama"),
-    "mistral": _llama_like("mistral"),
-    "qwen2": _llama_like("qwen2"),
-    "qwen3": _llama_like("qwen3"),
-    "gemma": _llama_like("gemma", norm_weight_offset=1.0),
+    "llama": _llama_like("llama", fast_decoder=True),
+    "mistral": _llama_like("mistral", fast_decoder=True, sliding_window_all_layers=True),
+    "qwen2": _llama_like("qwen2", fast_decoder=True),
+    "qwen3": _llama_like("qwen3", fast_decoder=True),
+    "gemma": _llama_like("gemma", norm_weight_offset=1.0, fast_decoder=True),
     "gemma2": _llama_like("gemma2", groups=_GEMMA2_GROUPS, norm_weight_offset=1.0),
     "gemma3_text": _llama_like("gemma3_text", groups=_GEMMA2_GROUPS, norm_weight_offset=1.0),
     "gemma3": _llama_like(
@@ -281,3 +287,8 @@ def kv_bytes_per_token(config, bytes_per_el: float) -> float:
     """
     layout = head_layout(config)
     return 2 * num_layers(config) * layout.n_kv_heads * layout.head_dim * bytes_per_el
+
+
+def fast_decoder_families() -> tuple[str, ...]:
+    """Model types slimlm's lean decoder runs (``Adapter.fast_decoder``), in table order."""
+    return tuple(family for family, adapter in ADAPTERS.items() if adapter.fast_decoder)

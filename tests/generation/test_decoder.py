@@ -4,7 +4,8 @@ import torch
 from slimlm.api import apply
 from slimlm.errors import SlimlmError
 from slimlm.formats import parse_scheme
-from slimlm.generation.cache import KVView, StaticKVCache, attention_mask
+from slimlm.generation.kv.protocol import KVView, attention_mask
+from slimlm.generation.kv.static import StaticKVCache
 from slimlm.generation.decoder import FAST_FAMILIES, FastDecoder, HFDecoder, make_decoder
 from slimlm.models.tiny import tiny_model
 from slimlm.quant import RTN

@@ -2,11 +2,15 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.cache import CacheSpec, KVView, StaticKVCache, attention_mask
+from slimlm.cli import kv_decoder
+from slimlm.generation.kv.protocol import CacheSpec, KVView, attention_mask
+from slimlm.generation.kv.static import StaticKVCache
 from slimlm.generation.decoder import make_decoder
-from slimlm.generation.kv_caches import H2OCache, KIVICache, KVCompressedDecoder, SinkCache, kv_decoder, make_kv_cache
-from slimlm.generation.kv_policies import H2O, Sinks, Window
-from slimlm.generation.kv_quant import KIVI
+from slimlm.generation.kv.compressed import KVCompressedDecoder, make_kv_cache
+from slimlm.generation.kv.evicting import H2OCache, SinkCache
+from slimlm.generation.kv.kivi import KIVICache
+from slimlm.generation.kv.policies import H2O, Sinks, Window
+from slimlm.generation.kv.quant import KIVI
 from slimlm.generation.loop import GenerationConfig, generate
 from slimlm.generation.rope import Rope
 from slimlm.models.tiny import tiny_model

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from slimlm.errors import SlimlmError
 from slimlm.eval.longtext import kind_name, score_stream
 from slimlm.generation.decoder import HFDecoder, make_decoder
-from slimlm.generation.kv_policies import H2O, Sinks, Window
-from slimlm.generation.kv_quant import KIVI
+from slimlm.generation.kv.policies import H2O, Sinks, Window
+from slimlm.generation.kv.quant import KIVI
 from slimlm.models.tiny import tiny_model
 
 N = 80

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.kv_policies import (H2O, Sinks, Window, h2o_keep, keep_slots, parse_policy, sinks_keep,
+from slimlm.generation.kv.policies import (H2O, Sinks, Window, h2o_keep, keep_slots, parse_policy, sinks_keep,
                                           window_keep)
-from slimlm.generation.kv_quant import KIVI
+from slimlm.generation.kv.quant import KIVI
 
 
 def test_window_keeps_the_most_recent_budget_slots():

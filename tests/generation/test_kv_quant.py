@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from slimlm.formats.packing import pack_bits
-from slimlm.generation.cache import StaticKVCache
+from slimlm.generation.kv.static import StaticKVCache
 from slimlm.generation.decoder import make_decoder
-from slimlm.generation.kv_quant import (dequantize_keys, dequantize_values, kivi_mask, kivi_regions, quantize_keys,
+from slimlm.generation.kv.quant import (dequantize_keys, dequantize_values, kivi_mask, kivi_regions, quantize_keys,
                                         quantize_values, unpack_codes)
 from slimlm.models.tiny import tiny_model
 

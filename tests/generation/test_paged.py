@@ -4,7 +4,7 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.generation.decoder import make_decoder
 from slimlm.generation.loop import GenerationConfig, generate, left_pad
-from slimlm.generation.paged import PagedKVCache
+from slimlm.generation.kv.paged import PagedKVCache
 from tests.generation.conftest import varied_tiny
 
 PROMPTS = [[5, 17, 99, 230, 41], [8, 300, 77], [12, 450, 64, 3, 200, 201, 202, 9, 10, 11], [9]]

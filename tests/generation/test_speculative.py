@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.drafts import DraftProposal, ModelDraft
+from slimlm.generation.speculative.drafts import DraftProposal, ModelDraft
 from slimlm.generation.sampling import Sampling
 from slimlm.generation.speculative import (
     AdaptiveK,

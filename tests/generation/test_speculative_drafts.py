@@ -5,22 +5,14 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.generation.decoder import make_decoder
-from slimlm.generation.drafts import (
-    DecoderRunner,
-    ModelDraft,
-    fit_vocab,
-    PromptLookupDraft,
-    decode_bytes,
-    make_draft,
-    model_draft,
-    shallow_view,
-)
+from slimlm.generation.speculative import DecoderRunner, ModelDraft, PromptLookupDraft, fit_vocab, shallow_view
 from slimlm.generation.loop import GenerationConfig, generate
 from slimlm.generation.sampling import Sampling
 from slimlm.generation.speculative import SpecConfig, speculative_generate
-from slimlm.generation.speculative_run import measure_costs
+from slimlm.generation.speculative.run import measure_costs
 from slimlm.models.adapters import num_layers
 from slimlm.models.tiny import tiny_model
+from slimlm.pipelines.drafts import decode_bytes, make_draft, model_draft
 from tests.generation.conftest import varied_tiny
 
 # A prompt that repeats itself, so prompt lookup finds n-gram matches.

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.cache import CacheSpec, KVView, RopeFn, attention_mask
+from slimlm.generation.kv.protocol import CacheSpec, KVView, RopeFn, attention_mask
 
 
 class PagedKVCache:

@@ -11,24 +11,11 @@ One round, with committed context ``x`` whose last token the target has not read
     emit:    d_1..d_n and one more token from the target (so every round emits >= 1 token)
 
 Decoding one token costs about one read of every weight, whatever the number of tokens in the
-forward, so checking k+1 positions costs little more than generating one: each target forward
-emits ``(1 - a^(k+1)) / (1 - a)`` tokens on average at per-token acceptance ``a``.
+forward, so checking k+1 positions costs little more than generating one.
 
-Greedy (temperature 0): d_i is accepted while it equals argmax p_i; the extra token is
-argmax p_{n+1}. Every emitted token is the target's own argmax after the committed prefix, so
-the output is the plain greedy output, token for token.
-
-Sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw
-the replacement from norm(max(0, p_i - q_i)) and stop; if all k survive draw d_{k+1} ~ p_{k+1}.
-The emitted token at a position is distributed exactly as p:
-
-    P(x) = q(x) min(1, p(x)/q(x)) + (1 - beta) max(0, p(x) - q(x)) / (1 - beta)
-         = min(q(x), p(x)) + max(0, p(x) - q(x)) = p(x),        beta = sum_x min(p(x), q(x)).
-
-Temperature, top-k and top-p are applied to p and q identically (``warped_probs``): the
-theorem then holds for the warped target distribution, which is what plain sampling draws from.
-A deterministic draft (prompt lookup) has q = one-hot(d): accept with probability p(d), else
-resample from p with d removed.
+Why the output is the target's own (greedy: token for token; sampling: in distribution) is
+argued in :mod:`slimlm.generation.speculative.verify`, next to the functions it proves; how k
+is chosen per round is :mod:`slimlm.generation.speculative.adaptive`.
 """
 
 from __future__ import annotations
@@ -42,159 +29,11 @@ import torch
 from torch import Tensor
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.sampling import Sampling, filtered_logits
+from slimlm.generation.sampling import Sampling
+from slimlm.generation.speculative.adaptive import AdaptiveK, Costs
+from slimlm.generation.speculative.verify import one_hot_probs, verify_greedy, verify_sampled, warped_probs
 
 log = logging.getLogger("slimlm.generation")
-
-
-def warped_probs(logits: Tensor, sampling: Sampling) -> Tensor:
-    """(N, V) logits -> (N, V) float32 probabilities after temperature, top-k and top-p (as plain sampling)."""
-    return filtered_logits(logits, sampling).softmax(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Verification: pure functions of the draft tokens and the two models' distributions.
-# ---------------------------------------------------------------------------------------------
-
-
-def verify_greedy(draft: Tensor, target_logits: Tensor) -> tuple[int, int]:
-    """Longest prefix of ``draft`` (k,) that the target would have produced itself, plus its next token.
-
-    ``target_logits`` (k+1, V): row i scores the position after the context and d_1..d_i.
-    Returns (n accepted, the target's token after them).
-    """
-    k = draft.numel()
-    choice = target_logits.argmax(-1)  # (k+1,) the target's greedy token after each draft prefix
-    matched = (choice[:k] == draft).long().cumprod(0)  # (k,) 1 while every draft token so far matched
-    n = int(matched.sum())
-    return n, int(choice[n])
-
-
-def verify_sampled(draft: Tensor, q: Tensor, p: Tensor, generator: torch.Generator | None = None) -> tuple[int, int]:
-    """Rejection-sample ``draft`` (k,) drawn from ``q`` (k, V) against the target's ``p`` (k+1, V).
-
-    Returns (n accepted, the next token): d_1..d_n keep the target's distribution exactly, and
-    the next token is the resample at the first rejection or a draw from p_{k+1}.
-    """
-    k = draft.numel()
-    rows = torch.arange(k, device=draft.device)
-    p_d, q_d = p[rows, draft], q[rows, draft]  # (k,) each; q_d > 0 since d_i was drawn from q_i
-    r = torch.rand(k, generator=generator, device=p.device)  # one uniform per draft token
-    rejected = (r * q_d >= p_d).nonzero()  # accept d_i  <=>  r < p_i(d_i) / q_i(d_i)
-    n = int(rejected[0]) if rejected.numel() else k
-    if n == k:
-        return k, int(torch.multinomial(p[k], 1, generator=generator))
-    residual = (p[n] - q[n]).clamp_min(0)  # (V,) the mass p has beyond q
-    total = residual.sum()
-    # p == q up to rounding: rejection had probability ~0 and the residual is empty; p is its limit.
-    residual = residual / total if total > 1e-12 else p[n]
-    return n, int(torch.multinomial(residual, 1, generator=generator))
-
-
-def one_hot_probs(tokens: Tensor, vocab_size: int) -> Tensor:
-    """q for a deterministic draft: (k,) tokens -> (k, V) one-hot rows."""
-    return torch.nn.functional.one_hot(tokens, vocab_size).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Adaptive k (Leviathan et al. section 3.4: the expected speedup as a function of a, c and k).
-# ---------------------------------------------------------------------------------------------
-
-
-def expected_tokens(a: float, k: int) -> float:
-    """Tokens emitted per target forward at per-token acceptance ``a``: 1 + a + .. + a^k."""
-    return float(k + 1) if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-
-
-@dataclass(frozen=True)
-class Costs:
-    """What a round costs, in target steps (a target forward over one token = 1).
-
-    ``draft``: one drafted token. ``verify[j]``: a target forward over j + 2 tokens (the last
-    context token and j + 1 drafts); past the table, each extra token adds ``per_extra``.
-    The default assumes verification is nearly free (memory-bound decoding); measure the
-    real table with ``slimlm.generation.drafts.measure_costs`` -- on a CPU with fp32
-    weights a 2-token forward can cost ~1.8 steps.
-    """
-
-    draft: float = 0.0
-    verify: tuple[float, ...] = ()
-    per_extra: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.draft < 0 or self.per_extra < 0 or any(not v > 0 for v in self.verify):
-            raise SlimlmError(f"costs must be >= 0 (verify > 0), got draft={self.draft}, verify={self.verify}, "
-                              f"per_extra={self.per_extra}")
-
-    def round(self, k: int) -> float:
-        """A round with k drafted tokens: k draft tokens and one target forward over k + 1 tokens."""
-        if k == 0:
-            return 1.0
-        if k <= len(self.verify):
-            return k * self.draft + self.verify[k - 1]
-        last = self.verify[-1] if self.verify else 1.0
-        return k * self.draft + last + self.per_extra * (k - len(self.verify))
-
-
-def best_k(a: float, costs: Costs, *, k_min: int = 0, k_max: int = 8) -> int:
-    """The k in k_min..k_max with the most tokens per unit time: E(a, k) / cost(k).
-
-    k = 0 (a plain step, rate 1) wins when no k pays for its draft and verification.
-    """
-    return max(range(k_min, k_max + 1), key=lambda k: expected_tokens(a, k) / costs.round(k))
-
-
-@dataclass
-class AdaptiveK:
-    """Running per-token acceptance (exponentially weighted counts) and the k it calls for.
-
-    Each round is a geometric trial: n accepted tokens and, if n < k, one rejection. The
-    estimate is accepted / (accepted + rejected) with one pseudo-count of each (a = 0.5
-    prior). When no k pays (k = 0: plain steps), the draft is probed after ``probe_after``
-    rounds without a proposal, with the k that would pay at acceptance ``probe_acceptance``;
-    the wait doubles while probes fail (up to ``max_probe_after``) and resets once drafting
-    pays again, so a passage the model starts copying is noticed within a few tokens.
-    """
-
-    costs: Costs
-    k_min: int = 0
-    k_max: int = 8
-    decay: float = 0.9
-    probe_after: int = 2
-    max_probe_after: int = 32
-    probe_acceptance: float = 0.95  # optimistic: a probe drafts the k a good draft earns, so one success shows it
-    accepted: float = 1.0
-    rejected: float = 1.0
-    idle: int = 0
-    wait: int = 0  # rounds without a proposal before the next probe (0: probe_after)
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
-
-    def update(self, proposed: int, accepted: int) -> None:
-        if proposed == 0:
-            self.idle += 1
-            return
-        self.idle = 0
-        self.accepted = self.decay * self.accepted + accepted
-        self.rejected = self.decay * self.rejected + (accepted < proposed)
-
-    def next_k(self) -> int:
-        k = best_k(self.acceptance, self.costs, k_min=self.k_min, k_max=self.k_max)
-        if k > 0:
-            self.wait = self.probe_after
-            return k
-        self.wait = self.wait or self.probe_after
-        if self.idle < self.wait:
-            return 0
-        self.wait = min(2 * self.wait, self.max_probe_after)
-        return max(1, best_k(self.probe_acceptance, self.costs, k_min=1, k_max=self.k_max))
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop.
-# ---------------------------------------------------------------------------------------------
 
 
 class Runner(Protocol):
@@ -215,7 +54,7 @@ class Proposal(Protocol):
 
 
 class Draft(Protocol):
-    """Proposes tokens for the target to verify (see slimlm.generation.drafts)."""
+    """Proposes tokens for the target to verify (see slimlm.generation.speculative.drafts)."""
 
     name: str
     cost: float  # time of one proposed token relative to one target step (for adaptive k)

@@ -1,7 +1,7 @@
-"""Speculative generation with slimlm's decoder: make the draft, measure what a round costs,
+"""Speculative generation with slimlm's decoder: measure what a round costs with a ready draft,
 generate (streaming), and time plain decoding through the same loop for the speedup.
 
-    report = run_speculative(model, tokenizer, prompt_ids, "lookup", max_new_tokens=128)
+    report = run_speculative(model, prompt_ids, PromptLookupDraft(), max_new_tokens=128)
     report.summary()  # acceptance, tokens per target call, speedup, whether greedy output is unchanged
 """
 
@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
-from slimlm.generation.drafts import DecoderRunner, make_draft
 from slimlm.generation.sampling import Sampling
-from slimlm.generation.speculative import Costs, Draft, SpecConfig, SpecStats, speculative_generate
+from slimlm.generation.speculative.adaptive import Costs
+from slimlm.generation.speculative.loop import Draft, SpecConfig, SpecStats, speculative_generate
+from slimlm.generation.speculative.runner import DecoderRunner
 
 log = logging.getLogger("slimlm.generation")
 
@@ -103,9 +104,8 @@ class SpecReport:
 
 def run_speculative(
     model: nn.Module,
-    tokenizer: Any,
     prompt_ids: Sequence[int],
-    draft: str | Draft,
+    draft: Draft,
     *,
     max_new_tokens: int = 128,
     sampling: Sampling = Sampling(),
@@ -115,7 +115,8 @@ def run_speculative(
     measure: bool = True,
     on_tokens: Callable[[list[int]], None] | None = None,
 ) -> SpecReport:
-    """Generate with a draft (``make_draft`` shorthand or a Draft) and report what it bought.
+    """Generate with a ready draft (a shorthand is made one by ``slimlm.pipelines.drafts.make_draft``)
+    and report what it bought.
 
     ``measure``: time a round's pieces first (``measure_costs``) so adaptive k optimises real
     costs. ``baseline``: then decode plainly through the same loop, for the speedup and (greedy)
@@ -123,8 +124,6 @@ def run_speculative(
     sampled output follows the target's distribution exactly either way, but a seed repeats it
     only with fixed k or with ``config.costs`` given.
     """
-    name = draft if isinstance(draft, str) else draft.name
-    draft = make_draft(draft, model, tokenizer) if isinstance(draft, str) else draft
     prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
     max_len = prompt.numel() + max_new_tokens + config.k_max + 1
 
@@ -138,7 +137,7 @@ def run_speculative(
         config = dataclasses.replace(config, costs=costs)
     gen = dict(max_new_tokens=max_new_tokens, sampling=sampling, config=config, stop_ids=stop_ids)
     out, stats = speculative_generate(runner(), draft, prompt, on_tokens=on_tokens, **gen)
-    report = SpecReport(name, out.tolist(), stats, costs)
+    report = SpecReport(draft.name, out.tolist(), stats, costs)
     if baseline:
         plain, report.plain = speculative_generate(runner(), None, prompt, **gen)
         report.identical = plain.tolist() == report.tokens if sampling.greedy else None

@@ -18,7 +18,7 @@ The most recent tokens stay in float in a residual window (KIVI's ``R``):
 keys are quantized a block of ``residual`` tokens at a time (a multiple of
 ``group``) once the block is full, values one token at a time as it leaves
 the last ``residual`` tokens. :class:`KIVI` is the config; the cache class
-that applies it is in :mod:`slimlm.generation.kv_caches`.
+that applies it is in :mod:`slimlm.generation.kv.kivi`.
 """
 
 from __future__ import annotations

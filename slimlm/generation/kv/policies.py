@@ -1,7 +1,7 @@
 """KV-cache eviction policies: which cached tokens to keep under a fixed budget.
 
 Pure functions of cache length and attention scores; the cache classes in
-:mod:`slimlm.generation.kv_caches` apply them.
+:mod:`slimlm.generation.kv.evicting` apply them.
 
 * **Window** keeps the ``budget`` most recent tokens. It is the baseline the
   StreamingLLM paper shows collapsing once the first tokens leave the cache.
@@ -96,13 +96,13 @@ POLICY_NAMES = ("full", "window", "sinks", "h2o")
 
 
 def parse_policy(name: str, budget: int | None, *, sinks: int = 4, recent: int | None = None) -> Policy | None:
-    """CLI/benchmark shorthand -> a policy (``None`` for the full cache)."""
+    """A policy by name (one of ``POLICY_NAMES``) -> the typed policy (``None`` for the full cache)."""
     if name == "full":
         return None
     if name not in POLICY_NAMES:
         raise SlimlmError(f"unknown KV policy {name!r}; choose one of: {', '.join(POLICY_NAMES)}")
     if budget is None:
-        raise SlimlmError(f"KV policy {name!r} needs a budget (--kv-budget, tokens kept in the cache)")
+        raise SlimlmError(f"KV policy {name!r} needs a budget (tokens kept in the cache)")
     if name == "window":
         return Window(budget)
     if name == "sinks":
