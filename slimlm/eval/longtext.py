@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.protocol import get_protocol
+from slimlm.eval.runner import eval_tokens
 from slimlm.generation.kv import H2O, KIVI, Policy, Sinks, StaticKVCache, Window, make_kv_cache
 
 log = logging.getLogger("slimlm.eval")
@@ -73,9 +75,6 @@ def kind_name(kind: Policy | KIVI | None) -> str:
 
 def stream_tokens(tokenizer: Any, n_tokens: int, *, protocol: str = "wiki-v1") -> Tensor:
     """The first ``n_tokens`` of a protocol's evaluation text, tokenized as one stream. -> (n_tokens,)"""
-    from slimlm.eval.protocol import get_protocol
-    from slimlm.eval.runner import eval_tokens
-
     ids = eval_tokens(tokenizer, get_protocol(protocol))
     if n_tokens > ids.numel():
         raise SlimlmError(f"--tokens {n_tokens} is more than the {protocol} evaluation text holds ({ids.numel()})")

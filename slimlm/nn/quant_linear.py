@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import codec
@@ -22,20 +23,11 @@ from slimlm.kernels import WeightKernel, select_weight_kernel
 from slimlm.nn.packed import PackedLinear
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers absent: no Conv1D layers can exist either
-        return None
-    return Conv1D
-
-
 def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(W (out, in), bias or None)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
     if isinstance(module, nn.Linear):
         return module.weight.detach(), module.bias
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
+    if isinstance(module, Conv1D):
         return module.weight.detach().t(), module.bias  # Conv1D stores (in, out)
     raise SlimlmError(f"expected a float nn.Linear or transformers Conv1D, got {type(module).__name__} (already "
                       "compressed): put this step before pruning/quantization in the recipe (rtn and gptq accept "

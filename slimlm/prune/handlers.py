@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +67,6 @@ class Magnitude:
 class Wanda:
     """Wanda (Sun et al. 2023): prune the lowest ``|W| * ||x||`` per output row, or N:M."""
 
-    needs_calibration: ClassVar[bool] = True
-
     sparsity: float | None = None
     pattern: Pattern = Unstructured()
     targets: Targets = field(default_factory=Targets)
@@ -89,8 +86,6 @@ class SparseGPT:
     mean Hessian diagonal; ``blocksize``: lazy-block width (the mask is chosen
     per block); ``batch_size``: calibration sequences per forward.
     """
-
-    needs_calibration: ClassVar[bool] = True
 
     sparsity: float | None = None
     pattern: Pattern = Unstructured()

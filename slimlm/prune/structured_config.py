@@ -9,7 +9,6 @@ refuses what the shape cannot take.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from slimlm.errors import SlimlmError
 from slimlm.targets import Targets
@@ -60,8 +59,6 @@ class PruneWidth:
     ``neurons``: MLP intermediate channels.
     """
 
-    needs_calibration: ClassVar[bool] = True
-
     heads: int | float = 0
     groups: int | float = 0
     neurons: int | float = 0
@@ -86,8 +83,6 @@ class PruneDepth:
     layer skipped, on the first ``ppl_samples`` sequences, one pass per
     layer). The layers with the lowest scores go.
     """
-
-    needs_calibration: ClassVar[bool] = True
 
     layers: int | float = 0
     metric: str = "block_importance"
@@ -117,8 +112,6 @@ class Structured:
     ``groups`` / ``heads``: the whole-group / heads-per-group step count
     nearest the budget's share of the block; ``none``: neurons only.
     """
-
-    needs_calibration: ClassVar[bool] = True
 
     params: float = 0.25
     mode: str = "width"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import ClassVar
 
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
@@ -47,7 +46,6 @@ class AWQ:
     leaves the weights in float (for a later quantizer such as GPTQ).
     """
 
-    needs_calibration: ClassVar[bool] = True
     scheme: Scheme = IntScheme(bits=4, granularity=PerGroup(64))
     targets: Targets = field(default_factory=Targets)
     grid: int = 20

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -36,8 +35,6 @@ class GPTQ:
     the mean Hessian diagonal; ``blocksize`` the lazy-update width;
     ``batch_size`` the calibration mini-batch. ``overrides`` as in RTN.
     """
-
-    needs_calibration: ClassVar[bool] = True
 
     scheme: Scheme = IntScheme(bits=4, granularity=PerGroup(64))
     targets: Targets = field(default_factory=Targets)

@@ -63,10 +63,6 @@ class LLMInt8:
             raise SlimlmError(f"smooth_alpha must be in [0, 1] (0.5 as in SmoothQuant) or unset for no smoothing, "
                               f"got {self.smooth_alpha}")  # fmt: skip
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.calibrated or self.smooth_alpha is not None
-
 
 def apply_llm_int8(model: nn.Module, config: LLMInt8, calib: Tensor | None) -> nn.Module:
     plan = w8a8_plan(model, config.targets)

@@ -11,7 +11,6 @@ import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +55,6 @@ class MixedPrecision:
     (then one GPTQ walk solves each layer at its scheme; the allocation still
     comes from the rounding errors, so it is conservative for GPTQ).
     """
-
-    needs_calibration: ClassVar[bool] = True
 
     budget_bpw: float = 3.5
     candidates: tuple[Scheme, ...] = DEFAULT_CANDIDATES

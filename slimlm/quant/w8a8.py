@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -65,8 +64,6 @@ class SmoothQuant:
     act_granularity: str = "token"
     batch_size: int = 8
     fold_previous: bool = True  # also smooth o_proj/down_proj through the producing linear where exact
-
-    needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.alpha) <= 1.0:

@@ -11,7 +11,6 @@ after a ``KW_ONLY`` marker.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from slimlm.errors import SlimlmError
 from slimlm.validate import check_bool
@@ -39,8 +38,6 @@ class TrainConfig:
     it was before the method touched it, else next-token cross-entropy.
     ``seed`` fixes the windows drawn.
     """
-
-    needs_calibration: ClassVar[bool] = True  # the calibration ids are the training data
 
     steps: int = 200
     lr: float = 1e-4

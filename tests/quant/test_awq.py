@@ -4,6 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from slimlm.calib import StatsSpec, calibrate_blocks
 from slimlm.errors import SlimlmError
+from slimlm.methods import METHOD_OF
 from slimlm.formats import IntScheme, NF4Scheme, PerGroup, dequantize, fake_quantize, quantize
 from slimlm.models.tiny import tiny_config, tiny_model
 from slimlm.nn import QuantLinear
@@ -159,4 +160,4 @@ def test_refusals():
         AWQ(grid=0)
     with pytest.raises(SlimlmError, match="does not divide in_features 64"):
         apply_awq(tiny_model("llama"), AWQ(scheme="int4-g48"), CALIB)
-    assert AWQ.needs_calibration and AWQ(scheme=NF4Scheme(), clip_search=False).scheme == NF4Scheme()
+    assert METHOD_OF[AWQ].needs_calibration(AWQ()) and AWQ(scheme=NF4Scheme(), clip_search=False).scheme == NF4Scheme()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from slimlm.api import needs_calibration
 from slimlm.errors import SlimlmError
 from slimlm.io import load_compressed, save_compressed
 from slimlm.models.tiny import tiny_model, tiny_tokenizer
@@ -100,7 +101,7 @@ def test_config_checks_and_calibration():
         LLMInt8(threshold=0)
     with pytest.raises(SlimlmError, match="calibration"):
         apply_llm_int8(tiny_model("llama"), LLMInt8(), None)
-    assert LLMInt8().needs_calibration and not LLMInt8(calibrated=False).needs_calibration
+    assert needs_calibration([LLMInt8()]) and not needs_calibration([LLMInt8(calibrated=False)])
     model = apply_llm_int8(tiny_model("llama"), LLMInt8(calibrated=False), None)
     assert model.model.layers[0].mlp.up_proj.outlier_columns.numel() == 0
 
@@ -123,6 +124,6 @@ def test_smoothing_first_helps_on_a_model_with_outlier_channels():
 def test_smooth_alpha_checks():
     with pytest.raises(SlimlmError, match="smooth_alpha"):
         LLMInt8(smooth_alpha=1.5)
-    assert LLMInt8(calibrated=False, smooth_alpha=0.5).needs_calibration
+    assert needs_calibration([LLMInt8(calibrated=False, smooth_alpha=0.5)])
     with pytest.raises(SlimlmError, match="smooth_alpha"):
         apply_llm_int8(tiny_model("llama"), LLMInt8(calibrated=False, smooth_alpha=0.5), None)
