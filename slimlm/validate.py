@@ -23,6 +23,12 @@ def check_pos_int(name: str, value: object, hint: str) -> None:
         raise SlimlmError(f"{name} must be a positive int ({hint}), got {value!r}")
 
 
+def check_min_int(name: str, value: object, low: int, hint: str) -> None:
+    """``value`` is an int >= ``low`` (a bool is not); ``hint`` says what it counts."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SlimlmError(f"{name} must be an int >= {low} ({hint}), got {value!r}")
+
+
 def check_percdamp(value: object) -> None:
     """OBS dampening (GPTQ, SparseGPT): a fraction of the Hessian's mean diagonal."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:

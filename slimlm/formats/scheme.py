@@ -17,16 +17,7 @@ from slimlm.errors import SlimlmError
 from slimlm.formats.affine import check_bits
 from slimlm.formats.granularity import WEIGHT_GRANULARITIES, PerChannel, PerGroup, PerTensor
 from slimlm.formats.kmeans import KMeansInit
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise SlimlmError(f"{name} must be true or false, got {value!r}")
-
-
-def _check_int(name: str, value: object, low: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SlimlmError(f"{name} must be an int >= {low} ({hint}), got {value!r}")
+from slimlm.validate import check_bool, check_min_int
 
 
 @dataclass(frozen=True)
@@ -44,8 +35,8 @@ class IntScheme:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        _check_bool("symmetric", self.symmetric)
-        _check_bool("clip_search", self.clip_search)
+        check_bool("symmetric", self.symmetric)
+        check_bool("clip_search", self.clip_search)
         if not isinstance(self.granularity, WEIGHT_GRANULARITIES):
             raise SlimlmError(
                 f"weight granularity must be PerTensor(), PerChannel() or PerGroup(size), got {self.granularity!r}"
@@ -61,8 +52,8 @@ class NF4Scheme:
     double_quant: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("block_size", self.block_size, 2, "e.g. 32, 64, 128, 256")
-        _check_bool("double_quant", self.double_quant)
+        check_min_int("block_size", self.block_size, 2, "e.g. 32, 64, 128, 256")
+        check_bool("double_quant", self.double_quant)
 
 
 @dataclass(frozen=True)
@@ -76,8 +67,8 @@ class KMeansScheme:
 
     def __post_init__(self) -> None:
         check_bits(self.bits, low=1, high=8)
-        _check_bool("per_row", self.per_row)
-        _check_int("iters", self.iters, 0, "Lloyd iterations, e.g. 20")
+        check_bool("per_row", self.per_row)
+        check_min_int("iters", self.iters, 0, "Lloyd iterations, e.g. 20")
         if not isinstance(self.init, KMeansInit):
             allowed = ", ".join(f"KMeansInit.{m.name}" for m in KMeansInit)
             raise SlimlmError(f"init must be one of {allowed}, got {self.init!r}")
@@ -98,7 +89,7 @@ class TernaryScheme:
             raise SlimlmError(f"threshold must be a number in [0, 1], got {self.threshold!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise SlimlmError(f"threshold must be in [0, 1] (TWN uses 0.7), got {self.threshold!r}")
-        _check_bool("pack_base3", self.pack_base3)
+        check_bool("pack_base3", self.pack_base3)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from slimlm.quant.gptq import check_gptq_scheme
 from slimlm.quant.gptq_handler import GPTQ, apply_gptq
 from slimlm.quant.mixed import allocate, average_bpw, fits, min_bpw, sensitivities
 from slimlm.targets import Targets, check_targets, replace_module, select_linears
-from slimlm.validate import check_bool, check_calib, check_pos_int
+from slimlm.validate import check_bool, check_calib, check_min_int, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
 
@@ -81,9 +81,7 @@ class MixedPrecision:
         check_bool("normalize", self.normalize)
         if self.sensitivity not in SENSITIVITIES:
             raise SlimlmError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {self.sensitivity!r}")
-        if isinstance(self.fisher_samples, bool) or not isinstance(self.fisher_samples, int) or self.fisher_samples < 1:
-            raise SlimlmError(f"fisher_samples must be an int >= 1 (calibration sequences with a backward pass), "
-                              f"got {self.fisher_samples!r}")  # fmt: skip
+        check_min_int("fisher_samples", self.fisher_samples, 1, "calibration sequences with a backward pass")
         if self.quantizer not in QUANTIZERS:
             raise SlimlmError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
         if self.quantizer == "gptq":
