@@ -288,6 +288,41 @@ def _add_compress_parsers(sub: argparse._SubParsersAction) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="stream text from a model")
+    g.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--engine", default="slimlm", choices=("slimlm", "hf"),
+                   help="slimlm's decode loop (default) or HF generate, for comparison")
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
+    g.add_argument("--draft", default=None,
+                   help="speculative decoding with a draft: lookup[:N] (prompt n-grams), layers:N (the model's first "
+                        "N layers), int4 / int8 / bf16 / <scheme> (a compressed copy), recipe:<name>, or a model "
+                        "with the same tokenizer; reports acceptance, tokens per target call and speedup on stderr")
+    g.add_argument("--k", type=int, default=None, help="with --draft: draft tokens per round (default 4; the first "
+                                                        "round's when k adapts)")
+    g.add_argument("--k-max", type=int, default=8, help="with --draft: the most tokens adaptive k drafts (default 8)")
+    g.add_argument("--fixed-k", action="store_true", help="with --draft: keep k fixed instead of adapting it to "
+                                                            "measured costs (sampled output then repeats for a seed)")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="with --draft: skip the plain-decoding run that measures the speedup")
+    g.add_argument("--json", default=None, help="with --draft: write tokens, acceptance, costs and speedup as JSON")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    g.add_argument("--kv-policy", default=None, choices=("full", "window", "sinks", "h2o"),
+                   help="KV-cache eviction: window (recent tokens), sinks (StreamingLLM: first --kv-sinks tokens + "
+                        "recent), h2o (heavy hitters + recent); needs --kv-budget")
+    g.add_argument("--kv-budget", type=int, default=None, help="tokens the KV cache keeps (with --kv-policy)")
+    g.add_argument("--kv-sinks", type=int, default=4, help="sink tokens for --kv-policy sinks (default 4)")
+    g.add_argument("--kv-bits", type=int, default=None, choices=(2, 4, 8),
+                   help="KIVI-quantized KV cache (keys per channel, values per token, 128 recent tokens in float)")
+    g.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimlm", description="Compress language models and measure what it cost.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -321,38 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="float32", choices=DTYPES)
     i.set_defaults(func=cmd_info)
 
-    g = sub.add_parser("generate", help="stream text from a model")
-    g.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--engine", default="slimlm", choices=("slimlm", "hf"),
-                   help="slimlm's decode loop (default) or HF generate, for comparison")
-    g.add_argument("--dtype", default="float32", choices=DTYPES)
-    g.add_argument("--draft", default=None,
-                   help="speculative decoding with a draft: lookup[:N] (prompt n-grams), layers:N (the model's first "
-                        "N layers), int4 / int8 / bf16 / <scheme> (a compressed copy), recipe:<name>, or a model "
-                        "with the same tokenizer; reports acceptance, tokens per target call and speedup on stderr")
-    g.add_argument("--k", type=int, default=None, help="with --draft: draft tokens per round (default 4; the first "
-                                                        "round's when k adapts)")
-    g.add_argument("--k-max", type=int, default=8, help="with --draft: the most tokens adaptive k drafts (default 8)")
-    g.add_argument("--fixed-k", action="store_true", help="with --draft: keep k fixed instead of adapting it to "
-                                                            "measured costs (sampled output then repeats for a seed)")
-    g.add_argument("--no-baseline", action="store_true",
-                   help="with --draft: skip the plain-decoding run that measures the speedup")
-    g.add_argument("--json", default=None, help="with --draft: write tokens, acceptance, costs and speedup as JSON")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    g.add_argument("--kv-policy", default=None, choices=("full", "window", "sinks", "h2o"),
-                   help="KV-cache eviction: window (recent tokens), sinks (StreamingLLM: first --kv-sinks tokens + "
-                        "recent), h2o (heavy hitters + recent); needs --kv-budget")
-    g.add_argument("--kv-budget", type=int, default=None, help="tokens the KV cache keeps (with --kv-policy)")
-    g.add_argument("--kv-sinks", type=int, default=4, help="sink tokens for --kv-policy sinks (default 4)")
-    g.add_argument("--kv-bits", type=int, default=None, choices=(2, 4, 8),
-                   help="KIVI-quantized KV cache (keys per channel, values per token, 128 recent tokens in float)")
-    g.set_defaults(func=cmd_generate)
+    _add_generate_parser(sub)
     return p
 
 
