@@ -7,17 +7,26 @@ draft sequence and every pattern of acceptance coins for small vocabularies, run
 ``verify_sampled`` with the uniforms it draws scripted (just inside or just outside each
 acceptance region) and reads the distribution of the token it resamples, so the probability of
 every output of the round comes out analytically, with no sampling.
+
+The statistical test runs the whole loop (real tiny draft and target, KV caches, rollback,
+temperature + top-k + top-p) over a thousand tokens and checks every emitted token against the
+target's exact warped distribution given the text before it.
 """
 
 import itertools
 import math
 from collections import defaultdict
 
+import copy
+
 import pytest
 import torch
 
+from slimlm.generation.sampling import Sampling
 from slimlm.generation.speculative import verify as verify_module
-from slimlm.generation.speculative import verify_sampled
+from slimlm.generation.speculative import (DecoderRunner, ModelDraft, SpecConfig, speculative_generate,
+                                           verify_sampled, warped_probs)
+from tests.generation.conftest import varied_tiny
 
 EDGE = 1e-9  # how far inside or outside an acceptance region a scripted uniform lies
 
@@ -129,3 +138,66 @@ def test_one_round_then_the_target_is_the_target_exactly(monkeypatch, k, V, draf
     assert {len(y) for y in probs} == set(range(1, k + 2))  # every number of accepted tokens happens
     got, want = then_target(probs, p, k + 1, V), target_only(p, k + 1, V)
     assert torch.allclose(got, want, rtol=0, atol=1e-12), f"largest error {(got - want).abs().max():.2e}"
+
+
+# ---------------------------------------------------------------- a long run with a real draft
+
+SAMPLING = Sampling(temperature=1.2, top_k=16, top_p=0.9)
+
+
+def _noisy_copy(model, scale: float, seed: int):
+    """A draft close to the target: every weight perturbed by ``scale`` times its tensor's std."""
+    draft, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in draft.parameters():
+            w.add_(torch.randn(w.shape, generator=g) * scale * w.std())
+    return draft
+
+
+def _warped(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """(N, V) float64: the model's warped next-token distribution before each of ids[start:] (plain HF forward)."""
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, start - 1:-1]
+    return warped_probs(logits, SAMPLING).double()
+
+
+def _pit(p: torch.Tensor, q: torch.Tensor, tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Randomised probability integral transform of each token under p, with the vocabulary ordered by q / p.
+
+    u = P(tokens ranked before x) + U * p(x) is exactly uniform on [0, 1) when x ~ p, independently
+    at every position. Ranking by how much more the draft likes a token than the target does puts
+    the typical speculative bug (too much or too little of the draft's taste) into a shift of u.
+    """
+    order = torch.sort(q / p.clamp_min(1e-300), dim=-1, descending=True, stable=True).indices  # (N, V)
+    p_sorted = p.gather(-1, order)
+    rank = (order == tokens[:, None]).long().argmax(-1, keepdim=True)  # (N, 1) where each token sits
+    p_x = p_sorted.gather(-1, rank)[:, 0]
+    assert bool((p_x > 0).all()), "a token outside the target's top-k / top-p support was emitted"
+    below = p_sorted.cumsum(-1).gather(-1, rank)[:, 0] - p_x
+    return below + torch.rand(tokens.numel(), generator=g, dtype=torch.float64) * p_x
+
+
+@pytest.mark.parametrize("with_draft", [True, False], ids=["speculative", "plain"])
+def test_a_long_run_samples_the_target_distribution(with_draft):
+    target = varied_tiny("llama", seed=0)
+    draft_model = _noisy_copy(target, 0.15, seed=5)
+    us, accepted, proposed = [], 0, 0
+    g = torch.Generator().manual_seed(123)
+    for seed in range(5):  # 5 runs of 200 tokens (the tiny model has 256 positions)
+        prompt = torch.randint(4, 512, (8,), generator=torch.Generator().manual_seed(seed))
+        draft = ModelDraft(DecoderRunner(draft_model), vocab_size=512, name="noisy", cost=0.1) if with_draft else None
+        out, st = speculative_generate(DecoderRunner(target), draft, prompt, max_new_tokens=200, sampling=SAMPLING,
+                                       config=SpecConfig(k=4, adaptive=False),
+                                       generator=torch.Generator().manual_seed(seed))
+        accepted, proposed = accepted + st.accepted, proposed + st.proposed
+        ids = torch.cat([prompt, out])
+        us.append(_pit(_warped(target, ids, 8), _warped(draft_model, ids, 8), out, g))
+    u = torch.cat(us)  # (1000,) i.i.d. uniform if every token followed the target's distribution
+    n = u.numel()
+    z = float((u.mean() - 0.5) / math.sqrt(1 / 12 / n))
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    chi2 = float(((counts - n / 10) ** 2 / (n / 10)).sum())
+    assert abs(z) < 4, f"mean of u {float(u.mean()):.3f}: {z:.1f} sigma from 1/2"
+    assert chi2 < 9 + 6 * math.sqrt(18), f"chi-square {chi2:.1f} of u over 10 bins (9 degrees of freedom)"
+    if with_draft:
+        assert 0.3 < accepted / proposed < 0.8  # both verification branches ran, many rounds kept >= 2 tokens
