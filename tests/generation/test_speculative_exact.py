@@ -1,7 +1,8 @@
 """Speculative sampling with k >= 2 drafted tokens and q != p: one round exactly, and a long run statistically.
 
-The correctness statement (Leviathan, Kalman & Matias 2023, Theorem 1; Chen et al. 2023,
-Theorem 1): a round emits d_1..d_n plus one target token, and the round's output followed by
+The correctness statement of Leviathan, Kalman & Matias 2023 ("Fast Inference from Transformers
+via Speculative Decoding") and Chen et al. 2023 ("Accelerating Large Language Model Decoding with
+Speculative Sampling"): a round emits d_1..d_n plus one target token, and the round's output followed by
 plain target sampling is distributed as plain target sampling. The exact test enumerates every
 draft sequence and every pattern of acceptance coins for small vocabularies, runs the library's
 ``verify_sampled`` with the uniforms it draws scripted (just inside or just outside each
