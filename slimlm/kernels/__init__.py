@@ -22,7 +22,14 @@ fast kernel fell back); :func:`require_fast` makes that an error.
 """
 
 from slimlm.kernels.base import REFERENCE, Tensors, WeightKernel, relative_error, reset_checks, weight_matmul
-from slimlm.kernels.report import KernelReport, LayerKernel, format_kernels, kernel_report, require_fast
+from slimlm.kernels.report import (
+    KernelReport,
+    LayerKernel,
+    format_kernels,
+    kernel_report,
+    kernel_summary,
+    require_fast,
+)
 from slimlm.kernels.select import (
     KERNELS,
     W8A8_REFERENCE,
@@ -42,6 +49,7 @@ __all__ = [
     "format_kernels",
     "get_kernel",
     "kernel_report",
+    "kernel_summary",
     "relative_error",
     "require_fast",
     "reset_checks",

@@ -105,6 +105,12 @@ def kernel_report(model: nn.Module, *, probe: bool = True) -> KernelReport:
     return KernelReport(tuple(layer_kernel(name, m, probe=probe) for name, m in _kernel_layers(model)))
 
 
+def kernel_summary(model: nn.Module) -> dict[str, Any] | None:
+    """``kernel_report(model).to_dict()``, or None for a model without runtime linears (a Result's ``kernels``)."""
+    report = kernel_report(model)
+    return report.to_dict() if report.layers else None
+
+
 def require_fast(model: nn.Module, *, probe: bool = True) -> KernelReport:
     """The report, or a one-line :class:`SlimlmError` naming the first layer not on a fast kernel and why.
 
