@@ -21,7 +21,16 @@ thread where ATen's GEMV uses one.
 fast kernel fell back); :func:`require_fast` makes that an error.
 """
 
-from slimlm.kernels.base import REFERENCE, Tensors, WeightKernel, relative_error, reset_checks, weight_matmul
+from slimlm.kernels.base import (
+    REFERENCE,
+    Tensors,
+    WeightKernel,
+    check_state,
+    fallback_reason,
+    relative_error,
+    reset_checks,
+    weight_matmul,
+)
 from slimlm.kernels.report import (
     KernelReport,
     LayerKernel,
@@ -46,6 +55,8 @@ __all__ = [
     "W8A8_REFERENCE",
     "Tensors",
     "WeightKernel",
+    "check_state",
+    "fallback_reason",
     "format_kernels",
     "get_kernel",
     "kernel_report",
