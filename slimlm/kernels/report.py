@@ -51,8 +51,8 @@ def layer_kernel(name: str, module: nn.Module, *, probe: bool = True) -> LayerKe
     """What layer ``name`` runs; ``probe`` runs its first-use check if it has not run yet."""
     kernel, device, dtype = module.kernel, module.weight_device, module.compute_dtype
     if kernel.is_reference:
-        what = getattr(module, "scheme", None) or "this layer"
-        reason = f"no fast kernel for {what!r} {module.out_features}x{module.in_features} on {device.type}"
+        what = getattr(module, "scheme", None) or getattr(module, "sparsity_label", None) or type(module).__name__
+        reason = f"no fast kernel for {what} {module.out_features}x{module.in_features} on {device.type}"
         return LayerKernel(name, kernel.name, kernel.name, reason)
     if probe and check_state(kernel.name, device.type, dtype) is None:
         _probe(module)
