@@ -1,6 +1,7 @@
 """W8A8 methods on the built-in model, protocol wiki-v1, one run.
 
-    .venv/bin/python benchmarks/w8a8.py [--tokens 8192] [--calib-samples 32] [--methods a,b] [--threads 2] [--allow-slow]
+    .venv/bin/python benchmarks/w8a8.py [--tokens 8192] [--calib-samples 32] [--methods a,b] [--threads 2]
+        [--allow-slow]
 
 Rows: the float base, naive W8A8 with one activation scale per tensor and per
 token, SmoothQuant (alpha 0.5 and 0.8, with and without smoothing o_proj /
@@ -63,7 +64,8 @@ def prefill_tokens_per_s(model: torch.nn.Module, *, length: int = 512, runs: int
     return length / statistics.median(times)
 
 
-def measure(name: str, calib: torch.Tensor, *, tmp: Path, common: dict, allow_slow: bool = False) -> tuple[Result, float, float]:
+def measure(name: str, calib: torch.Tensor, *, tmp: Path, common: dict,
+            allow_slow: bool = False) -> tuple[Result, float, float]:
     config, handler = METHODS[name]
     model, tok = load_model(MODEL)
     t0 = time.perf_counter()
