@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--prompt-tokens 64] [--new-tokens 64] [--runs 3]
         [--variants base,bf16,int8,int4] [--batches 1,4,16] [--compile] [--clock wall|cpu]
-        [--only speed,profile,batch,paged]
+        [--only speed,profile,batch,paged] [--allow-slow]
 
 1. batch 1, per variant (base fp32; base cast to bf16; int8 = RTN int8 per channel, symmetric, the
    int8 weight-only kernel; int4 = recipe rtn-int4-g64): decode tokens/s of HF ``generate`` and of
@@ -10,7 +10,8 @@
    run, medians reported. Decode tok/s = (N - 1) / (t(N) - t(1)) with t(n) the wall time to generate n
    tokens greedily from the same prompt, so prefill is taken out the same way for both engines. "GB/s" =
    weight bytes read per token (slimlm.models.size) x tok/s; "% peak" against the machine's ~35 GB/s.
-   "same" = slimlm's greedy tokens equal HF's.
+   "same" = slimlm's greedy tokens equal HF's. The int8 and int4 rows stop the run (exit 1, naming the
+   layer and the reason) when a layer did not run its fast kernel; --allow-slow times them anyway.
 2. batch table (base model): prompts of mixed lengths, grouped by length with left padding; throughput
    (new tokens/s over the batch) and latency (ms per decode step = per token of each request).
 3. profile: where a base-model step's time goes -- the full step, the same layer stack at hidden size
@@ -41,11 +42,13 @@ from slimlm.models import load_model
 from slimlm.models.info import model_info
 from slimlm.quant import RTN
 from slimlm.recipe import load_recipe
+from _fast import expect_fast  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
 MACHINE_GBPS = 35.0
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (on-CPU time; at 1 thread it ignores waits for a busy CPU)
 VARIANTS = ("base", "bf16", "int8", "int4")
+FAST_VARIANTS = ("int8", "int4")  # quantized variants whose every linear has a fast kernel on CPU and CUDA
 
 
 def build_variant(name: str):
@@ -117,6 +120,8 @@ def speed_table(args) -> str:
             engines["compiled"] = lambda n: slim_run(dec, ids, n, step)
         for run in engines.values():  # warm-up
             run(2)
+        if name in FAST_VARIANTS:
+            expect_fast(model, f"variant {name}", allow_slow=args.allow_slow)
         tps = {k: [] for k in engines}
         toks = {}
         for _ in range(args.runs):  # interleaved: load changes hit every engine alike
@@ -268,6 +273,8 @@ def main() -> None:
     p.add_argument("--paged-max-prompt", type=int, default=384)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--only", default="speed,profile,batch,paged")
+    p.add_argument("--allow-slow", action="store_true",
+                   help="time a quantized variant even when a layer fell back to the reference path")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="cpu: the speed table times on-CPU time (process_time), for a busy machine at 1 thread")
     args = p.parse_args()

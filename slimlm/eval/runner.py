@@ -15,6 +15,7 @@ from slimlm.eval.cache import cache_key, load_base_stats, store_base_stats
 from slimlm.eval.protocol import Protocol, get_protocol
 from slimlm.eval.quality import BaseStats, Quality, score_windows
 from slimlm.eval.result import Result
+from slimlm.kernels import kernel_summary
 from slimlm.models.size import measure_size
 from slimlm.eval.speed import measure_speed
 
@@ -129,5 +130,6 @@ def evaluate(
         recipe=recipe,
         text_source=proto.eval_text.source if proto.eval_text else None,
         text_sha256=proto.eval_text.sha256 if proto.eval_text else None,
+        kernels=kernel_summary(model),
     )
 

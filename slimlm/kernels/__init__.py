@@ -16,9 +16,29 @@ everything else                        reference                          refere
 Plain float32 weights at decode sizes (<= 16 rows) go through oneDNN's inner
 product on CPU (:func:`slimlm.kernels.dense.linear`), which uses every intra-op
 thread where ATen's GEMV uses one.
+
+:func:`kernel_report` says which path each layer of a model runs (and why a
+fast kernel fell back); :func:`require_fast` makes that an error.
 """
 
-from slimlm.kernels.base import REFERENCE, Tensors, WeightKernel, relative_error, reset_checks, weight_matmul
+from slimlm.kernels.base import (
+    REFERENCE,
+    Tensors,
+    WeightKernel,
+    check_state,
+    fallback_reason,
+    relative_error,
+    reset_checks,
+    weight_matmul,
+)
+from slimlm.kernels.report import (
+    KernelReport,
+    LayerKernel,
+    format_kernels,
+    kernel_report,
+    kernel_summary,
+    require_fast,
+)
 from slimlm.kernels.select import (
     KERNELS,
     W8A8_REFERENCE,
@@ -29,12 +49,20 @@ from slimlm.kernels.select import (
 
 __all__ = [
     "KERNELS",
+    "KernelReport",
+    "LayerKernel",
     "REFERENCE",
     "W8A8_REFERENCE",
     "Tensors",
     "WeightKernel",
+    "check_state",
+    "fallback_reason",
+    "format_kernels",
     "get_kernel",
+    "kernel_report",
+    "kernel_summary",
     "relative_error",
+    "require_fast",
     "reset_checks",
     "select_w8a8_kernel",
     "select_weight_kernel",

@@ -12,7 +12,9 @@ cached: that would give back the memory quantization saved.
 :func:`weight_matmul` runs a fast kernel through a guard: the first call per
 (kernel, device type, dtype) is checked against dequantize-then-matmul of
 the same codes; a kernel that raises or disagrees is switched off for that
-key with a logged warning and the reference path answers from then on.
+key with a logged warning and the reference path answers from then on. The
+reason is kept (:func:`fallback_reason`) so that a report of which kernel
+each layer runs (:mod:`slimlm.kernels.report`) can name it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2
 
 # (kernel name, device type, dtype) -> passed its first-use check (True) or not (False)
 _CHECKED: dict[tuple[str, str, torch.dtype], bool] = {}
+# the same keys -> why the kernel was switched off (for those that failed)
+_REASONS: dict[tuple[str, str, torch.dtype], str] = {}
 
 
 class WeightKernel:
@@ -87,20 +91,23 @@ def relative_error(y: Tensor, ref: Tensor) -> float:
     return float(num / den) if den > 0 else float(num)
 
 
+def _fall_back(key: tuple, reason: str) -> None:
+    log.warning("kernel %s %s on %s/%s; using the reference path", key[0], reason, key[1], key[2])
+    _CHECKED[key] = False
+    _REASONS[key] = reason
+
+
 def _first_use(kernel: WeightKernel, key: tuple, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
     ref = kernel.reference_matmul(x, tensors, scheme, shape)
     try:
         y = kernel.matmul(x, tensors, scheme, shape)
     except RuntimeError as e:  # an op missing or refusing this build/device: not a bug in the caller
-        log.warning("kernel %s failed on %s/%s (%s); using the reference path", kernel.name, key[1], key[2], e)
-        _CHECKED[key] = False
+        _fall_back(key, f"failed ({e})")
         return ref
     err = relative_error(y, ref)
     tol = SELF_CHECK_TOL.get(kernel.compute_dtype(x.dtype), 1e-4)
     if not err <= tol:
-        log.warning("kernel %s disagrees with the reference on %s/%s (relative error %.2e > %.0e); "
-                    "using the reference path", kernel.name, key[1], key[2], err, tol)  # fmt: skip
-        _CHECKED[key] = False
+        _fall_back(key, f"disagrees with the reference (relative error {err:.2e} > {tol:.0e})")
         return ref
     log.debug("kernel %s passed its first-use check on %s/%s (%.2e)", kernel.name, key[1], key[2], err)
     _CHECKED[key] = True
@@ -120,6 +127,17 @@ def weight_matmul(kernel: WeightKernel, x: Tensor, tensors: Tensors, scheme: Sch
     return kernel.reference_matmul(x, tensors, scheme, shape)
 
 
+def check_state(name: str, device_type: str, dtype: torch.dtype) -> bool | None:
+    """Kernel ``name``'s first-use verdict on ``device_type``/``dtype``: passed, failed, or None (not run yet)."""
+    return _CHECKED.get((name, device_type, dtype))
+
+
+def fallback_reason(name: str, device_type: str, dtype: torch.dtype) -> str | None:
+    """Why kernel ``name`` was switched off on ``device_type``/``dtype`` (recorded when it fell back), else None."""
+    return _REASONS.get((name, device_type, dtype))
+
+
 def reset_checks() -> None:
     """Forget first-use results (tests use this to re-run the checks)."""
     _CHECKED.clear()
+    _REASONS.clear()

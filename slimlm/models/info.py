@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from slimlm.formats import scheme_to_dict
+from slimlm.kernels import KernelReport, kernel_report
 from slimlm.models.adapters import ADAPTERS, HeadLayout, head_layout, num_layers
 from slimlm.models.size import measure_size_light
 
@@ -33,6 +34,7 @@ class ModelInfo:
     kv_bytes_per_token: int  # K and V for one token at the model dtype
     tied_embeddings: bool
     linears: tuple[LinearInfo, ...]  # every Linear / Conv1D / linear-like module, lm_head included
+    kernels: KernelReport | None = None  # which kernel the runtime linears run; None when there are none
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -96,6 +98,7 @@ def model_info(model: nn.Module) -> ModelInfo:
     tied = out_emb is not None and out_emb.weight is in_emb.weight
     kv_bytes = 2 * n_layers * heads.n_kv_heads * heads.head_dim * torch.empty((), dtype=dtype).element_size()
     n_params, size_bytes = measure_size_light(model)  # packed weights of compressed modules included
+    kernels = kernel_report(model)  # runs a fast kernel's first-use check if it has not run yet
     return ModelInfo(
         architecture=type(model).__name__,
         model_type=config.model_type,
@@ -107,6 +110,7 @@ def model_info(model: nn.Module) -> ModelInfo:
         kv_bytes_per_token=kv_bytes,
         tied_embeddings=tied,
         linears=list_linears(model),
+        kernels=kernels if kernels.layers else None,
     )
 
 
@@ -134,12 +138,16 @@ def format_info(info: ModelInfo, *, linears: bool = True) -> str:
         ("tied embeddings", "yes" if info.tied_embeddings else "no"),
         ("linears", str(len(info.linears))),
     ]
+    if info.kernels is not None:
+        rows.append(("kernels", info.kernels.format()))
     width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines = [f"{k:<{width}}  {v}".replace("\n", "\n" + " " * (width + 2)) for k, v in rows]
     if linears and info.linears:
         name_w = max(len("name"), *(len(li.name) for li in info.linears))
         lines.append("")
-        lines.append(f"  {'name':<{name_w}}  {'in':>7}  {'out':>7}  dtype")
+        runs = {k.layer: f"  [{k.runs}]" for k in info.kernels.layers} if info.kernels else {}
+        lines.append(f"  {'name':<{name_w}}  {'in':>7}  {'out':>7}  dtype" + ("  [kernel]" if runs else ""))
         for li in info.linears:
-            lines.append(f"  {li.name:<{name_w}}  {li.in_features:>7}  {li.out_features:>7}  {li.dtype}")
+            row = f"  {li.name:<{name_w}}  {li.in_features:>7}  {li.out_features:>7}  {li.dtype}"
+            lines.append(row + runs.get(li.name, ""))
     return "\n".join(lines)

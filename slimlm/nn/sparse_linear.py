@@ -89,6 +89,10 @@ class SparseLinear(RuntimeModule):
         return self.out_features, self.in_features
 
     @property
+    def weight_device(self) -> torch.device:
+        return self.kernel.dense(self._weight).device
+
+    @property
     def nm(self) -> NMPair:
         """``(n, m)`` of the N:M pattern, or None for unstructured."""
         return pattern_of(self._positions)

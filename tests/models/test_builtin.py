@@ -1,6 +1,5 @@
 import contextlib
 import json
-import time
 
 import pytest
 
@@ -49,10 +48,8 @@ def test_conversion_writes_marker_and_is_cached(fake_gguf, tmp_path, monkeypatch
     marker = json.loads((dest / MARKER).read_text())
     assert marker["gguf_file"] == BUILTINS["smollm2-135m"].gguf_file
     assert len(marker["sha256"]) == 64
-    start = time.perf_counter()
     assert builtin_dir("smollm2-135m") == dest
-    assert time.perf_counter() - start < 0.5
-    assert len(calls) == 1
+    assert len(calls) == 1  # the second call reads the cache: no second conversion
 
 
 def test_cache_without_marker_is_rebuilt(fake_gguf, tmp_path, monkeypatch):
