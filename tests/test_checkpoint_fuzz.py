@@ -195,7 +195,7 @@ def test_a_sharded_checkpoint_is_sealed_too(tmp_path):
         flipped = bytearray(raw)
         flipped[-3] ^= 0x10  # inside the last tensor's data: the file still parses
         (out / shard).write_bytes(bytes(flipped))
-        with pytest.raises(SlimlmError, match="does not match the sha256 its manifest records"):
+        with pytest.raises(SlimlmError, match="its sha256 differs from the one its manifest records"):
             load_compressed(out)
         (out / shard).write_bytes(raw)
     manifest = json.loads(manifest_text)

@@ -50,8 +50,8 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
             raise SlimlmError(f"the manifest lists {name!r}, which is not a file of {folder}; the checkpoint is "
                               "damaged: compress again")  # fmt: skip
         if file_sha256(folder / name) != digest:
-            raise SlimlmError(f"{folder / name} does not match the sha256 its manifest records; the file is corrupt: "
-                              "compress again")  # fmt: skip
+            raise SlimlmError(f"{folder / name} is corrupt or truncated (its sha256 differs from the one its manifest "
+                              "records); compress again")  # fmt: skip
 
 
 def verify_manifest(weights: Path, manifest: dict[str, Any]) -> None:
