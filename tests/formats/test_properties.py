@@ -61,7 +61,7 @@ INT_GRANULARITIES = st.sampled_from([PerTensor(), PerChannel(), PerGroup(4), Per
 # every format and its storage-changing options as a test case; the rest of each scheme drawn
 FAMILIES = {
     **{f"int{b}-{'sym' if sym else 'asym'}": st.builds(IntScheme, bits=st.just(b), symmetric=st.just(sym),
-                                                       granularity=INT_GRANULARITIES, clip_search=st.booleans())
+                                                       granularity=INT_GRANULARITIES)
        for b in range(2, 9) for sym in (True, False)},
     **{f"nf4{'-dq' if dq else ''}": st.builds(NF4Scheme, block_size=st.sampled_from([2, 16, 64]),
                                               double_quant=st.just(dq)) for dq in (False, True)},
