@@ -50,7 +50,8 @@ def save_compressed(
     modules = {name: m.manifest_entry() for name, m in compressed_modules(model).items()}
     manifest = _manifest(model, modules, base_model, recipe, calibration)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT, MANIFEST_SHA256: manifest_sha256(manifest)})
+        seal = manifest_sha256(manifest)  # the manifest's digest, kept with the tensors
+        st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT, MANIFEST_SHA256: seal})
         manifest[SHA256] = {WEIGHTS: file_sha256(tmp / WEIGHTS)}
         _write_rest(tmp, model, tokenizer, manifest)
     log.info("saved compressed model to %s", out_dir)

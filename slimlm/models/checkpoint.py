@@ -137,7 +137,8 @@ def _tied_names(model: nn.Module) -> list[set[str]]:
 
 def _mismatch(file: Path, e: RuntimeError) -> SlimlmError:
     """torch's multi-line load_state_dict error as one line: its last line names the tensor."""
-    return SlimlmError(f"{file} does not match its manifest ({str(e).strip().splitlines()[-1].strip()}): compress again")
+    last = str(e).strip().splitlines()[-1].strip()
+    return SlimlmError(f"{file} does not match its manifest ({last}): compress again")
 
 
 def _shard_names(path: Path) -> list[str]:

@@ -44,7 +44,8 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     """Refuse a checkpoint whose safetensors files differ from the digests its manifest records."""
     digests = manifest.get(SHA256, {})
     if not isinstance(digests, dict):
-        raise SlimlmError(f"the manifest's {SHA256!r} field is not a mapping; the checkpoint is damaged: compress again")
+        raise SlimlmError(f"the manifest's {SHA256!r} field is not a mapping; the checkpoint is damaged: "
+                          "compress again")  # fmt: skip
     for name, digest in digests.items():
         if Path(name).name != name or not (folder / name).is_file():
             raise SlimlmError(f"the manifest lists {name!r}, which is not a file of {folder}; the checkpoint is "

@@ -52,7 +52,8 @@ def pattern_tensor(nm: NMPair, device: torch.device | str | None = None) -> Tens
 
 def pattern_of(t: Tensors) -> NMPair:
     if t["pattern"].shape != (2,) or t["pattern"].is_floating_point():
-        raise SlimlmError(f"sparse pattern has shape {tuple(t['pattern'].shape)}, not (2,) ints; the checkpoint is damaged")
+        raise SlimlmError(f"sparse pattern has shape {tuple(t['pattern'].shape)}, not (2,) ints; the checkpoint "
+                          "is damaged")  # fmt: skip
     n, m = (int(v) for v in t["pattern"].tolist())
     if (n, m) != (0, 0) and not 0 < n <= m:
         raise SlimlmError(f"sparse pattern {n}:{m} keeps no valid N of M; the checkpoint is damaged")
