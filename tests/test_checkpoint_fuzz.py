@@ -197,7 +197,7 @@ def test_a_sharded_checkpoint_is_sealed_too(tmp_path):
         flipped = bytearray(raw)
         flipped[-3] ^= 0x10  # inside the last tensor's data: the file still parses
         (out / shard).write_bytes(bytes(flipped))
-        with pytest.raises(SlimlmError, match="its sha256 differs from the one its manifest records"):
+        with pytest.raises(SlimlmError, match="it does not match its manifest's sha256"):
             load_compressed(out)
         (out / shard).write_bytes(raw)
     manifest = json.loads(manifest_text)

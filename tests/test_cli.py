@@ -328,7 +328,7 @@ def _damaged(checkpoint, tmp_path, how):
 
 @pytest.mark.parametrize("how, fix", [
     ("truncated", "is corrupt or truncated"),
-    ("bit flip", "is corrupt or truncated (its sha256 differs from the one its manifest records); compress again"),
+    ("bit flip", "is corrupt or truncated (it does not match its manifest's sha256); compress again"),
     ("bits 3", "manifest was changed after its tensors were written; the checkpoint is damaged: compress again"),
 ])  # fmt: skip
 def test_corrupt_checkpoint(capsys, checkpoint, tmp_path, how, fix):

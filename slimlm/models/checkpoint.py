@@ -52,8 +52,8 @@ def _shell(model: nn.Module, name: str, entry: dict[str, Any], dtype: torch.dtyp
     """An empty runtime module that load_state_dict fills, for the linear at ``name`` of ``model``."""
     cls = RUNTIME_MODULES.get(entry.get("type"))
     if cls is None:
-        raise SlimlmError(f"checkpoint uses module type {entry.get('type')!r} for {name} that this slimlm does not "
-                          f"know; known: {', '.join(RUNTIME_MODULES)} (upgrade slimlm?)")  # fmt: skip
+        raise SlimlmError(f"checkpoint uses module type {entry.get('type')!r} that this slimlm does not know (at "
+                          f"{name}); known: {', '.join(RUNTIME_MODULES)} (upgrade slimlm?)")  # fmt: skip
     try:
         model.get_submodule(name)
     except AttributeError:

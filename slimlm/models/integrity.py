@@ -47,12 +47,14 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
         raise SlimlmError(f"the manifest's {SHA256!r} field is not a mapping; the checkpoint is damaged: "
                           "compress again")  # fmt: skip
     for name, digest in digests.items():
-        if Path(name).name != name or not (folder / name).is_file():
+        if Path(name).name != name:
             raise SlimlmError(f"the manifest lists {name!r}, which is not a file of {folder}; the checkpoint is "
                               "damaged: compress again")  # fmt: skip
+        if not (folder / name).is_file():
+            raise SlimlmError(f"{folder / name} is missing; the checkpoint is incomplete: compress again")
         if file_sha256(folder / name) != digest:
-            raise SlimlmError(f"{folder / name} is corrupt or truncated (its sha256 differs from the one its manifest "
-                              "records); compress again")  # fmt: skip
+            raise SlimlmError(f"{folder / name} is corrupt or truncated (it does not match its manifest's "
+                              "sha256); compress again")  # fmt: skip
 
 
 def verify_manifest(weights: Path, manifest: dict[str, Any]) -> None:
