@@ -28,12 +28,16 @@ def _setup(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("slimlm").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    from slimlm.validate import check_pos_int
+
+    if args.threads is not None:
+        check_pos_int("--threads", args.threads, "torch CPU threads")
     import torch
     import transformers
 
     if not args.debug:
         transformers.logging.set_verbosity_error()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
 
@@ -125,6 +129,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from slimlm.generation import generate_text
 
+    if not args.model_and_prompt:
+        raise SlimlmError('generate needs a prompt: slimlm generate [MODEL] "PROMPT"')
     if len(args.model_and_prompt) > 2:
         raise SlimlmError('usage: slimlm generate [MODEL] "PROMPT" (quote the prompt)')
     *maybe_model, prompt = args.model_and_prompt
@@ -290,7 +296,7 @@ def _add_compress_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="stream text from a model")
-    g.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT")
+    g.add_argument("model_and_prompt", nargs="*", metavar="[MODEL] PROMPT")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=None)
@@ -323,8 +329,15 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like the library's refusals (subparsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimlm", description="Compress language models and measure what it cost.")
+    p = _Parser(prog="slimlm", description="Compress language models and measure what it cost.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("-v", "--verbose", action="store_true", help="show info logs from libraries too")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

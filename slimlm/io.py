@@ -27,6 +27,7 @@ from slimlm.fsutil import atomic_dir
 from slimlm.models.adapters import get_adapter
 from slimlm.models.checkpoint import (FORMAT, INDEX, MANIFEST, WEIGHTS, compressed_modules, is_compressed_dir,
                                       load_compressed, read_manifest)  # fmt: skip
+from slimlm.models.integrity import MANIFEST_SHA256, SHA256, file_sha256, manifest_sha256
 from slimlm.nn.runtime import replace_module
 
 __all__ = ["FORMAT", "INDEX", "MANIFEST", "WEIGHTS", "ShardWriter", "compressed_modules", "dequantized_copy",
@@ -47,9 +48,12 @@ def save_compressed(
 ) -> Path:
     """Write ``model`` (compressed in place by slimlm) to ``out_dir`` atomically."""
     modules = {name: m.manifest_entry() for name, m in compressed_modules(model).items()}
+    manifest = _manifest(model, modules, base_model, recipe, calibration)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        _write_rest(tmp, model, tokenizer, _manifest(model, modules, base_model, recipe, calibration))
+        seal = manifest_sha256(manifest)  # the manifest's digest, kept with the tensors
+        st_save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT, MANIFEST_SHA256: seal})
+        manifest[SHA256] = {WEIGHTS: file_sha256(tmp / WEIGHTS)}
+        _write_rest(tmp, model, tokenizer, manifest)
     log.info("saved compressed model to %s", out_dir)
     return Path(out_dir)
 
@@ -103,14 +107,16 @@ class ShardWriter:
         self.weight_map: dict[str, str] = {}
         self.modules: dict[str, dict[str, Any]] = {}
         self.written: set[int] = set()
+        self.digests: dict[str, str] = {}  # shard -> sha256, recorded in the manifest
         self.total_size = 0
 
     def shard_name(self, k: int) -> str:
         return f"model-{k + 1:05d}-of-{self.n_blocks + 1:05d}.safetensors"
 
-    def _write(self, k: int, state: dict[str, torch.Tensor]) -> None:
+    def _write(self, k: int, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         tensors = _unique_tensors(state)
-        save_file(tensors, str(self.folder / self.shard_name(k)), metadata={"format": FORMAT})
+        save_file(tensors, str(self.folder / self.shard_name(k)), metadata={"format": FORMAT, **(metadata or {})})
+        self.digests[self.shard_name(k)] = file_sha256(self.folder / self.shard_name(k))
         self.weight_map.update(dict.fromkeys(tensors, self.shard_name(k)))
         self.total_size += sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -125,11 +131,13 @@ class ShardWriter:
         missing = sorted(set(range(self.n_blocks)) - self.written)
         if missing:
             raise SlimlmError(f"decoder blocks {missing[:5]} were never written; the checkpoint is incomplete")
-        self._write(self.n_blocks, model.state_dict())  # the blocks left are SpilledBlocks: no tensors
+        modules = {**self.modules, **{n: m.manifest_entry() for n, m in compressed_modules(model).items()}}
+        manifest = _manifest(model, modules, base_model, recipe, calibration)
+        # the blocks left are SpilledBlocks (no tensors); the last shard seals the manifest
+        self._write(self.n_blocks, model.state_dict(), {MANIFEST_SHA256: manifest_sha256(manifest)})
         index = {"metadata": {"total_size": self.total_size, "format": FORMAT}, "weight_map": self.weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        modules = {**self.modules, **{n: m.manifest_entry() for n, m in compressed_modules(model).items()}}
-        _write_rest(self.folder, model, tokenizer, _manifest(model, modules, base_model, recipe, calibration))
+        _write_rest(self.folder, model, tokenizer, {**manifest, SHA256: dict(self.digests)})
 
 
 def dequantized_copy(model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import parse_scheme, scheme_to_dict
+from slimlm.validate import check_bool, check_pos_int
 
 _BASE_KEYS = ("type", "in_features", "out_features", "bias", "scheme")
 
@@ -55,11 +56,17 @@ class RuntimeModule(nn.Module):
     @classmethod
     def from_manifest(cls, entry: dict[str, Any], *, dtype: torch.dtype) -> RuntimeModule:
         """An empty shell of the structure ``entry`` describes; ``load_state_dict`` fills it."""
+        check_pos_int("in_features", entry.get("in_features"), "the layer's input size")
+        check_pos_int("out_features", entry.get("out_features"), "the layer's output size")
+        check_bool("bias", entry.get("bias"))
         extra = {k: v for k, v in entry.items() if k not in _BASE_KEYS}
         args = (entry["in_features"], entry["out_features"])
         if "scheme" in entry:
             args += (parse_scheme(entry["scheme"]),)
-        return cls.empty(*args, bias=entry["bias"], dtype=dtype, **extra)
+        try:
+            return cls.empty(*args, bias=entry["bias"], dtype=dtype, **extra)
+        except TypeError as e:  # a scheme missing or given where none belongs, a key this type does not take
+            raise SlimlmError(f"{cls.__name__} cannot be built from keys {sorted(entry)} ({e})") from None
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -51,7 +51,12 @@ def pattern_tensor(nm: NMPair, device: torch.device | str | None = None) -> Tens
 
 
 def pattern_of(t: Tensors) -> NMPair:
+    if t["pattern"].shape != (2,) or t["pattern"].is_floating_point():
+        raise SlimlmError(f"sparse pattern has shape {tuple(t['pattern'].shape)}, not (2,) ints; the checkpoint "
+                          "is damaged")  # fmt: skip
     n, m = (int(v) for v in t["pattern"].tolist())
+    if (n, m) != (0, 0) and not 0 < n <= m:
+        raise SlimlmError(f"sparse pattern {n}:{m} keeps no valid N of M; the checkpoint is damaged")
     return None if (n, m) == (0, 0) else (n, m)
 
 
@@ -91,6 +96,9 @@ def decode_positions(t: Tensors, shape: tuple[int, int]) -> Tensor:
         raise SlimlmError(f"N:M index stored with pattern {nm} for in_features {in_f}; the checkpoint is damaged")
     n, m = nm
     kept = in_f // m * n
+    if t["index"].shape != (out_f, packed_length(kept, index_bits(m))):
+        raise SlimlmError(f"N:M index has shape {tuple(t['index'].shape)}; a {out_f}x{in_f} weight at {n}:{m} needs "
+                          f"({out_f}, {packed_length(kept, index_bits(m))})")  # fmt: skip
     pos = unpack_bits(t["index"], index_bits(m), kept).long().reshape(out_f, in_f // m, n)  # (out, in/m, n)
     if bool((pos >= m).any()):
         raise SlimlmError(f"N:M index holds positions >= {m}; the checkpoint is damaged")
