@@ -83,7 +83,9 @@ def for_tokenizer(protocol: str | Protocol, tokenizer: Any) -> Protocol:
     """``protocol`` as measured with ``tokenizer``: BOS-first windows and a ``+bos`` name when it adds BOS."""
     proto = get_protocol(protocol)
     if proto.bos is not None:  # measured with another tokenizer before: start from the plain protocol
-        proto = dataclasses.replace(proto, name=proto.name.removesuffix(BOS_SUFFIX), bos=None)
+        plain = proto.name.removesuffix(BOS_SUFFIX)
+        derived = None if proto.derived_from == plain else proto.derived_from  # None: set by this function
+        proto = dataclasses.replace(proto, name=plain, bos=None, derived_from=derived)
     bos = bos_id(tokenizer)
     if bos is None:
         return proto
