@@ -23,6 +23,7 @@ from slimlm.generation import make_decoder
 from slimlm.generation import stream as stream_mod
 from slimlm.models.tiny import BOS_ID, save_tiny_model_dir, tiny_model, tiny_tokenizer
 from slimlm.pipelines.compress import compress
+from slimlm.pipelines.evaluate import evaluate_sources
 
 DOCS = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." * 3 for i in range(40)]
 
@@ -154,3 +155,17 @@ def test_compress_on_a_bos_model_calibrates_and_measures_with_bos(tmp_path, monk
     assert manifest["calibration"] == {"protocol": "pydoc-v1", "samples": 2, "seq_len": 512, "seed": 0, "bos": True}
     assert report.base.protocol == report.compressed.protocol == "pydoc-v1+bos"
     assert report.compressed.quality.kld > 0 and report.summary().startswith("protocol pydoc-v1+bos")
+
+
+def test_saved_results_join_only_measurements_with_the_same_bos(bos_tok, plain_tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    src = str(save_tiny_model_dir(tmp_path / "tiny", family="llama", add_bos=True))
+    model, path = tiny_model("llama"), _text_file(tmp_path)
+    measure = dict(eval_data=path, tokens=512, speed=False)
+    proto = with_user_text("wiki-v1", eval_data=path)
+    evaluate(model, bos_tok, source=src, protocol=proto, n_tokens=512, speed=False).save(tmp_path / "bos.json")
+    evaluate(model, plain_tok, source=src, protocol=proto, n_tokens=512, speed=False).save(tmp_path / "plain.json")
+    joined = evaluate_sources([str(tmp_path / "bos.json"), src], **measure)
+    assert [r.protocol for r in joined] == [proto.name + "+bos"] * 2
+    with pytest.raises(SlimlmError, match="different protocols"):
+        evaluate_sources([str(tmp_path / "plain.json"), src], **measure)
