@@ -13,13 +13,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from slimlm.cli import main
 from slimlm.data import bos_id, calibration_batch, load_documents, prompt_ids, token_windows, tokenize_documents
 from slimlm.errors import SlimlmError
 from slimlm.eval import PROTOCOLS, check_comparable, evaluate, for_tokenizer, with_user_text
 from slimlm.eval.longtext import score_stream, stream_tokens
-from slimlm.eval.runner import eval_tokens, eval_windows
+from slimlm.eval.runner import _prompt, eval_tokens, eval_windows
 from slimlm.fsutil import cache_dir
 from slimlm.generation import make_decoder
+from slimlm.generation import speculative
 from slimlm.generation import stream as stream_mod
 from slimlm.models.tiny import BOS_ID, save_tiny_model_dir, tiny_model, tiny_tokenizer
 from slimlm.pipelines.compress import compress
@@ -169,3 +171,26 @@ def test_saved_results_join_only_measurements_with_the_same_bos(bos_tok, plain_t
     assert [r.protocol for r in joined] == [proto.name + "+bos"] * 2
     with pytest.raises(SlimlmError, match="different protocols"):
         evaluate_sources([str(tmp_path / "plain.json"), src], **measure)
+
+
+def test_speed_prompt_starts_with_bos_and_keeps_its_length(bos_tok):
+    proto = for_tokenizer("wiki-v1", bos_tok)
+    prompt = _prompt(torch.arange(10, 1000), proto)
+    assert prompt.shape == (proto.prompt_tokens,) and prompt[:2].tolist() == [BOS_ID, 10]
+    assert torch.equal(_prompt(torch.arange(10, 1000), PROTOCOLS["wiki-v1"]), torch.arange(10, 522))
+
+
+def test_cli_speculative_chat_prompt_has_one_bos(tmp_path, monkeypatch):
+    src = save_tiny_model_dir(tmp_path / "tiny", family="llama", add_bos=True)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(src)
+    seen = []
+
+    def fake_run(model, ids, *args, **kwargs):
+        seen.append(list(ids))
+        raise SlimlmError("stop here")
+
+    monkeypatch.setattr(speculative, "run_speculative", fake_run)
+    assert main(["generate", str(src), "hello", "--chat", "--draft", "lookup", "--max-new-tokens", "2"]) != 0
+    assert seen == [tok("hello").input_ids] and seen[0].count(BOS_ID) == 1
