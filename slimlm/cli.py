@@ -236,6 +236,7 @@ def _generate_speculative(args: argparse.Namespace, model, tokenizer, prompt: st
     """generate --draft: stream the output, then say what the draft bought (stderr, and --json)."""
     import json
 
+    from slimlm.data import prompt_ids
     from slimlm.fsutil import atomic_write_text
     from slimlm.generation.sampling import Sampling
     from slimlm.generation.speculative import SpecConfig, run_speculative, text_writer
@@ -244,7 +245,7 @@ def _generate_speculative(args: argparse.Namespace, model, tokenizer, prompt: st
 
     k = args.k or 4
     config = SpecConfig(k=k, adaptive=not args.fixed_k, k_max=max(args.k_max, k))
-    ids = tokenizer(prompt).input_ids
+    ids = prompt_ids(tokenizer, prompt)  # BOS first when the tokenizer adds it, never twice (--chat)
     if not ids:
         raise SlimlmError("the prompt is empty after tokenization; give some text")
     report = run_speculative(

@@ -4,6 +4,13 @@ The text is tokenized once as one stream (documents joined by a separator)
 so a window may span a document boundary, exactly as in the usual
 WikiText perplexity protocol; windows are cut from the start, never overlap
 and never wrap around.
+
+Beginning of sequence: a tokenizer that starts every input with BOS (Llama,
+Mistral, Gemma; see :func:`bos_id`) trained its model on inputs that begin
+with it, so every evaluation window and calibration sequence is then
+``[BOS] + (length - 1)`` text tokens, as in llama.cpp's perplexity tool and
+lm-eval. The length stays the same; BOS is context only, never a target.
+A tokenizer that adds no BOS (SmolLM2's) gets the windows it always got.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 
-__all__ = ["tokenize_documents", "token_windows", "calibration_batch"]
+__all__ = ["bos_id", "prompt_ids", "tokenize_documents", "token_windows", "calibration_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,30 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(getattr(encoding, "ids", encoding))
 
 
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS id when ``tokenizer`` starts every input with it (``tokenizer("x")`` begins with BOS), else None.
+
+    A raw ``tokenizers.Tokenizer`` names no BOS token: None.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not callable(tokenizer):
+        return None
+    return bos if list(tokenizer("x").input_ids[:1]) == [bos] else None
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A generation prompt's ids as the model saw inputs in training: BOS first when the tokenizer adds it.
+
+    A chat template that writes BOS itself (Gemma's, Mistral's) would get a
+    second one from the tokenizer; the duplicate is dropped.
+    """
+    ids = list(tokenizer(prompt).input_ids)
+    bos = bos_id(tokenizer)
+    if bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
+
+
 def tokenize_documents(tokenizer: Any, docs: list[str], *, separator: str = "\n\n") -> torch.Tensor:
     """All documents joined by ``separator``, tokenized once: a 1-D LongTensor of ids."""
     if not docs:
@@ -47,8 +78,12 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def token_windows(tokens: torch.Tensor, *, window: int = 512, n_tokens: int | None = None) -> torch.Tensor:
+def token_windows(tokens: torch.Tensor, *, window: int = 512, n_tokens: int | None = None,
+                  bos: int | None = None) -> torch.Tensor:
     """Non-overlapping windows from the start of ``tokens``: (n_windows, window).
+
+    With ``bos`` (see :func:`bos_id`) each window is ``bos`` followed by the
+    next ``window - 1`` tokens of the stream; without it, ``window`` tokens.
 
     ``n_tokens=None`` takes as many whole windows as fit (a trailing partial
     window is left out). Otherwise ``n_tokens`` is rounded *up* to whole
@@ -60,8 +95,11 @@ def token_windows(tokens: torch.Tensor, *, window: int = 512, n_tokens: int | No
         raise SlimlmError(f"window must be a positive number of tokens, got {window}")
     if tokens.dim() != 1:
         raise SlimlmError(f"expected a 1-D token stream, got shape {tuple(tokens.shape)}")
+    if bos is not None and window < 2:
+        raise SlimlmError(f"window must be at least 2 tokens (BOS and one token of text), got {window}")
+    step = window - (bos is not None)  # text tokens per window
     available = tokens.numel()
-    fit = available // window
+    fit = available // step
     if n_tokens is None:
         n_windows = fit
     elif n_tokens <= 0:
@@ -78,7 +116,10 @@ def token_windows(tokens: torch.Tensor, *, window: int = 512, n_tokens: int | No
         raise SlimlmError(f"the text holds only {_fmt(available)} tokens ({fit} whole "
                           f"window{'' if fit == 1 else 's'} of {window}), fewer than the {wanted} "
                           f"requested; {hint}")
-    return tokens[: n_windows * window].view(n_windows, window)  # (n_windows, window)
+    text = tokens[: n_windows * step].view(n_windows, step)  # (n_windows, step)
+    if bos is None:
+        return text
+    return torch.cat([text.new_full((n_windows, 1), bos), text], dim=1)  # (n_windows, window)
 
 
 def calibration_batch(tokenizer: Any, docs: list[str], *, n_samples: int = 128, seq_len: int = 512,
@@ -88,16 +129,24 @@ def calibration_batch(tokenizer: Any, docs: list[str], *, n_samples: int = 128, 
     Start offsets are drawn uniformly from a ``torch.Generator`` seeded with
     ``seed``, so the batch is identical for the same text and seed on every
     machine. Windows may overlap one another (as in the GPTQ reference).
-    ``name`` says which text a refusal is about.
+    When the tokenizer adds BOS each sequence is BOS and ``seq_len - 1``
+    tokens of text. ``name`` says which text a refusal is about.
     """
     if n_samples <= 0 or seq_len <= 0:
         raise SlimlmError(f"n_samples and seq_len must be positive, got {n_samples} and {seq_len}")
+    bos = bos_id(tokenizer)
+    if bos is not None and seq_len < 2:
+        raise SlimlmError(f"seq_len must be at least 2 tokens (BOS and one token of text), got {seq_len}")
+    step = seq_len - (bos is not None)  # text tokens per sequence
     tokens = tokenize_documents(tokenizer, docs)
     available = tokens.numel()
-    if available < seq_len:
+    if available < step:
         raise SlimlmError(f"{name} holds only {_fmt(available)} tokens, fewer than one sequence of "
-                          f"{seq_len} needed for calibration; pass a longer text")
+                          f"{step} needed for calibration; pass a longer text")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, available - seq_len + 1, (n_samples,), generator=g)  # (n_samples,)
-    offsets = torch.arange(seq_len)  # (seq_len,)
-    return tokens[starts[:, None] + offsets[None, :]]  # (n_samples, seq_len)
+    starts = torch.randint(0, available - step + 1, (n_samples,), generator=g)  # (n_samples,)
+    offsets = torch.arange(step)  # (step,)
+    text = tokens[starts[:, None] + offsets[None, :]]  # (n_samples, step)
+    if bos is None:
+        return text
+    return torch.cat([text.new_full((n_samples, 1), bos), text], dim=1)  # (n_samples, seq_len)

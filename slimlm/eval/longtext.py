@@ -1,7 +1,8 @@
 """Long-text perplexity under a KV-cache policy: one long stream, a fixed cache budget.
 
 The protocol's evaluation text is tokenized once and its first ``n_tokens``
-form one stream (longer than the cache budget). Every token from the second
+form one stream (longer than the cache budget), BOS first when the tokenizer
+adds it (as in every window of the protocol). Every token from the second
 on is scored with the cache the policy leaves at that point, as in the
 StreamingLLM paper's evaluation (Xiao et al. 2024, Sec. 4.1):
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimlm.data import bos_id
 from slimlm.errors import SlimlmError
 from slimlm.eval.protocol import get_protocol
 from slimlm.eval.runner import eval_tokens
@@ -74,11 +76,19 @@ def kind_name(kind: Policy | KIVI | None) -> str:
 
 
 def stream_tokens(tokenizer: Any, n_tokens: int, *, protocol: str = "wiki-v1") -> Tensor:
-    """The first ``n_tokens`` of a protocol's evaluation text, tokenized as one stream. -> (n_tokens,)"""
+    """The first ``n_tokens`` of a protocol's evaluation text, tokenized as one stream. -> (n_tokens,)
+
+    When the tokenizer adds BOS the stream is BOS and the first ``n_tokens - 1``
+    tokens of text: BOS is context for every token, and never scored itself.
+    """
+    bos = bos_id(tokenizer)
+    n_text = n_tokens - (bos is not None)
     ids = eval_tokens(tokenizer, get_protocol(protocol))
-    if n_tokens > ids.numel():
+    if n_text > ids.numel():
         raise SlimlmError(f"--tokens {n_tokens} is more than the {protocol} evaluation text holds ({ids.numel()})")
-    return ids[:n_tokens]
+    if bos is None:
+        return ids[:n_tokens]
+    return torch.cat([ids.new_tensor([bos]), ids[:n_text]])  # (n_tokens,)
 
 
 def _nll(logits: Tensor, targets: Tensor) -> Tensor:

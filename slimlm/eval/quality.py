@@ -4,6 +4,14 @@ Each window of T tokens is scored on its own: positions 0..T-2 predict
 tokens 1..T-1, so a window yields T-1 token-level negative log-likelihoods.
 Perplexity is exp of the mean NLL over every scored token of every window.
 
+A window that starts with BOS (a tokenizer that adds it, see
+``slimlm.data.tokens``) is scored the same way: BOS at position 0 is never a
+target, and its prediction of the first text token is scored, so every text
+token of the window counts (as in lm-eval's rolling windows and HF's
+``labels=window`` loss; llama.cpp scores only each window's second half).
+NLL, KL and top-1 agreement all read the same (T-1, V) log-probabilities, so
+they cover exactly the same positions.
+
 KL(p_base || q) per position is computed from the base model's top-k
 log-probabilities plus one "tail" bucket holding the rest of its mass:
 

@@ -12,7 +12,7 @@ from torch import nn
 from slimlm.data import token_windows, tokenize_documents
 from slimlm.errors import SlimlmError
 from slimlm.eval.cache import cache_key, load_base_stats, store_base_stats
-from slimlm.eval.protocol import Protocol, get_protocol
+from slimlm.eval.protocol import Protocol, for_tokenizer, get_protocol
 from slimlm.eval.quality import BaseStats, Quality, score_windows
 from slimlm.eval.result import Result
 from slimlm.kernels import kernel_summary
@@ -32,16 +32,25 @@ def eval_windows(tokens: torch.Tensor, protocol: Protocol, *, n_tokens: int | No
 
     A user's text shorter than the default budget is scored whole (in whole
     windows); an explicit ``n_tokens`` larger than the text is still refused.
+    With ``protocol.bos`` (``for_tokenizer``) each window is BOS and ``window - 1`` text tokens.
     """
     budget = None if full else (n_tokens or protocol.eval_tokens)
     text = protocol.eval_text
+    step = protocol.window - (protocol.bos is not None)  # text tokens per window
     if text is not None:
-        if tokens.numel() < protocol.window:
+        if tokens.numel() < step:
             raise SlimlmError(f"the evaluation text {text.source} holds {tokens.numel():,} tokens, fewer than "
-                              f"one window of {protocol.window} needed to score it; pass a longer text")
+                              f"one window of {step} needed to score it; pass a longer text")
         if n_tokens is None and budget is not None:
-            budget = min(budget, tokens.numel() // protocol.window * protocol.window)
-    return token_windows(tokens, window=protocol.window, n_tokens=budget)
+            budget = min(budget, tokens.numel() // step * protocol.window)
+    return token_windows(tokens, window=protocol.window, n_tokens=budget, bos=protocol.bos)
+
+
+def _prompt(tokens: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+    """(N,) -> (<= prompt_tokens,): the speed workload's prompt, BOS first when the windows have it."""
+    if protocol.bos is None:
+        return tokens[: protocol.prompt_tokens]
+    return torch.cat([tokens.new_tensor([protocol.bos]), tokens[: protocol.prompt_tokens - 1]])
 
 
 def _key(model_id: str | None, windows: torch.Tensor, protocol: Protocol) -> str | None:
@@ -107,8 +116,9 @@ def evaluate(
     fingerprint) that key the on-disk cache of base outputs; None disables it.
     ``stream`` is the protocol's evaluation text already tokenized
     (``eval_tokens``), when a caller measures several models with one tokenizer.
+    A tokenizer that adds BOS measures ``<protocol>+bos`` (see ``for_tokenizer``).
     """
-    proto = get_protocol(protocol)
+    proto = for_tokenizer(protocol, tokenizer)
     tokens = eval_tokens(tokenizer, proto) if stream is None else stream
     windows = eval_windows(tokens, proto, n_tokens=n_tokens, full=full)
     is_self = base_source is None or load_base is None
@@ -119,7 +129,7 @@ def evaluate(
         quality, _ = score_windows(model, windows, base=stats)
     spd = None
     if speed:
-        spd = measure_speed(model, tokens[: proto.prompt_tokens], new_tokens=proto.new_tokens, runs=proto.speed_runs)
+        spd = measure_speed(model, _prompt(tokens, proto), new_tokens=proto.new_tokens, runs=proto.speed_runs)
     return Result(
         protocol=proto.name,
         model=source,

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import torch
 from transformers import TextIteratorStreamer
 
+from slimlm.data import prompt_ids
 from slimlm.errors import SlimlmError
 from slimlm.generation.decoder import make_decoder
 from slimlm.generation.loop import GenerationConfig, stream_text
@@ -73,7 +74,7 @@ def generate_text(
 
 def _slimlm_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, seed: int, decoder) -> Iterator[str]:
-    ids = tokenizer(prompt).input_ids
+    ids = prompt_ids(tokenizer, prompt)  # BOS first when the tokenizer adds it, never twice
     if not ids:
         raise SlimlmError("the prompt is empty after tokenization; give some text")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
@@ -83,7 +84,7 @@ def _slimlm_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperat
 
 def _hf_text(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int, **kwargs) -> Iterator[str]:
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # (1, P)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)  # (1, P)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -121,13 +121,15 @@ four, five, six, seven, eight, nine, ten. 0123456789 (){}[]<>+-*/=_,.;:!?'"\n
 """
 
 
-def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(vocab_size: int = 512, *, add_bos: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in-process on a built-in paragraph.
 
     Ids 0-3 are <pad>, <s>, </s>, <unk>; the 256 byte symbols follow, so every
-    string round-trips; merges fill the rest up to ``vocab_size``.
+    string round-trips; merges fill the rest up to ``vocab_size``. With
+    ``add_bos`` every input starts with <s>, as Llama's, Mistral's and Gemma's
+    tokenizers do (SmolLM2's, like the default here, adds nothing).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     min_vocab = len(_SPECIALS) + 256
     if vocab_size < min_vocab:
@@ -142,6 +144,10 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(_TRAIN_TEXT.splitlines(), trainer=trainer)
+    if add_bos:
+        bos = _SPECIALS[BOS_ID]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, BOS_ID)])  # fmt: skip
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=_SPECIALS[PAD_ID],
@@ -152,11 +158,12 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def save_tiny_model_dir(path: str | os.PathLike, family: str = "llama", *, seed: int = 0) -> Path:
+def save_tiny_model_dir(path: str | os.PathLike, family: str = "llama", *, seed: int = 0,
+                        add_bos: bool = False) -> Path:
     """Write a complete HF directory (safetensors model + tokenizer) for ``load_model``."""
     path = Path(path)
     model = tiny_model(family, seed=seed)
-    tokenizer = tiny_tokenizer(model.config.get_text_config().vocab_size)
+    tokenizer = tiny_tokenizer(model.config.get_text_config().vocab_size, add_bos=add_bos)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -21,7 +21,8 @@ import torch
 
 from slimlm.api import apply_all, needs_calibration
 from slimlm.errors import SlimlmError
-from slimlm.eval import (Protocol, Result, calibration_ids, calibration_record, eval_tokens, evaluate,
+from slimlm.data import bos_id
+from slimlm.eval import (Protocol, Result, calibration_ids, calibration_record, eval_tokens, evaluate, for_tokenizer,
                          format_results, with_user_text)
 from slimlm.eval.runner import eval_windows
 from slimlm.io import load_compressed, save_compressed
@@ -65,7 +66,7 @@ def default_out(model: str, recipe_name: str) -> Path:
 def checked_stream(tokenizer: Any, protocol: Protocol, *, n_tokens: int | None, full: bool) -> torch.Tensor:
     """The protocol's evaluation text tokenized, refused now if it cannot fill the windows asked for."""
     stream = eval_tokens(tokenizer, protocol)  # (N,)
-    eval_windows(stream, protocol, n_tokens=n_tokens, full=full)
+    eval_windows(stream, for_tokenizer(protocol, tokenizer), n_tokens=n_tokens, full=full)
     return stream
 
 
@@ -75,7 +76,7 @@ def calibration(steps: list[Any], tokenizer: Any, protocol: Protocol,
     if not needs_calibration(steps):
         return None, None
     calib = calibration_ids(tokenizer, protocol, n_samples=n_samples)  # (n_samples, seq_len)
-    return calib, calibration_record(protocol, calib)
+    return calib, calibration_record(protocol, calib, bos=bos_id(tokenizer) is not None)
 
 
 def compress(

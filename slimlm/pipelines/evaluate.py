@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.eval import Protocol, Result, evaluate, load_result, with_user_text
+from slimlm.eval import Protocol, Result, check_comparable, evaluate, load_result, with_user_text
+from slimlm.eval.protocol import BOS_SUFFIX
 from slimlm.eval.result import measured_on
 from slimlm.io import is_compressed_dir, read_manifest
 from slimlm.models import load_model
@@ -45,7 +46,8 @@ def _saved_results(sources: list[str], proto: Protocol) -> dict[str, Result]:
     text = proto.eval_text
     here = measured_on(proto.name, text.source if text else None, text.sha256 if text else None)
     for path, r in saved.items():
-        if (r.protocol, r.text_sha256) != (proto.name, text.sha256 if text else None):
+        # "+bos" depends on the tokenizer of the models still to load: check_comparable sees it at the end
+        if (r.protocol.removesuffix(BOS_SUFFIX), r.text_sha256) != (proto.name, text.sha256 if text else None):
             there = measured_on(r.protocol, r.text_source, r.text_sha256)
             raise SlimlmError(f"cannot set {path} (measured on {there}) beside results on {here}; "
                               "measure them all with the same --protocol and --eval-data")
@@ -94,4 +96,5 @@ def evaluate_sources(
         ))  # fmt: skip
         del model
         gc.collect()
+    check_comparable(results)  # a saved result with(out) BOS beside models measured without (with) it
     return results
