@@ -96,6 +96,21 @@ def test_compress_then_eval_export_and_compare(capsys, tiny_dir, tmp_path):
     assert "LlamaForCausalLM" in capsys.readouterr().out
 
 
+def test_two_compress_json_files_compare_with_their_shared_base_once(capsys, tiny_dir, tmp_path):
+    for recipe in ("rtn-int4-g64", "rtn-int8-g64"):
+        assert main(["compress", "--model", tiny_dir, "--recipe", recipe, "--out", str(tmp_path / recipe), *FAST,
+                     "--json", str(tmp_path / f"{recipe}.json")]) == 0  # a comparison: base + compressed
+    capsys.readouterr()
+    a, b = (str(tmp_path / f"{r}.json") for r in ("rtn-int4-g64", "rtn-int8-g64"))
+    assert main(["eval", "--compare", a, b, *FAST, "--json", str(tmp_path / "all.json")]) == 0
+    header = capsys.readouterr().out.splitlines()
+    columns = next(line for line in header if "rtn-int4-g64" in line)
+    assert tiny_dir in columns and "rtn-int8-g64" in columns
+    doc = json.loads((tmp_path / "all.json").read_text())
+    assert [r["model"] for r in doc["results"]] == [tiny_dir, str(tmp_path / "rtn-int4-g64"),
+                                                     str(tmp_path / "rtn-int8-g64")]  # the shared base once
+
+
 def test_generate_streams_text(capsys, tiny_dir):
     assert main(["generate", tiny_dir, "The capital", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()

@@ -87,10 +87,23 @@ def save_results(path: str | os.PathLike, results: list[Result], *, overwrite: b
 
 
 def load_result(path: str | os.PathLike) -> Result:
+    results = load_results(path)
+    if len(results) != 1:
+        raise SlimlmError(f"{path} holds a comparison of {len(results)} results; read it with load_results")
+    return results[0]
+
+
+def load_results(path: str | os.PathLike) -> list[Result]:
+    """The results a JSON file holds: one (``slimlm eval --json``) or a comparison's, in order
+    (``slimlm compress --json`` writes base and compressed)."""
     try:
-        return Result.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
-        raise SlimlmError(f"cannot read result {path}: {e}; pass a JSON file written by `slimlm eval --json`") from None
+        doc = json.loads(Path(path).read_text())
+        if isinstance(doc, dict) and doc.get("schema") == COMPARISON_SCHEMA:
+            return [Result.from_dict(d) for d in doc["results"]]
+        return [Result.from_dict(doc)]
+    except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+        raise SlimlmError(f"cannot read result {path}: {e}; pass a JSON file written by `slimlm eval --json` "
+                          "or `slimlm compress --json`") from None
 
 
 # (label, getter, format, higher_is_better or None when a delta has no direction)

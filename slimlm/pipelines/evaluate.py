@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.eval import Protocol, Result, check_comparable, evaluate, load_result, with_user_text
+from slimlm.eval import Protocol, Result, check_comparable, evaluate, load_results, with_user_text
 from slimlm.eval.protocol import BOS_SUFFIX
 from slimlm.eval.result import measured_on
 from slimlm.io import is_compressed_dir, read_manifest
@@ -38,14 +38,15 @@ def is_result_file(source: str) -> bool:
     return source.endswith(".json") and Path(source).is_file()
 
 
-def _saved_results(sources: list[str], proto: Protocol) -> dict[str, Result]:
-    """Result files among ``sources``, refused now if they cannot sit beside what is measured."""
-    saved = {s: load_result(s) for s in sources if is_result_file(s)}
+def _saved_results(sources: list[str], proto: Protocol) -> dict[str, list[Result]]:
+    """Result files among ``sources`` (one result each, or a comparison's), refused now if they cannot
+    sit beside what is measured."""
+    saved = {s: load_results(s) for s in sources if is_result_file(s)}
     if len(saved) == len(sources):  # nothing to measure: format_results compares the files among themselves
         return saved
     text = proto.eval_text
     here = measured_on(proto.name, text.source if text else None, text.sha256 if text else None)
-    for path, r in saved.items():
+    for path, r in ((path, r) for path, rs in saved.items() for r in rs):
         # "+bos" depends on the tokenizer of the models still to load: check_comparable sees it at the end
         if (r.protocol.removesuffix(BOS_SUFFIX), r.text_sha256) != (proto.name, text.sha256 if text else None):
             there = measured_on(r.protocol, r.text_source, r.text_sha256)
@@ -65,7 +66,9 @@ def evaluate_sources(
     speed: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> list[Result]:
-    """One Result per source (a model, or a result .json read back), in order.
+    """The Results of ``sources`` in order: one per model, those a saved .json holds (a comparison
+    written by ``slimlm compress --json`` gives base and compressed; a result already listed, such
+    as the base two such files share, is listed once).
 
     KL divergence is measured against ``base``; by default the first source
     when there are several, else a checkpoint's own base model, else the
@@ -78,13 +81,13 @@ def evaluate_sources(
         raise SlimlmError("no model to evaluate; give a built-in name, HF directory, hub id, .gguf or result .json")
     saved = _saved_results(sources, proto)
     if base is None and len(sources) > 1:  # the first column; a saved result stands for the model it measured
-        base = saved[sources[0]].model if sources[0] in saved else sources[0]
+        base = saved[sources[0]][0].model if sources[0] in saved else sources[0]
     elif base is None and sources[0] not in saved:
         base = default_base(sources[0])
     results: list[Result] = []
     for source in sources:
         if source in saved:
-            results.append(saved[source])
+            results += [r for r in saved[source] if r not in results]  # two compress runs share their base
             continue
         model, tokenizer = load_model(source, dtype=dtype)
         other_base = base is not None and base != source
