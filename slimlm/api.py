@@ -2,28 +2,49 @@
 
 The registry is :mod:`slimlm.methods`. A recipe is a plain loop over
 configs. Handlers are short glue: pick target modules, gather statistics,
-call the algorithm, swap the module.
+call the algorithm, swap the module. A method that trains (QAT, gradual
+pruning, distillation) also gets a :class:`~slimlm.train.TrainRun`: the
+teacher, and where a resumable run keeps its state.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimlm.methods import method_for
+from slimlm.distill.teacher import frozen_copy
+from slimlm.errors import SlimlmError
+from slimlm.methods import METHODS, method_for
+from slimlm.train import TrainRun
 
 log = logging.getLogger("slimlm")
 
 
-def apply(model: nn.Module, config: Any, calib: torch.Tensor | None = None) -> nn.Module:
-    """Apply one compression config to ``model`` in place and return it (the registry picks the handler)."""
+def apply(model: nn.Module, config: Any, calib: torch.Tensor | None = None, *, teacher: nn.Module | None = None,
+          run: TrainRun | None = None) -> nn.Module:  # fmt: skip
+    """Apply one compression config to ``model`` in place and return it (the registry picks the handler).
+
+    ``teacher`` (or a whole ``run``) is for methods that train: ``apply(student, Distill(), calib,
+    teacher=base)`` distils ``base`` into ``student``.
+    """
     method = method_for(config)
     log.info("applying %s", config)
+    if not method.trains:
+        if teacher is not None or run is not None:
+            trainers = ", ".join(m.name for m in METHODS.values() if m.trains)
+            raise SlimlmError(f"{method.name} does not train: teacher= and run= are for the methods that do "
+                              f"({trainers})")  # fmt: skip
+        with torch.no_grad():
+            return method.apply(model, config, calib)
+    run = run if run is not None else TrainRun()
+    if teacher is not None:
+        run.teacher = teacher
     with torch.no_grad():
-        return method.apply(model, config, calib)
+        return method.apply(model, config, calib, run=run)
 
 
 def needs_calibration(configs: list[Any]) -> bool:
@@ -31,8 +52,34 @@ def needs_calibration(configs: list[Any]) -> bool:
     return any(method_for(c).needs_calibration(c) for c in configs)
 
 
-def apply_all(model: nn.Module, configs: list[Any], calib: torch.Tensor | None = None) -> nn.Module:
-    """Apply configs in order (a recipe's steps)."""
-    for config in configs:
-        model = apply(model, config, calib)
+def trains(configs: list[Any]) -> bool:
+    """Whether any config's method trains."""
+    return any(method_for(c).trains for c in configs)
+
+
+def apply_all(model: nn.Module, configs: list[Any], calib: torch.Tensor | None = None, *,
+              teacher: nn.Module | None = None, train_calib: torch.Tensor | None = None,
+              state_dir: str | Path | None = None, fingerprint: dict[str, Any] | None = None,
+              training: list[dict[str, Any]] | None = None, tokenizer: Any = None) -> nn.Module:  # fmt: skip
+    """Apply configs in order (a recipe's steps).
+
+    Steps that train get ``train_calib`` (if given; else ``calib``) and the
+    teacher: ``teacher``, or a frozen copy of ``model`` as it is before the
+    first step when a step needs one. With ``state_dir``, step ``i`` keeps its
+    resumable state in ``state_dir/step<i>-<method>`` under ``fingerprint``
+    (plus the step); each training report is appended to ``training``.
+    ``tokenizer`` (the model's) is checked against a teacher a step loads.
+    """
+    if teacher is None and any(getattr(c, "needs_teacher", False) for c in configs):
+        teacher = frozen_copy(model)  # the model before the recipe's first step
+    for i, config in enumerate(configs):
+        method = method_for(config)
+        if not method.trains:
+            model = apply(model, config, calib)
+            continue
+        run = TrainRun(teacher=teacher, tokenizer=tokenizer, fingerprint={**(fingerprint or {}), "step": i, "config": repr(config)},
+                       state_dir=Path(state_dir) / f"step{i}-{method.name}" if state_dir is not None else None)
+        model = apply(model, config, train_calib if train_calib is not None else calib, run=run)
+        if training is not None:
+            training.extend(run.reports)
     return model

@@ -6,6 +6,7 @@
     calibration   whether it needs calibration token ids       True, or a function of the config
     lazy          how it runs one block in memory at a time    (model, config, calib, sink) -> None, or None
     lazy_check    what a lazy run of it refuses                 (config) -> None, raises SlimlmError
+    trains        whether it trains (its handler then takes ``run=TrainRun``: teacher, resumable state)
     summary       one line for ``slimlm recipes`` and the docs
 
 ``apply`` and ``apply_all`` (:mod:`slimlm.api`), recipe parsing
@@ -22,6 +23,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from slimlm.distill.config import Distill
+from slimlm.distill.handler import apply_distill
 from slimlm.errors import SlimlmError
 from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude
 from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda, apply_magnitude, apply_sparsegpt, apply_wanda
@@ -48,6 +51,7 @@ class Method:
     calibration: bool | Callable[[Any], bool] = False
     lazy: LazyRun | None = None
     lazy_check: Callable[[Any], None] | None = None
+    trains: bool = False
 
     def needs_calibration(self, config: Any) -> bool:
         return self.calibration(config) if callable(self.calibration) else self.calibration
@@ -67,18 +71,22 @@ _ALL = (
            calibration=lambda c: c.calibrated or c.smooth_alpha is not None),
     Method("mixed_precision", MixedPrecision, apply_mixed, "a scheme per linear under a bits-per-weight budget",
            calibration=True, lazy=mixed_lazy, lazy_check=check_mixed_lazy),
-    Method("qat", QAT, apply_qat, "quantization-aware training (STE), optionally distilled", calibration=True),
+    Method("qat", QAT, apply_qat, "quantization-aware training (STE), optionally distilled", calibration=True,
+           trains=True),
     # pruning
     Method("magnitude", Magnitude, apply_magnitude, "prune the smallest |W| (unstructured or N:M)"),
     Method("wanda", Wanda, apply_wanda, "Wanda: prune by |W| x input norm", calibration=True),
     Method("sparsegpt", SparseGPT, apply_sparsegpt, "SparseGPT: OBS pruning with weight updates (+ joint int)",
            calibration=True),
     Method("gradual_magnitude", GradualMagnitude, apply_gradual_magnitude,
-           "gradual magnitude pruning on a cubic schedule, with training", calibration=True),
+           "gradual magnitude pruning on a cubic schedule, with training", calibration=True, trains=True),
     Method("prune_width", PruneWidth, apply_prune_width, "remove attention heads and MLP neurons", calibration=True),
     Method("prune_depth", PruneDepth, apply_prune_depth, "remove whole decoder layers", calibration=True),
     Method("structured", Structured, apply_structured, "structured pruning to a parameter budget (width or depth)",
            calibration=True),
+    # recovery
+    Method("distill", Distill, apply_distill, "knowledge distillation from the uncompressed model (logit, "
+           "hidden-state, sequence-level)", calibration=True, trains=True),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}

@@ -51,6 +51,7 @@ class Result:
     text_source: str | None = None  # a user's evaluation text (ad-hoc protocol), as given
     text_sha256: str | None = None  # and the hash of its documents (slimlm.data.text_sha256)
     kernels: dict[str, Any] | None = None  # KernelReport.to_dict(): path -> layers, fallbacks; None: no runtime linears
+    training: list[dict[str, Any]] | None = None  # each training step's TrainReport.to_json() (config, losses, ...)
     env: dict[str, Any] = field(default_factory=environment)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
@@ -61,6 +62,8 @@ class Result:
             del d["text_source"], d["text_sha256"]
         if self.kernels is None:  # an uncompressed model: no kernel field, as before
             del d["kernels"]
+        if self.training is None:  # nothing trained: no training field, as before
+            del d["training"]
         return d
 
     @classmethod

@@ -11,6 +11,7 @@ tokenized, and the calibration batch drawn, before the first evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from slimlm.models import load_model
 from slimlm.models.identity import model_dir, model_id
 from slimlm.models.lazy import load_lazy
 from slimlm.pipelines.lazy import check_lazy, compress_lazy
+from slimlm.pipelines.training import TrainingSetup, prepare_training
 from slimlm.recipe import Recipe, load_recipe
 from slimlm.validate import check_pos_int
 
@@ -120,21 +122,26 @@ def compress(
         work, tokenizer = load_model(model, dtype=dtype)
         stream = checked_stream(tokenizer, proto, n_tokens=tokens, full=full)
         calib, record = calibration(steps, tokenizer, proto, calib_samples)
+        training = prepare_training(steps, tokenizer, proto, out, model=model_id(model), recipe=rec.spec,
+                                    calib_samples=calib_samples)  # fmt: skip
     measure = dict(protocol=proto, n_tokens=tokens, full=full, speed=speed, stream=stream)
     base_id = model_id(model)
     base = evaluate(work, tokenizer, source=model, model_id=base_id, model_dir=model_dir(model), **measure)
     if not lazy:
         t0 = time.perf_counter()
-        apply_all(work, steps, calib)
+        apply_all(work, steps, calib, tokenizer=tokenizer, **training.apply_kwargs())
         seconds = time.perf_counter() - t0
         save_compressed(work, tokenizer, out, base_model=model, recipe=rec.spec, calibration=record,
                         overwrite=overwrite)  # fmt: skip
+        training.finished()
     del work
     work, tokenizer = load_compressed(out)  # measure what was saved, not what is in memory
     compressed = evaluate(
         work, tokenizer, source=str(out), model_id=model_id(str(out)), base_source=model, base_id=base_id,
         load_base=lambda: load_model(model, dtype=dtype)[0], model_dir=str(out), recipe=rec.spec, **measure,
     )  # fmt: skip
+    if not lazy and training.reports:
+        compressed = dataclasses.replace(compressed, training=training.reports)
     return CompressReport(base=base, compressed=compressed, seconds=seconds, out=out, recipe=rec.name)
 
 

@@ -32,7 +32,7 @@ from slimlm.prune.magnitude import magnitude_mask
 from slimlm.prune.masks import SCOPES
 from slimlm.prune.patterns import Unstructured, check_sparsity
 from slimlm.targets import Targets, check_targets
-from slimlm.train import TrainConfig, check_number, train
+from slimlm.train import TrainConfig, TrainRun, check_number, train
 from slimlm.validate import check_calib
 
 log = logging.getLogger("slimlm.prune")
@@ -113,7 +113,8 @@ class _Masks:
                 W.mul_(self.keep[name])
 
 
-def apply_gradual_magnitude(model: nn.Module, config: GradualMagnitude, calib: Tensor | None = None) -> nn.Module:
+def apply_gradual_magnitude(model: nn.Module, config: GradualMagnitude, calib: Tensor | None = None, *,
+                            run: TrainRun | None = None) -> nn.Module:  # fmt: skip
     """Train ``model`` on ``calib`` (N, L) ids while pruning its target linears, then swap in SparseLinears."""
     if calib is None:
         raise SlimlmError("gradual magnitude pruning trains on calibration token ids: pass calib=calibration_ids(...) "
@@ -126,8 +127,11 @@ def apply_gradual_magnitude(model: nn.Module, config: GradualMagnitude, calib: T
     masks = _Masks({name: m.weight.data for name, m in plan.items()}, config)
     masks.prune_to(0)
     params = [p for m in plan.values() for p in m.parameters()]
-    train(model, params, objective, calib, config, on_step=masks.after_step,
-          desc=f"gradual magnitude to {100 * config.sparsity:.0f}%")  # fmt: skip
+    report = train(model, params, objective, calib, config, on_step=masks.after_step,
+                   desc=f"gradual magnitude to {100 * config.sparsity:.0f}%",
+                   **(run.train_kwargs() if run else {}))  # fmt: skip
+    if run is not None:
+        run.reports.append({"method": "gradual_magnitude", **report.to_json()})
     del objective  # the teacher copy, if any
     if masks.event < config.events:  # a schedule longer than the run: finish it
         masks.prune_to(config.events)

@@ -39,7 +39,7 @@ from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
 from slimlm.nn import check_schemes
 from slimlm.nn.fake_quant import FakeQuantLinear
 from slimlm.targets import Targets, check_targets, replace_module, select_linears
-from slimlm.train import TrainConfig, TrainReport, next_token_objective, train
+from slimlm.train import TrainConfig, TrainReport, TrainRun, next_token_objective, train
 from slimlm.validate import check_calib
 
 __all__ = ["QAT", "apply_qat", "swap_fake_quant", "to_quant_linears", "train_qat"]
@@ -88,14 +88,17 @@ def train_qat(model: nn.Module, params: Sequence[nn.Parameter], calib: Tensor, c
     return train(model, params, objective, calib, config, on_step=on_step, desc=f"QAT {config.scheme}")
 
 
-def apply_qat(model: nn.Module, config: QAT, calib: Tensor | None = None) -> nn.Module:
+def apply_qat(model: nn.Module, config: QAT, calib: Tensor | None = None, *, run: TrainRun | None = None) -> nn.Module:
     """Swap in FakeQuantLinears, train them on ``calib`` (N, L) ids, convert to QuantLinears."""
     check_calib(calib, "QAT", purpose="to train on")
     check_schemes({name: (m, config.scheme) for name, m in select_linears(model, config.targets).items()})
     objective = recovery_objective(model, distill=config.distill)  # the float model, before the swap
     fake = swap_fake_quant(model, config.scheme, config.targets)
     params = [p for m in fake.values() for p in m.parameters()]
-    train(model, params, objective, calib, config, desc=f"QAT {config.scheme}")
+    report = train(model, params, objective, calib, config, desc=f"QAT {config.scheme}",
+                   **(run.train_kwargs() if run else {}))  # fmt: skip
+    if run is not None:
+        run.reports.append({"method": "qat", **report.to_json()})
     del objective  # the teacher copy, if any
     with torch.no_grad():
         to_quant_linears(model, fake)
