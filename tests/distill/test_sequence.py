@@ -17,7 +17,8 @@ def test_greedy_sequences_equal_hf_generate_with_a_fixed_shape(family):
     got = teacher_sequences(teacher, PROMPTS, new_tokens=6, batch_size=2)
     assert got.shape == (5, 10) and got.dtype == torch.long and torch.equal(got[:, :4], PROMPTS)
     teacher.generation_config.eos_token_id = None  # HF stops at EOS; teacher_sequences never does
-    ref = teacher.generate(PROMPTS, attention_mask=torch.ones_like(PROMPTS), do_sample=False, max_new_tokens=6, pad_token_id=0)
+    ref = teacher.generate(PROMPTS, attention_mask=torch.ones_like(PROMPTS), do_sample=False, max_new_tokens=6,
+                           pad_token_id=0)  # fmt: skip
     assert torch.equal(got, ref)
 
 
