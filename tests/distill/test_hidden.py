@@ -110,6 +110,15 @@ def test_layer_map_falls_back_to_uniform_after_a_weight_change():
     assert layer_map(student, fresh) == [(0, 1), (1, 2), (2, 4), (3, 5)]  # 1.5, 3, 4.5, 6 rounded half up
 
 
+@pytest.mark.parametrize("order", [[4, 1], [2, 2]], ids=["reordered", "repeated"])
+def test_layer_map_needs_distinct_teacher_blocks_in_increasing_order(order):
+    teacher = _deep_llama()
+    student = frozen_copy(teacher)
+    student.model.layers = torch.nn.ModuleList([student.model.layers[j] for j in order])
+    student.config.num_hidden_layers = 2
+    assert layer_map(student, teacher) == [(0, 2), (1, 5)]  # not depth pruning: the uniform map
+
+
 def test_layer_map_refuses_a_deeper_student_and_bad_maps():
     with pytest.raises(SlimlmError, match="more than the teacher's 2"):
         layer_map(_deep_llama(3), tiny_model("llama"))
