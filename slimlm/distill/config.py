@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass
 
+from slimlm.distill.hidden import HIDDEN_KINDS
 from slimlm.errors import SlimlmError
 from slimlm.train import TrainConfig, check_number
 
 LOSSES = ("kl", "reverse_kl", "ce")
-HIDDEN_KINDS = ("mse", "cosine")
+
 DATA = ("calib", "teacher")
 
-__all__ = ["DATA", "HIDDEN_KINDS", "LOSSES", "Distill"]
+__all__ = ["DATA", "LOSSES", "Distill"]
 
 
 def _pairs(layer_map: object) -> tuple[tuple[int, int], ...] | None:

@@ -7,7 +7,8 @@ TrainConfig. Distillation objectives live in :mod:`slimlm.distill`.
 
 from slimlm.train.config import SCHEDULES, TrainConfig, check_number
 from slimlm.train.losses import next_token_loss, next_token_objective
+from slimlm.train.run import TrainRun
 from slimlm.train.loop import Objective, TrainReport, lr_at, sample_batch, train
 
-__all__ = ["SCHEDULES", "Objective", "TrainConfig", "TrainReport", "check_number", "lr_at", "next_token_loss",
+__all__ = ["SCHEDULES", "Objective", "TrainConfig", "TrainReport", "TrainRun", "check_number", "lr_at", "next_token_loss",
            "next_token_objective", "sample_batch", "train"]  # fmt: skip
