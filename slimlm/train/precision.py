@@ -36,7 +36,8 @@ MIN_HIDDEN = 256  # smaller H: fp32, unmeasured
 
 Timer = Callable[[Callable[[], Tensor], int], float]  # (call, reps) -> seconds per call
 
-__all__ = ["BF16_MARGIN", "MIN_HIDDEN", "PRECISIONS", "PrecisionChoice", "autocast", "choose_precision", "seconds_per_call"]
+__all__ = ["BF16_MARGIN", "MIN_HIDDEN", "PRECISIONS", "PrecisionChoice", "autocast", "choose_precision",
+           "seconds_per_call"]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path
     assert got.keys() == want.keys() and "drift" in got and "proj.weight" in got
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    report, plain_report = json.loads(Path(f"{resumed}.json").read_text()), json.loads(Path(f"{reference}.json").read_text())
+    report = json.loads(Path(f"{resumed}.json").read_text())
+    plain_report = json.loads(Path(f"{reference}.json").read_text())
     assert report["resumed_from"] == 6 and plain_report["resumed_from"] is None
     assert report["losses"] == plain_report["losses"] and len(report["losses"]) == 12
     assert report["tokens"] == 12 * 2 * 2 * 16 and report["precision"] == "fp32"
