@@ -10,9 +10,10 @@ after a ``KW_ONLY`` marker.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from slimlm.errors import SlimlmError
+from slimlm.train.precision import PRECISIONS
 from slimlm.validate import check_bool
 
 SCHEDULES = ("cosine", "constant")
@@ -37,6 +38,14 @@ class TrainConfig:
     norm is clipped to ``grad_clip``. ``distill``: minimise KL to the model as
     it was before the method touched it, else next-token cross-entropy.
     ``seed`` fixes the windows drawn.
+
+    ``grad_accum``: micro-batches of ``batch_size`` windows whose gradients
+    add up to one step (``batch_size * grad_accum`` windows per step).
+    ``precision``: ``fp32``, ``bf16`` (forward and loss under bf16 autocast)
+    or ``auto`` (bf16 only where a micro-benchmark finds it faster; see
+    :mod:`slimlm.train.precision`). ``log_every``: steps between progress log
+    lines; ``checkpoint_every``: steps between saves of the run state when
+    the loop is given a state directory.
     """
 
     steps: int = 200
@@ -49,6 +58,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
+    grad_accum: int = 1
+    precision: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         check_number("steps", self.steps, "optimizer steps, e.g. 200", integer=True)
@@ -63,3 +76,14 @@ class TrainConfig:
             raise SlimlmError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SlimlmError(f"seed must be an int, got {self.seed!r}")
+        check_number("grad_accum", self.grad_accum, "micro-batches per optimizer step, e.g. 1", integer=True)
+        if self.precision not in PRECISIONS:
+            raise SlimlmError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_number("log_every", self.log_every, "steps between progress log lines, e.g. 10", integer=True)
+        check_number("checkpoint_every", self.checkpoint_every, "steps between run-state saves, e.g. 50",
+                     integer=True)  # fmt: skip
+
+    def as_dict(self) -> dict[str, object]:
+        """Every field by name, JSON-able: numbers, strings and bools as they are, anything else as ``str``."""
+        plain = (bool, int, float, str, type(None))
+        return {f.name: v if isinstance(v := getattr(self, f.name), plain) else str(v) for f in fields(self)}

@@ -1,3 +1,6 @@
+import json
+import logging
+
 import pytest
 import torch
 
@@ -81,7 +84,9 @@ def test_sample_batch_draws_windows_of_the_rows():
     (dict(warmup=-1), "warmup must be >= 0"), (dict(lr=0.0), "lr must be > 0"),
     (dict(weight_decay=-0.1), "weight_decay must be >= 0"), (dict(grad_clip=0), "grad_clip must be > 0"),
     (dict(distill="yes"), "distill must be true or false"), (dict(schedule="linear"), "one of cosine, constant"),
-    (dict(seed=1.0), "seed must be an int"),
+    (dict(seed=1.0), "seed must be an int"), (dict(grad_accum=0), "grad_accum must be > 0"),
+    (dict(precision="fp16"), "precision must be one of fp32, bf16, auto"), (dict(log_every=0), "log_every must be > 0"),
+    (dict(checkpoint_every=1.5), "checkpoint_every must be > 0"),
 ])  # fmt: skip
 def test_config_refusals_one_line(kw, words):
     with pytest.raises(SlimlmError, match=words):
@@ -96,3 +101,35 @@ def test_train_refuses_no_params_and_bad_data():
         train(model, list(model.parameters()), next_token_objective, PATTERN[0], TrainConfig(steps=1))
     with pytest.raises(TypeError):
         TrainConfig(5)  # keyword-only
+
+
+def test_accumulating_two_micro_batches_trains_the_weights_of_one_batch_of_four():
+    """One draw of batch_size * grad_accum windows, each micro-batch's loss / A: the same windows, the same mean."""
+    runs = []
+    for batch_size, grad_accum in [(4, 1), (2, 2)]:
+        model = tiny_model("llama")
+        config = TrainConfig(steps=3, lr=1e-3, seq_len=16, batch_size=batch_size, grad_accum=grad_accum, seed=4,
+                             distill=False, precision="fp32")  # fmt: skip
+        report = train(model, _trained(model), next_token_objective, PATTERN, config)
+        runs.append((report, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (one, w_one), (two, w_two) = runs
+    assert two.losses == pytest.approx(one.losses, rel=1e-5) and one.tokens == two.tokens == 3 * 4 * 16
+    moved = 0
+    for name, W in w_one.items():
+        torch.testing.assert_close(w_two[name], W, rtol=0, atol=1e-6, msg=name)
+        moved += not torch.equal(W, tiny_model("llama").state_dict()[name])
+    assert moved == len(_trained(model))
+
+
+def test_report_json_and_progress_log(caplog):
+    model = tiny_model("llama")
+    config = TrainConfig(steps=4, lr=1e-3, seq_len=16, batch_size=2, grad_accum=2, log_every=2, precision="fp32")
+    with caplog.at_level(logging.INFO, logger="slimlm.train"):
+        report = train(model, _trained(model), next_token_objective, PATTERN, config, desc="probe")
+    lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == ["probe: step 2/4", "probe: step 4/4"]
+    assert all(", loss " in line and ", lr " in line for line in lines)
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["config"] == config.as_dict() and data["config"]["grad_accum"] == 2
+    assert (data["steps"], data["tokens"], data["precision"], data["resumed_from"]) == (4, 4 * 2 * 2 * 16, "fp32", None)
+    assert data["losses"] == [round(x, 6) for x in report.losses] and len(data["losses"]) == 4
