@@ -17,15 +17,18 @@ One config for the field's three families, mixed as the user asks:
 The teacher is the model as it was before the recipe's first step, or
 ``teacher: <model source>`` (same tokenizer). The training fields are
 :class:`~slimlm.train.TrainConfig`'s; ``samples`` is how many calibration
-sequences a recipe draws for training (more than a calibration method needs).
+sequences a recipe draws for training (more than a calibration method needs);
+``targets`` the decoder-block linears that train (default all; the others,
+and packed quantized ones, stay fixed; norms, embeddings and lm_head train).
 """
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 from slimlm.distill.hidden import HIDDEN_KINDS
 from slimlm.errors import SlimlmError
+from slimlm.targets import Targets, check_targets
 from slimlm.train import TrainConfig, check_number
 
 LOSSES = ("kl", "reverse_kl", "ce")
@@ -65,6 +68,7 @@ class Distill(TrainConfig):
     gen_samples: int = 64
     teacher: str | None = None
     samples: int = 512
+    targets: Targets = field(default_factory=Targets)
     _: KW_ONLY  # TrainConfig's fields with this method's defaults
     lr: float = 3e-4
     warmup: int = 10
@@ -72,6 +76,7 @@ class Distill(TrainConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_map", _pairs(self.layer_map))
         super().__post_init__()
+        check_targets(self.targets)
         if self.loss not in LOSSES:
             raise SlimlmError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         check_number("temperature", self.temperature, "softmax temperature of logit KD, e.g. 1 or 2")

@@ -13,6 +13,8 @@ float layers and lm_head around fixed integer codes and scales.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -23,9 +25,10 @@ from slimlm.distill.sequence import teacher_sequences
 from slimlm.distill.teacher import frozen_copy
 from slimlm.errors import SlimlmError
 from slimlm.models import load_model
-from slimlm.nn import RuntimeModule, SparseLinear
+from slimlm.kernels import REFERENCE
+from slimlm.nn import OutlierLinear, PackedLinear, RuntimeModule, SparseLinear, W8A8Linear
 from slimlm.nn.masked import MaskedLinear
-from slimlm.targets import replace_module
+from slimlm.targets import Targets, candidate_linears, replace_module, select_linears
 from slimlm.train import TrainRun, train
 from slimlm.validate import check_calib
 
@@ -67,24 +70,53 @@ def resolve_teacher(model: nn.Module, config: Distill, run: TrainRun | None) -> 
     return teacher.to(device)
 
 
-def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], dict[str, MaskedLinear], str]:
-    """Swap SparseLinears for MaskedLinears; -> (the float parameters to train, the swapped modules, a summary)."""
+def trainable_parameters(model: nn.Module, targets: Targets | None = None,
+                         ) -> tuple[list[nn.Parameter], dict[str, MaskedLinear], str]:  # fmt: skip
+    """Swap SparseLinears for MaskedLinears; -> (the float parameters to train, the swapped modules, a summary).
+
+    Block linears that ``targets`` leaves out stay fixed, as do packed modules.
+    """
+    fixed = set(candidate_linears(model)) - set(select_linears(model, targets or Targets()))
     masked = {name: MaskedLinear.from_sparse(m) for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     for name, module in masked.items():
         replace_module(model, name, module)
     packed = {name for name, m in model.named_modules() if isinstance(m, RuntimeModule)}
+    skip = packed | fixed
     params, seen = [], set()
     for name, module in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in packed):
-            continue  # a packed module's codes, scales and bias stay fixed
+        if any(name == p or name.startswith(p + ".") for p in skip):
+            continue  # a packed module's codes, scales and bias stay fixed, as do untargeted linears
         for p in module.parameters(recurse=False):
             if p.is_floating_point() and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
     n = sum(p.numel() for p in params)
     summary = f"{n / 1e6:.1f}M float parameters ({len(masked)} pruned linears with fixed masks, " \
-              f"{len(packed)} packed modules frozen)"  # fmt: skip
+              f"{len(packed)} packed modules and {len(fixed)} untargeted linears fixed)"  # fmt: skip
     return params, masked, summary
+
+
+def check_differentiable(model: nn.Module) -> None:
+    """Refuse layers that quantize activations: rounding them passes no gradient to what comes before."""
+    if blocked := sorted({type(m).__name__ for m in model.modules() if isinstance(m, (W8A8Linear, OutlierLinear))}):
+        raise SlimlmError(f"distill cannot train through {', '.join(blocked)}: rounding activations has no "
+                          f"gradient; put the distill step before the W8A8 / LLM.int8 step")  # fmt: skip
+
+
+@contextmanager
+def differentiable_kernels(model: nn.Module) -> Iterator[None]:
+    """Weight-only packed linears run the reference path for the run (the fast kernels have no
+    backward), their own kernels after; layers that quantize activations are refused."""
+    check_differentiable(model)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    kernels = [m.kernel for m in packed]
+    for m in packed:
+        m.set_weight_kernel(REFERENCE)
+    try:
+        yield
+    finally:
+        for m, kernel in zip(packed, kernels):
+            m.set_weight_kernel(kernel)
 
 
 def _hidden_setup(model: nn.Module, teacher: nn.Module, config: Distill) -> tuple[list, nn.Module | None]:
@@ -102,17 +134,20 @@ def apply_distill(model: nn.Module, config: Distill, calib: Tensor | None = None
                   run: TrainRun | None = None) -> nn.Module:  # fmt: skip
     """Train ``model`` (the student) towards the teacher on ``calib`` (N, L) ids or on the teacher's text."""
     calib = check_calib(calib, "distill", purpose="to train on")
+    check_differentiable(model)
     teacher = resolve_teacher(model, config, run)
     pairs, projection = _hidden_setup(model, teacher, config) if config.hidden_weight > 0 else ([], None)
     data = calib
     if config.data == "teacher":
         prompts = calib[: config.gen_samples, : config.prompt_len]  # (n, P)
         data = teacher_sequences(teacher, prompts, new_tokens=config.seq_len - config.prompt_len)  # (n, seq_len)
-    params, masked, summary = trainable_parameters(model)
+    params, masked, summary = trainable_parameters(model, config.targets)
     log.info("distill (%s): training %s", config.loss, summary)
     extra = [] if projection is None else list(projection.parameters())
-    report = train(model, params + extra, distill_objective(teacher, config, pairs=pairs, projection=projection),
-                   data, config, desc=f"distill {config.loss}", **(run.train_kwargs() if run else {}))  # fmt: skip
+    objective = distill_objective(teacher, config, pairs=pairs, projection=projection)
+    with differentiable_kernels(model):
+        report = train(model, params + extra, objective, data, config, desc=f"distill {config.loss}",
+                       **(run.train_kwargs() if run else {}))  # fmt: skip
     for name, module in masked.items():
         replace_module(model, name, module.to_sparse_linear())
     if run is not None:

@@ -69,6 +69,15 @@ class PackedLinear(RuntimeModule):
         self._packed_bytes = _nbytes(packed)
         self._weight = self.kernel.prepare(packed, self.scheme, self.shape, dtype=self.compute_dtype)
 
+    def set_weight_kernel(self, kernel: WeightKernel | None) -> None:
+        """Lay the same weight out for ``kernel`` (None: the default choice for its device).
+
+        Training through a quantized layer needs a path with a backward: the
+        fast int4/int8 kernels have none, the reference (dequantize, then
+        ``F.linear``) has one for the input."""
+        packed = self.kernel.portable(self._weight, self.scheme, self.shape)
+        self._install(packed, kernel=kernel)
+
     def portable_tensors(self) -> Tensors:
         """The checkpoint content besides the bias: portable packed weight and extras."""
         return {**self.kernel.portable(self._weight, self.scheme, self.shape), **self._extra}
