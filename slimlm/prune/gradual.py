@@ -33,7 +33,7 @@ from slimlm.prune.masks import SCOPES
 from slimlm.prune.patterns import Unstructured, check_sparsity
 from slimlm.targets import Targets, check_targets
 from slimlm.train import TrainConfig, TrainRun, check_number, train
-from slimlm.validate import check_calib
+from slimlm.validate import check_bool, check_calib
 
 log = logging.getLogger("slimlm.prune")
 
@@ -62,6 +62,7 @@ class GradualMagnitude(TrainConfig):
     initial_sparsity: float = 0.0
     scope: str = "layer"
     targets: Targets = field(default_factory=Targets)
+    distill: bool = True  # KL to the model as it was before this step, else next-token cross-entropy
     _: KW_ONLY  # TrainConfig's fields with this method's defaults
     steps: int = 100
     lr: float = 5e-5
@@ -80,6 +81,7 @@ class GradualMagnitude(TrainConfig):
         if self.scope not in SCOPES:
             raise SlimlmError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         super().__post_init__()
+        check_bool("distill", self.distill)
         check_targets(self.targets)
 
     @property

@@ -29,7 +29,7 @@ the L2-optimal one for the kept set. Activations stay in float (weight-only).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ from slimlm.nn import check_schemes
 from slimlm.nn.fake_quant import FakeQuantLinear
 from slimlm.targets import Targets, check_targets, replace_module, select_linears
 from slimlm.train import TrainConfig, TrainReport, TrainRun, next_token_objective, train
-from slimlm.validate import check_calib
+from slimlm.validate import check_bool, check_calib
 
 __all__ = ["QAT", "apply_qat", "swap_fake_quant", "to_quant_linears", "train_qat"]
 
@@ -50,16 +50,19 @@ class QAT(TrainConfig):
     """Train the target linears' latent weights through ``scheme``'s quantizer, then store them in it.
 
     The training fields (``steps``, ``lr``, ``schedule``, ``warmup``,
-    ``seq_len``, ``batch_size``, ``distill``, ``weight_decay``, ``grad_clip``,
+    ``seq_len``, ``batch_size``, ``weight_decay``, ``grad_clip``,
     ``seed``) are :class:`~slimlm.train.TrainConfig`'s, with its defaults.
     """
 
     scheme: Scheme = IntScheme(bits=4, granularity=PerGroup(64))
     targets: Targets = field(default_factory=Targets)
+    _: KW_ONLY
+    distill: bool = True  # KL to the model as it was before this step, else next-token cross-entropy
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         super().__post_init__()
+        check_bool("distill", self.distill)
         check_targets(self.targets)
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields
 
 from slimlm.errors import SlimlmError
 from slimlm.train.precision import PRECISIONS
-from slimlm.validate import check_bool
 
 SCHEDULES = ("cosine", "constant")
 
@@ -35,9 +34,7 @@ class TrainConfig:
 
     The learning rate rises linearly to ``lr`` over ``warmup`` steps, then
     decays to 0 along a cosine or stays constant (``schedule``); the gradient
-    norm is clipped to ``grad_clip``. ``distill``: minimise KL to the model as
-    it was before the method touched it, else next-token cross-entropy.
-    ``seed`` fixes the windows drawn.
+    norm is clipped to ``grad_clip``. ``seed`` fixes the windows drawn.
 
     ``grad_accum``: micro-batches of ``batch_size`` windows whose gradients
     add up to one step (``batch_size * grad_accum`` windows per step).
@@ -52,7 +49,6 @@ class TrainConfig:
     lr: float = 1e-4
     seq_len: int = 256
     batch_size: int = 4
-    distill: bool = True
     schedule: str = "cosine"
     warmup: int = 0
     weight_decay: float = 0.0
@@ -71,7 +67,6 @@ class TrainConfig:
         check_number("lr", self.lr, "AdamW learning rate, e.g. 1e-4")
         check_number("weight_decay", self.weight_decay, "AdamW weight decay, e.g. 0.0", zero_ok=True)
         check_number("grad_clip", self.grad_clip, "max gradient norm, e.g. 1.0")
-        check_bool("distill", self.distill)
         if self.schedule not in SCHEDULES:
             raise SlimlmError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

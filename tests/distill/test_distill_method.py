@@ -107,3 +107,20 @@ def test_bad_runs_are_refused_and_leave_the_student_as_it_was():
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
     with pytest.raises(SlimlmError, match="rtn does not train"):
         apply(student, RTN(), teacher=teacher)
+
+
+def test_masked_linear_trains_only_survivors_and_converts_exactly():
+    from slimlm.nn.masked import MaskedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    keep = torch.rand(8, 16) > 0.5
+    sparse = SparseLinear.from_linear(linear, keep)
+    masked = MaskedLinear.from_sparse(sparse)
+    x = torch.randn(4, 16)
+    masked(x).pow(2).sum().backward()
+    assert torch.all(masked.weight.grad[~keep] == 0) and masked.weight.grad[keep].abs().sum() > 0
+    with torch.no_grad():
+        masked.weight.add_(torch.randn_like(masked.weight))  # an optimizer step that also touches pruned slots
+        assert torch.equal(masked.to_sparse_linear()(x), masked(x))
+        assert torch.equal(masked.to_sparse_linear().keep_mask(), keep)

@@ -70,7 +70,7 @@ def run(state_dir: str, steps: int, kill_at: int | None) -> tuple[dict, dict]:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    config = TrainConfig(steps=steps, lr=3e-3, seq_len=16, batch_size=2, grad_accum=2, warmup=2, distill=False,
+    config = TrainConfig(steps=steps, lr=3e-3, seq_len=16, batch_size=2, grad_accum=2, warmup=2,
                          precision="fp32", checkpoint_every=3, seed=3)  # fmt: skip
     params = list(model.parameters()) + list(proj.parameters())
     report = train(model, params, objective, calib, config, on_step=on_step, state_dir=state_dir,

@@ -33,7 +33,7 @@ PINNED = {
 def test_same_seed_same_losses_and_weights_as_qat_loop_before_the_move(distill):
     model = tiny_model("llama")
     objective = teacher_objective(tiny_model("llama", seed=1)) if distill else next_token_objective
-    config = TrainConfig(steps=5, lr=1e-3, seq_len=24, batch_size=3, warmup=2, distill=distill, seed=5)
+    config = TrainConfig(steps=5, lr=1e-3, seq_len=24, batch_size=3, warmup=2, seed=5)
     report = train(model, _trained(model), objective, PATTERN, config)
     losses, digest = PINNED[distill]
     assert report.losses == pytest.approx(losses, rel=1e-5)
@@ -61,7 +61,7 @@ def test_only_given_params_change_flags_restored_hook_each_step():
 
 def test_more_steps_reduce_the_loss_on_a_learnable_pattern():
     model = tiny_model("llama")
-    config = TrainConfig(steps=15, lr=3e-3, seq_len=32, batch_size=4, distill=False)
+    config = TrainConfig(steps=15, lr=3e-3, seq_len=32, batch_size=4)
     report = train(model, list(model.parameters()), next_token_objective, PATTERN, config)
     assert sum(report.losses[-3:]) < sum(report.losses[:3])
     first, last, k = report.loss_trend()
@@ -83,7 +83,7 @@ def test_sample_batch_draws_windows_of_the_rows():
     (dict(seq_len=True), "seq_len must be > 0"), (dict(batch_size=-1), "batch_size must be > 0"),
     (dict(warmup=-1), "warmup must be >= 0"), (dict(lr=0.0), "lr must be > 0"),
     (dict(weight_decay=-0.1), "weight_decay must be >= 0"), (dict(grad_clip=0), "grad_clip must be > 0"),
-    (dict(distill="yes"), "distill must be true or false"), (dict(schedule="linear"), "one of cosine, constant"),
+    (dict(schedule="linear"), "one of cosine, constant"),
     (dict(seed=1.0), "seed must be an int"), (dict(grad_accum=0), "grad_accum must be > 0"),
     (dict(precision="fp16"), "precision must be one of fp32, bf16, auto"), (dict(log_every=0), "log_every must be > 0"),
     (dict(checkpoint_every=1.5), "checkpoint_every must be > 0"),
@@ -109,7 +109,7 @@ def test_accumulating_two_micro_batches_trains_the_weights_of_one_batch_of_four(
     for batch_size, grad_accum in [(4, 1), (2, 2)]:
         model = tiny_model("llama")
         config = TrainConfig(steps=3, lr=1e-3, seq_len=16, batch_size=batch_size, grad_accum=grad_accum, seed=4,
-                             distill=False, precision="fp32")  # fmt: skip
+                             precision="fp32")  # fmt: skip
         report = train(model, _trained(model), next_token_objective, PATTERN, config)
         runs.append((report, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (one, w_one), (two, w_two) = runs
