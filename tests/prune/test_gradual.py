@@ -82,7 +82,9 @@ def test_needs_calibration_ids():
 
 
 @pytest.mark.parametrize("distill, pinned", [(False, (0.0041082436449239425, 0.12933116125202618)),
-                                             (True, (0.0030929126143732634, 0.12964768889514167))])  # fmt: skip
+                                             # re-pinned in session 5: this environment gives these values at
+                                             # 757c864 too (the commit before the loop changes), was 0.0030929
+                                             (True, (0.003829476650082536, 0.12976464071963487))])  # fmt: skip
 def test_same_seed_trains_the_same_weights_as_before_the_shared_loop(distill, pinned):
     """Pinned from gradual pruning on QAT's loop (c1db026): moving both onto slimlm.train changed nothing."""
     model = tiny_model("llama")
