@@ -140,8 +140,7 @@ def compress(
         work, tokenizer, source=str(out), model_id=model_id(str(out)), base_source=model, base_id=base_id,
         load_base=lambda: load_model(model, dtype=dtype)[0], model_dir=str(out), recipe=rec.spec, **measure,
     )  # fmt: skip
-    if not lazy and training.reports:
-        compressed = dataclasses.replace(compressed, training=training.reports)
+    compressed = compressed if lazy else dataclasses.replace(compressed, training=training.reports or None)
     return CompressReport(base=base, compressed=compressed, seconds=seconds, out=out, recipe=rec.name)
 
 
