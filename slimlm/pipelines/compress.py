@@ -123,7 +123,7 @@ def compress(
         stream = checked_stream(tokenizer, proto, n_tokens=tokens, full=full)
         calib, record = calibration(steps, tokenizer, proto, calib_samples)
         training = prepare_training(steps, tokenizer, proto, out, model=model_id(model), recipe=rec.spec,
-                                    calib_samples=calib_samples)  # fmt: skip
+                                    calib_samples=calib_samples)  # fmt: skip  (refuses before any slow work)
     measure = dict(protocol=proto, n_tokens=tokens, full=full, speed=speed, stream=stream)
     base_id = model_id(model)
     base = evaluate(work, tokenizer, source=model, model_id=base_id, model_dir=model_dir(model), **measure)
@@ -136,10 +136,9 @@ def compress(
         training.finished()
     del work
     work, tokenizer = load_compressed(out)  # measure what was saved, not what is in memory
-    compressed = evaluate(
-        work, tokenizer, source=str(out), model_id=model_id(str(out)), base_source=model, base_id=base_id,
-        load_base=lambda: load_model(model, dtype=dtype)[0], model_dir=str(out), recipe=rec.spec, **measure,
-    )  # fmt: skip
+    compressed = evaluate(work, tokenizer, source=str(out), model_id=model_id(str(out)), base_source=model,
+                          base_id=base_id, load_base=lambda: load_model(model, dtype=dtype)[0], model_dir=str(out),
+                          recipe=rec.spec, **measure)  # fmt: skip
     compressed = compressed if lazy else dataclasses.replace(compressed, training=training.reports or None)
     return CompressReport(base=base, compressed=compressed, seconds=seconds, out=out, recipe=rec.name)
 
