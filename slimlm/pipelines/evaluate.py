@@ -11,6 +11,8 @@ only when they were measured on the same protocol and text.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 from pathlib import Path
 
@@ -55,6 +57,10 @@ def _saved_results(sources: list[str], proto: Protocol) -> dict[str, list[Result
     return saved
 
 
+def _undated(r: Result) -> Result:
+    return dataclasses.replace(r, created="")
+
+
 def evaluate_sources(
     sources: list[str],
     *,
@@ -87,7 +93,9 @@ def evaluate_sources(
     results: list[Result] = []
     for source in sources:
         if source in saved:
-            results += [r for r in saved[source] if r not in results]  # two compress runs share their base
+            # two compress runs share their base: the same result, written at another time
+            listed = [_undated(r) for r in results]
+            results += [r for r in saved[source] if _undated(r) not in listed]
             continue
         model, tokenizer = load_model(source, dtype=dtype)
         other_base = base is not None and base != source
