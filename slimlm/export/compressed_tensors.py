@@ -25,6 +25,15 @@ exports: NF4, k-means, ternary and binary weights, LLM.int8 outlier modules, per
 activation scale per call, which neither format nor vLLM has), a W8A8 linear dividing its input by
 a smoothing vector at run time, and GPT-2-style Conv1D models.
 
+Loading in transformers (5.24, compressed-tensors 0.20.1, CPU): symmetric exports load with plain
+``from_pretrained(dir)`` (the weights stay packed until the first forward decompresses them).
+Asymmetric ones need ``quantization_config=CompressedTensorsConfig(dequantize=True)`` (formerly
+``run_compressed=False``): the default path builds the zero point unpacked on its meta model and
+refuses the packed one that compressed-tensors' own compressor writes and vLLM reads (llm-compressor's
+asymmetric exports fail the same way). ``dequantize=True`` also drops W8A8's activation quantization
+(a dense model); the default path runs it, per token, as ``absmax / 127.5`` in ``[-128, 127]``
+where slimlm (and vLLM) use ``absmax / 127`` in ``[-127, 127]``.
+
 Sparsity is not kept: compressed-tensors dropped its sparse compressors in 0.15, so pruned linears
 go out dense with their zeros (logged). Structurally pruned models go out with their new shapes,
 which their config already states (a checkpoint whose shapes its config cannot build does not load,
@@ -206,7 +215,7 @@ def _scale_dtype(model: nn.Module) -> torch.dtype:
     if model.dtype == torch.bfloat16:
         log.warning("bfloat16 model: scales go out as float32 (exact), but readers that cast them to the model's "
                     "dtype (transformers' default path, vLLM) round slimlm's float16 scales to bfloat16 "
-                    "(relative error <= 2^-9); transformers with dequantize=True keeps them exact")  # fmt: skip
+                    "(relative error <= 2^-8); transformers with dequantize=True keeps them exact")  # fmt: skip
     return torch.float32
 
 
@@ -229,6 +238,9 @@ def _log_plan(plan: Plan, n_float: int) -> None:
     if any(32 % b for b in bits):
         log.warning("%s-bit weights use compressed-tensors' dense int32 packing (0.20 and later); older readers "
                     "(and vLLM before it) expect padded words and misread them", "/".join(map(str, bits)))  # fmt: skip
+    if any(m.weights and m.weights["num_bits"] == 8 and not m.weights["symmetric"] for m in plan.modules.values()):
+        log.warning("asymmetric int8 weights: transformers loads them, but vLLM's Marlin kernels take zero points "
+                    "at 4 bits only; use int8 symmetric (e.g. int8-channel-sym) for vLLM")  # fmt: skip
     log.info("compressed-tensors export: %d quantized linears in %d groups, %d float (ignored)",
              sum(m.format is not None for m in plan.modules.values()), len(plan.groups()), n_float)  # fmt: skip
 
