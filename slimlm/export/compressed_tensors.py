@@ -82,7 +82,8 @@ class CTModule:
 
     @property
     def key(self) -> tuple:
-        return self.format, tuple(sorted((self.weights or {}).items())), tuple(sorted((self.input_activations or {}).items()))
+        acts = tuple(sorted((self.input_activations or {}).items()))
+        return self.format, tuple(sorted((self.weights or {}).items())), acts
 
 
 @dataclass

@@ -93,7 +93,8 @@ def test_w8a8_weights_exact_and_activations_per_token(tmp_path, method):
     qc = QuantizationConfig.model_validate(ct_config(out))
     (g,) = qc.config_groups.values()
     assert qc.format == g.format == "int-quantized"
-    assert (g.input_activations.strategy, g.input_activations.dynamic, g.input_activations.num_bits) == ("token", True, 8)
+    acts = g.input_activations
+    assert (acts.strategy, acts.dynamic, acts.num_bits, acts.symmetric) == ("token", True, 8, True)
     assert torch.equal(logits(load_hf(out, dequantize=True)), dequantized_logits(model))  # dense: no activation quant
     hf = load_hf(out, dequantize=False)
     got = logits(hf)

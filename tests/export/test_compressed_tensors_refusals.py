@@ -53,7 +53,8 @@ def test_activation_formats_it_cannot_hold_are_refused(tmp_path):
     _refused(tmp_path / "b", model, "LLM.int8.*smoothquant or w8a8-token")
     model = tiny_model("llama")
     q = model.model.layers[0].self_attn.q_proj
-    replace_module(model, "model.layers.0.self_attn.q_proj", W8A8Linear.from_linear(q, smooth_scale=torch.rand(64) + 0.5))
+    smoothed = W8A8Linear.from_linear(q, smooth_scale=torch.rand(64) + 0.5)  # divides its input at run time
+    replace_module(model, "model.layers.0.self_attn.q_proj", smoothed)
     _refused(tmp_path / "c", model, "smoothing vector at run time")
 
 
@@ -82,7 +83,9 @@ def test_existing_output_needs_overwrite_and_a_damaged_checkpoint_writes_nothing
     model = tiny_model("llama")
     apply(model, RTN(scheme="int4-g16-sym"))
     ck = save_compressed(model, tiny_tokenizer(), tmp_path / "ckpt")
+    files = {p.name: p.read_bytes() for p in ck.iterdir()}
     out = export(ck, tmp_path / "ct", format="compressed-tensors")
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == files  # the checkpoint is only read
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(SlimlmError, match="--overwrite"):
         export_compressed_tensors(ck, out)
