@@ -177,7 +177,7 @@ def plan_export(model: nn.Module, *, scale_dtype: torch.dtype) -> Plan:
 
 def float_linears(model: nn.Module, plan: Plan) -> list[str]:
     """Every linear left in float (plain nn.Linear, or a pruned float linear going out dense)."""
-    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # subclasses too (MHA out_proj)
     return plain + [n for n, m in plan.modules.items() if m.format is None]
 
 

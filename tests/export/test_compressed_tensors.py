@@ -52,6 +52,15 @@ def test_weight_only_logits_equal_slimlms(tmp_path, scheme, dequantize):
     _check_logits(model, out, dequantize=dequantize)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "opt", "gemma3"])  # biases, fused qkv, OPT, a vision tower
+def test_other_families_load_code_for_code(tmp_path, family):
+    model = tiny_model(family)
+    apply(model, RTN(scheme="int4-g16-sym"))
+    _, out = export(tmp_path, model)
+    got = logits(load_hf(out, dequantize=False))
+    assert torch.equal(got, dequantized_logits(model))
+
+
 def _module_state(tensors, name):
     return {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.") and "bias" not in k}
 
