@@ -154,8 +154,8 @@ WRITERS: dict[type, Callable[[str, Any, torch.dtype], CTModule]] = {
     SparseLinear: _sparse_float,
 }
 REFUSALS = {
-    "W8A8PerTensorLinear": "quantizes activations with one scale per call, which compressed-tensors (dynamic "
-                           f"tensor scales aside from vLLM) does not run; {W8A8_HINT}",
+    "W8A8PerTensorLinear": "quantizes activations with one scale per call, which vLLM's int8 path does not run "
+                           f"(it takes dynamic per-token or calibrated static scales); {W8A8_HINT}",
     "OutlierLinear": f"is an LLM.int8 outlier decomposition, which compressed-tensors cannot hold; {W8A8_HINT}",
 }  # fmt: skip
 
