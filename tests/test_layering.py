@@ -30,7 +30,7 @@ FORBIDDEN = {("quant", "prune"), ("prune", "quant"), ("generation", "eval"), ("g
              ("generation", "targets")}  # fmt: skip
 # The only third-party imports allowed inside functions: optional or heavy-and-rarely-needed.
 OPTIONAL = {"datasets", "gguf", "ray", "lm_eval", "matplotlib", "plotly", "pydoc_data", "fcntl", "resource",
-            "tokenizers", "transformers.modeling_gguf_pytorch_utils"}  # fmt: skip
+            "tokenizers", "transformers.modeling_gguf_pytorch_utils", "compressed_tensors"}  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

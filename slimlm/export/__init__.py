@@ -19,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slimlm.errors import SlimlmError
+from slimlm.export.compressed_tensors import export_compressed_tensors
 from slimlm.io import export_hf
 
 Exporter = Callable[..., Path]
 
-EXPORTERS: dict[str, Exporter] = {"hf": export_hf}
+EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "compressed-tensors": export_compressed_tensors}
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str = "hf",
