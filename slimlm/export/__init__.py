@@ -19,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slimlm.errors import SlimlmError
+from slimlm.export.gguf import export_gguf
 from slimlm.io import export_hf
 
 Exporter = Callable[..., Path]
 
-EXPORTERS: dict[str, Exporter] = {"hf": export_hf}
+EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "gguf": export_gguf}
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str = "hf",
