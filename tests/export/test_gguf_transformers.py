@@ -1,5 +1,7 @@
 """GGUF export read back by transformers' own GGUF loader (model and tokenizer) and checked key by key."""
 
+import re
+
 import gguf
 import numpy as np
 import pytest
@@ -7,11 +9,13 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slimlm.api import apply
+from slimlm.api import apply, apply_all, needs_calibration
 from slimlm.export import export
+from slimlm.export.gguf import GGUFOptions, write_gguf
 from slimlm.io import dequantized_copy, load_compressed
 from slimlm.models.tiny import tiny_config, tiny_model
 from slimlm.prune.structured_config import PruneDepth, PruneWidth
+from slimlm.recipe import load_recipe, shipped_recipes
 from slimlm.targets import Targets
 from tests.export.gguf_util import IDS, SAMPLE, checkpoint
 
@@ -137,3 +141,29 @@ def test_file_type_names_the_most_common_block_type(tmp_path):
     assert types["blk.0.ffn_down.weight"] == QT.Q8_0 and types["blk.0.ffn_up.weight"] == QT.Q4_1
     assert _field(r, "general.file_type") == 3  # MOSTLY_Q4_1
     assert np.isfinite(gguf.quants.dequantize(r.tensors[3].data, r.tensors[3].tensor_type)).all()
+
+
+@pytest.mark.parametrize("recipe", ["gptq-q4_0", "gptq-q4_1", "awq-q4_1", "rtn-q8_0"])
+def test_gguf_recipes_export_code_for_code_to_the_type_they_name(tmp_path, recipe):
+    spec = load_recipe(recipe)
+    first_line = shipped_recipes()[recipe].read_text().splitlines()[0]
+    want = re.search(r"code for code to GGUF (Q\d_\d)", first_line).group(1)
+    model = apply_all(tiny_model("llama"), list(spec.steps), CALIB if needs_calibration(spec.steps) else None)
+    ckpt = checkpoint(tmp_path, None, model=model)
+    model, tok = load_compressed(ckpt)
+    report = write_gguf(model, tok, tmp_path / "m.gguf", options=GGUFOptions(float_type="f32"))
+    linears = [t for t in report.tensors if t.name.startswith("blk.") and not t.name.endswith("norm.weight")]
+    assert len(linears) == 14 and {(t.how, t.type) for t in linears} == {("codes", want)}
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    dequantized_copy(model)
+    with torch.no_grad():
+        tol = 1e-5 if want != "Q4_1" else 0.01 * model(IDS).logits.abs().max().item()
+        torch.testing.assert_close(theirs(IDS).logits, model(IDS).logits, rtol=0, atol=tol)
+
+
+def test_mistral_without_sliding_window_goes_out_as_llama(tmp_path):
+    model = tiny_model("mistral")
+    assert model.config.sliding_window is None and not model.config.tie_word_embeddings
+    theirs, ours, path = _both(tmp_path, checkpoint(tmp_path, "int8-g32-sym", model=model), float_type="f32")
+    assert _field(gguf.GGUFReader(path), "general.architecture") == "llama"
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
