@@ -54,11 +54,13 @@ def test_tied_model_has_no_output_tensor_and_loads_tied(tmp_path):
 def test_untied_and_quantized_lm_heads_are_written(tmp_path):
     config = tiny_config("llama")
     config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    untied = AutoModelForCausalLM.from_config(config).eval()
-    for name, model, lm_head, want in [("untied", untied, False, QT.F32), ("qhead", tiny_model("llama"), True, QT.Q4_0)]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        untied = AutoModelForCausalLM.from_config(config).eval()
+    cases = [("untied", untied, False, QT.F32), ("qhead", tiny_model("llama"), True, QT.Q4_0)]
+    for name, model, lm_head, want in cases:
         ckpt = checkpoint(tmp_path, "int4-g32-sym", model=model, name=name, targets=Targets(lm_head=lm_head))
-        theirs, ours, path = _both(tmp_path / name, ckpt, float_type="f32")
+        theirs, ours, path = _both(tmp_path / f"{name}-gguf", ckpt, float_type="f32")
         types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
         assert types["output.weight"] == want and types["token_embd.weight"] == QT.F32
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
