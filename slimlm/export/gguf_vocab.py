@@ -23,10 +23,10 @@ from slimlm.errors import SlimlmError
 # llama.cpp pre-tokenizer names, keyed by the tokenizers-library pre_tokenizer JSON they implement.
 _BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}  # GPT-2's split regex
 _PRE_TOKENIZERS: tuple[tuple[str, Any], ...] = (
-    ("gpt2", _BYTE_LEVEL),
+    ("gpt-2", _BYTE_LEVEL),  # llama.cpp spells this one with a hyphen
     ("smollm", {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]}),
 )
-SUPPORTED = "byte-level BPE with a ByteLevel pre-tokenizer (llama.cpp 'gpt2') or Digits + ByteLevel ('smollm')"
+SUPPORTED = "byte-level BPE with a ByteLevel pre-tokenizer (llama.cpp 'gpt-2') or Digits + ByteLevel ('smollm')"
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def test_metadata_keys(tmp_path):
             "llama.embedding_length": 64, "llama.feed_forward_length": 128, "llama.attention.head_count": 4,
             "llama.attention.head_count_kv": 2, "llama.attention.key_length": 16, "llama.rope.dimension_count": 16,
             "llama.vocab_size": 512, "llama.rope.freq_base": c.rope_parameters["rope_theta"],
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 1,
             "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 3,
             "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_bos_token": False}  # fmt: skip
     assert {k: _field(r, k) for k in want} == want
