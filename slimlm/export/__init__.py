@@ -20,11 +20,12 @@ from pathlib import Path
 
 from slimlm.errors import SlimlmError
 from slimlm.export.compressed_tensors import export_compressed_tensors
+from slimlm.export.gguf import export_gguf
 from slimlm.io import export_hf
 
 Exporter = Callable[..., Path]
 
-EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "compressed-tensors": export_compressed_tensors}
+EXPORTERS: dict[str, Exporter] = {"hf": export_hf, "gguf": export_gguf, "compressed-tensors": export_compressed_tensors}
 
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, format: str = "hf",
