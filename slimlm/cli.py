@@ -93,14 +93,28 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from slimlm.io import export_hf
+    from slimlm.export import EXPORTERS, export
 
-    if args.format != "hf":
-        raise SlimlmError(f"unknown export format {args.format!r}; valid: hf")
+    if args.format not in EXPORTERS:
+        raise SlimlmError(f"unknown export format {args.format!r}; valid: {', '.join(EXPORTERS)}")
+    gguf = {"float_type": args.float_type, "requantize": args.requantize}
+    if args.format != "gguf" and any(v is not None for v in gguf.values()):
+        raise SlimlmError(f"--float-type and --requantize are GGUF options; add --format gguf or drop them")
     _check_output(args.out, args.overwrite)
-    export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"wrote a dequantized HF model to {args.out}")
+    options = {k: v for k, v in gguf.items() if v is not None} if args.format == "gguf" else {}
+    export(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite, **options)
+    print(f"wrote {EXPORT_WHAT[args.format]} to {args.out}")
+    if args.requantize:
+        from slimlm.export.verify import export_kld
+
+        kld, tokens = export_kld(args.checkpoint, args.out, protocol=args.protocol)
+        print(f"re-quantized to {args.requantize}: KLD {kld:.4f} against the checkpoint on {tokens:,} "
+              f"{args.protocol} tokens (transformers' GGUF reader)")
     return 0
+
+
+EXPORT_WHAT = {"hf": "a dequantized HF model", "gguf": "a GGUF file (llama.cpp)",
+               "compressed-tensors": "a compressed-tensors model (vLLM, transformers)"}  # fmt: skip
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -287,9 +301,16 @@ def _add_compress_parsers(sub: argparse._SubParsersAction) -> None:
                         "sensitivity: hessian)")
     c.set_defaults(func=cmd_compress)
 
-    x = sub.add_parser("export", help="write a compressed checkpoint as a plain (dequantized) HF directory")
+    x = sub.add_parser("export", help="write a compressed checkpoint for another engine (HF, GGUF, compressed-tensors)")
     x.add_argument("checkpoint")
-    x.add_argument("--format", default="hf", help="export format (hf)")
+    x.add_argument("--format", default="hf", help="hf (dequantized), gguf (llama.cpp) or compressed-tensors "
+                                                   "(vLLM, transformers)")
+    x.add_argument("--float-type", choices=("f16", "f32", "bf16", "q8_0"), default=None,
+                   help="gguf: type of the float matrices (default f16; norms stay f32)")
+    x.add_argument("--requantize", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"), default=None,
+                   help="gguf: re-round weights no GGUF type holds code for code to this type (prints the KLD "
+                        "it costs)")
+    x.add_argument("--protocol", default="wiki-v1", help="text for the --requantize KLD (default wiki-v1)")
     x.add_argument("--out", required=True)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)

@@ -269,8 +269,8 @@ def test_several_models_without_compare(capsys, tiny_dir, tmp_path):
 
 def test_unknown_export_format(capsys, checkpoint, tmp_path):
     out = tmp_path / "x"
-    _refused(capsys, ["export", str(checkpoint), "--format", "gguf", "--out", str(out)],
-             "unknown export format 'gguf'; valid: hf", out)  # fmt: skip
+    _refused(capsys, ["export", str(checkpoint), "--format", "onnx", "--out", str(out)],
+             "unknown export format 'onnx'; valid: hf, gguf, compressed-tensors", out)  # fmt: skip
 
 
 def test_generate_without_a_prompt(capsys):
