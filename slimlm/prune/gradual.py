@@ -107,7 +107,16 @@ class _Masks:
         self.event = event
         log.debug("gradual magnitude: event %d/%d, sparsity %.3f", event, c.events, s)
 
-    def after_step(self, step: int) -> None:
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the weights (saved in the train state)."""
+        return {"keep": {n: k.clone() for n, k in self.keep.items()}, "event": self.event}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keep = {n: state["keep"][n].clone() for n in self.keep}
+        self.event = state["event"]
+
+    def __call__(self, step: int) -> None:
+        """The training loop's ``on_step``: tighten at a pruning event, else re-apply the masks."""
         if (step + 1) % self.config.prune_every == 0 and self.event < self.config.events:
             self.prune_to(self.event + 1)
         else:
@@ -129,7 +138,7 @@ def apply_gradual_magnitude(model: nn.Module, config: GradualMagnitude, calib: T
     masks = _Masks({name: m.weight.data for name, m in plan.items()}, config)
     masks.prune_to(0)
     params = [p for m in plan.values() for p in m.parameters()]
-    report = train(model, params, objective, calib, config, on_step=masks.after_step,
+    report = train(model, params, objective, calib, config, on_step=masks,
                    desc=f"gradual magnitude to {100 * config.sparsity:.0f}%",
                    **(run.train_kwargs() if run else {}))  # fmt: skip
     if run is not None:

@@ -157,7 +157,7 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], objective: Objective
     facts = run_fingerprint(config, fingerprint)
     saved = load_state(state_dir, facts) if state_dir is not None else None
     if saved is not None:
-        restore_state(saved, model, params, opt, gen)
+        restore_state(saved, model, params, opt, gen, hook=on_step)
         log.info("%s: resuming after step %d of %d from %s", desc, saved["step"], config.steps, state_dir)
     start, losses, before = (0, [], 0.0) if saved is None else (saved["step"], saved["losses"], saved["seconds"])
     # a resumed run keeps the precision it started in
@@ -183,7 +183,7 @@ def train(model: nn.Module, params: Sequence[nn.Parameter], objective: Objective
                          losses[-1], lr, rate)  # fmt: skip
             if state_dir is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
                 state = capture_state(step + 1, model, params, opt, gen, losses=losses, seconds=before + elapsed,
-                                      precision=precision, fingerprint=facts)  # fmt: skip
+                                      precision=precision, fingerprint=facts, hook=on_step)  # fmt: skip
                 save_state(state_dir, state)
     report = TrainReport(losses, before + time.perf_counter() - t0, config.steps * step_tokens,
                          resumed_from=None if saved is None else start, precision=precision,

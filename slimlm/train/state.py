@@ -57,9 +57,13 @@ def run_fingerprint(config: TrainConfig, fingerprint: dict | None) -> dict:
 
 def capture_state(step: int, model: nn.Module, params: Sequence[Tensor], opt: torch.optim.Optimizer,
                   gen: torch.Generator, *, losses: list[float], seconds: float, precision: str,
-                  fingerprint: dict) -> dict:  # fmt: skip
-    """Everything :func:`restore_state` needs to continue after ``step`` steps."""
-    return {
+                  fingerprint: dict, hook: object = None) -> dict:  # fmt: skip
+    """Everything :func:`restore_state` needs to continue after ``step`` steps.
+
+    ``hook``: the run's ``on_step``; when it keeps state of its own (gradual pruning's masks and
+    event count), it offers ``state_dict()`` / ``load_state_dict()`` and that state is saved too.
+    """
+    return {"hook": hook.state_dict() if hasattr(hook, "state_dict") else None,
         "format": FORMAT, "step": step, "model": model.state_dict(), "params": [p.detach() for p in params],
         "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(), "losses": list(losses), "seconds": seconds, "precision": precision,
@@ -107,8 +111,8 @@ def load_state(state_dir: str | Path, fingerprint: dict) -> dict | None:
 
 
 def restore_state(state: dict, model: nn.Module, params: Sequence[Tensor], opt: torch.optim.Optimizer,
-                  gen: torch.Generator) -> None:  # fmt: skip
-    """Put ``state`` back: weights and buffers, the params, the optimizer and every RNG."""
+                  gen: torch.Generator, *, hook: object = None) -> None:  # fmt: skip
+    """Put ``state`` back: weights and buffers, the params, the optimizer, every RNG and the ``hook``'s state."""
     if len(state["params"]) != len(params) or any(s.shape != p.shape for s, p in zip(state["params"], params)):
         raise SlimlmError(f"training state holds {len(state['params'])} params that do not match the "
                           f"{len(params)} being trained; remove the state directory to start afresh")  # fmt: skip
@@ -124,6 +128,8 @@ def restore_state(state: dict, model: nn.Module, params: Sequence[Tensor], opt: 
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(_as_tuples(state["python_rng"]))
+    if state.get("hook") is not None and hasattr(hook, "load_state_dict"):
+        hook.load_state_dict(state["hook"])
 
 
 def _as_tuples(value: object) -> object:
