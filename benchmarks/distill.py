@@ -4,7 +4,7 @@
         [--steps 100] [--batch-size 4] [--seq-len 256] [--lr 3e-4] [--samples 512] \
         [--calib-samples 32] [--tokens 16384] [--threads 2] [--work out/distill-bench] [--speed] [--table]
 
-A row is ``<mode>-<percent>:<objective>``: ``Structured(params=percent/100, mode=mode)`` applied to
+A row is ``<mode>-<percent>:<objective>[@steps]``: ``Structured(params=percent/100, mode=mode)`` applied to
 the built-in model (importance from ``--calib-samples`` calibration sequences, default 32), then
 ``Distill(loss=..., steps, ...)`` from the unpruned model on ``--samples`` sequences of the
 calibration split (never the evaluation text). Objectives: ``kl`` (forward KL, logit KD), ``ce``
@@ -48,12 +48,14 @@ OBJECTIVES = {"kl": dict(loss="kl"), "ce": dict(loss="ce"), "rkl": dict(loss="re
               "kl+hidden": dict(loss="kl", hidden_weight=1.0)}  # fmt: skip
 
 
-def parse_row(row: str) -> tuple[str, float, str]:
-    shape, _, objective = row.partition(":")
+def parse_row(row: str) -> tuple[str, float, str, int | None]:
+    """``width-25:kl`` or ``width-25:kl@240`` (steps for this row instead of --steps)."""
+    shape, _, rest = row.partition(":")
+    objective, _, steps = rest.partition("@")
     mode, _, pct = shape.partition("-")
-    if mode not in ("width", "depth") or not pct.isdigit() or objective not in OBJECTIVES:
-        raise SystemExit(f"bad row {row!r}: use <width|depth>-<percent>:<{'|'.join(OBJECTIVES)}>")
-    return mode, int(pct) / 100, objective
+    if mode not in ("width", "depth") or not pct.isdigit() or objective not in OBJECTIVES or (steps and not steps.isdigit()):
+        raise SystemExit(f"bad row {row!r}: use <width|depth>-<percent>:<{'|'.join(OBJECTIVES)}>[@steps]")
+    return mode, int(pct) / 100, objective, int(steps) if steps else None
 
 
 def quality(model, tok, args, name: str) -> dict:
@@ -81,19 +83,20 @@ def pruned(mode: str, params: float, args, store: dict) -> Path:
 
 
 def run_row(row: str, args, store: dict) -> None:
-    mode, params, objective = parse_row(row)
+    mode, params, objective, row_steps = parse_row(row)
+    steps = row_steps or args.steps
     path = pruned(mode, params, args, store)
     student, tok = load_compressed(path)
     teacher = frozen_copy(load_model(MODEL)[0])
     train_ids = calibration_ids(tok, "wiki-v1", n_samples=args.samples)
-    config = Distill(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+    config = Distill(steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      samples=args.samples, **OBJECTIVES[objective])  # fmt: skip
     t0 = time.perf_counter()
     apply(student, config, train_ids, teacher=None if objective == "ce" else teacher)
     minutes = (time.perf_counter() - t0) / 60
     del teacher
-    store["rows"][row] = dict(minutes=minutes, tokens=args.steps * args.batch_size * args.seq_len,
-                              threads=torch.get_num_threads(), lr=args.lr, steps=args.steps,
+    store["rows"][row] = dict(minutes=minutes, tokens=steps * args.batch_size * args.seq_len,
+                              threads=torch.get_num_threads(), lr=args.lr, steps=steps,
                               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                               **quality(student, tok, args, row))  # fmt: skip
     save(args, store)
@@ -122,7 +125,7 @@ def table(store: dict) -> str:
     lines = [f"base: ppl {base['ppl']:.2f}, {base['params'] / 1e6:.1f}M params", " | ".join(head),
              " | ".join("---" for _ in head)]  # fmt: skip
     for row, r in store["rows"].items():
-        p = store["pruned"][row.partition(":")[0]]
+        p = store["pruned"][row.partition(":")[0]]  # the row's pruned shape
         closed = 1 - math.log(r["ppl"] / base["ppl"]) / math.log(p["ppl"] / base["ppl"])
         ratio = f"{p['decode_ratio']:.2f}x" if "decode_ratio" in p else "-"
         lines.append(" | ".join([row, str(p["layers"]), f"{r['params'] / 1e6:.1f}", f"{p['ppl']:.2f}",
