@@ -96,12 +96,14 @@ def test_benchmark_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     """Three rows through llama.cpp; a second run measures nothing and prints the same table."""
     monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
     model = save_tiny_model_dir(tmp_path / "tiny", family="llama")
-    argv = ["--model", str(model), "--protocol", "pydoc-v1", "--tokens", "512", "--calib-samples", "2",
+    argv = ["--model", str(model), "--protocol", "pydoc-v1", "--tokens", "1024", "--calib-samples", "2",
             "--threads", "1", "--new-tokens", "8", "--runs", "1", "--work", str(tmp_path / "work"),
             "--rows", "f16,gptq-q4_0,llamacpp-q4_0"]  # fmt: skip
     engines.main(argv)
     first = capsys.readouterr().out
-    rows = json.loads((tmp_path / "work" / "rows.json").read_text())["rows"]
+    store = json.loads((tmp_path / "work" / "rows.json").read_text())
+    rows = store["rows"]
+    assert store["windows"] == 2  # each window scored from an empty cache
     assert list(rows) == ["f16", "gptq-q4_0", "llamacpp-q4_0"]
     for name, r in rows.items():
         # llama.cpp's perplexity of a file within 1% of slimlm's on the same weights and windows
