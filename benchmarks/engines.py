@@ -27,6 +27,13 @@ one (target: within 1%). Decode speed: greedy, ``--new-tokens`` after the protoc
 in both engines, median of ``--runs`` after a warm-up; slimlm's loop (``measure_speed``) runs the
 recipe rows' checkpoints and the float model (float32), not the dequantized llama.cpp files.
 
+``weight err`` is how far a row moved the decoder-block weights from the F16 export (relative squared
+error, both files dequantized by gguf-py). Mind the built-in model: its weights come from a Q4_1 GGUF
+(embeddings Q8_0), so they already lie on Q4_1's grid and llama.cpp's own Q4_1 (and Q8_0) of the F16
+export only finds them again (weight err ~1e-7, KLD ~0); the headline flags such a pair. Q4_0 and
+Q4_K_M re-round onto other grids and compare quantizers. On SmolLM2-135M (576 columns, not a multiple
+of 256) llama.cpp's K-quants fall back to Q5_0/Q8_0 for most matrices: see the ``linears`` column.
+
 Each row runs once and is kept in ``--work/rows.json`` (a row there is skipped); checkpoints and GGUF
 files stay in ``--work``. ``--table`` prints what is stored, with the headline: slimlm's calibrated
 4-bit rows against llama.cpp's own quantization to the same GGUF type (KLD measured in llama.cpp).
@@ -51,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGUFReader
+from gguf import quants as gguf_quants
 
 from slimlm.eval import get_protocol, measure_speed
 from slimlm.eval.protocol import Protocol, for_tokenizer
@@ -70,6 +78,8 @@ LLAMACPP_ROWS = {"llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4_0", "llamacpp-q4_
 DEFAULT_ROWS = ("f16", *SLIMLM_ROWS, *LLAMACPP_ROWS)
 # headline pairs: slimlm's calibrated 4-bit row -> llama.cpp's own quantization to the same GGUF type
 HEADLINE = {"gptq-q4_0": "llamacpp-q4_0", "gptq-q4_1": "llamacpp-q4_1", "awq-q4_1": "llamacpp-q4_1"}
+# a relative weight error below this is F16 rounding: the base already lay on that quantizer's grid
+ON_GRID = 1e-5
 # the settings every stored row shares; a --work measured with others is refused
 SETTINGS = ("model", "protocol", "tokens", "calib_samples", "threads", "new_tokens", "float_type")
 
@@ -100,7 +110,7 @@ def summarize(per_window: list[tuple[float, float, float]]) -> dict[str, float]:
 def gguf_summary(path: str | os.PathLike) -> dict[str, Any]:
     """File size, bits per weight of the decoder-block matrices (bytes as stored), their types, the embedding's."""
     reader = GGUFReader(path)
-    linears = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    linears = list(_block_matrices(path).values())
     elems: dict[str, int] = {}
     for t in linears:
         elems[t.tensor_type.name] = elems.get(t.tensor_type.name, 0) + int(t.n_elements)
@@ -109,6 +119,24 @@ def gguf_summary(path: str | os.PathLike) -> dict[str, Any]:
     return dict(size_mb=Path(path).stat().st_size / 1e6,
                 linear_bpw=8 * sum(int(t.n_bytes) for t in linears) / sum(int(t.n_elements) for t in linears),
                 linear_types=dict(sorted(elems.items(), key=lambda kv: -kv[1])), embd=embd, output=output)  # fmt: skip
+
+
+def _block_matrices(path: str | os.PathLike) -> dict[str, Any]:
+    return {t.name: t for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+
+
+def weight_error(path: str | os.PathLike, reference: str | os.PathLike) -> float:
+    """sum ||W - W_ref||^2 / sum ||W_ref||^2 over the decoder-block matrices of two GGUFs (dequantized by gguf-py).
+
+    Against the F16 export it says how far a quantization moved the weights; ~1e-7 (F16 rounding)
+    means the reference's weights already lay on that grid and the quantizer only found them again.
+    """
+    ours, num, den = _block_matrices(path), 0.0, 0.0
+    for name, t in _block_matrices(reference).items():
+        r = gguf_quants.dequantize(t.data, t.tensor_type).astype(np.float64)  # (out, in)
+        w = gguf_quants.dequantize(ours[name].data, ours[name].tensor_type).astype(np.float64)
+        num, den = num + float(((w - r) ** 2).sum()), den + float((r**2).sum())
+    return num / den
 
 
 def rel_diff(engine: float, reference: float) -> float:
@@ -268,7 +296,8 @@ def run_row(row: str, bench: Bench) -> dict[str, Any]:
     llama = llamacpp_quality(path, bench.windows, bench.base, threads=args.threads)
     speed = llamacpp_speed(path, bench.prompt.tolist(), new_tokens=args.new_tokens, threads=args.threads,
                            runs=args.runs)  # fmt: skip
-    return dict(gguf=str(path), **gguf_summary(path), llamacpp=llama, llamacpp_speed=speed,
+    werr = 0.0 if row == "f16" else weight_error(path, f16_gguf(bench))
+    return dict(gguf=str(path), **gguf_summary(path), weight_error=werr, llamacpp=llama, llamacpp_speed=speed,
                 ppl_diff=rel_diff(llama["ppl"], measured["slimlm"]["ppl"]), **measured,
                 minutes=(time.perf_counter() - t0) / 60)  # fmt: skip
 
@@ -286,7 +315,7 @@ def _speed(s: dict[str, float] | None) -> str:
 
 def table(store: dict[str, Any]) -> str:
     s = store["settings"]
-    head = ("row", "linears", "embd", "MB", "bits/w lin", "ppl llama.cpp", "ppl slimlm", "ppl diff",
+    head = ("row", "linears", "embd", "MB", "bits/w lin", "weight err", "ppl llama.cpp", "ppl slimlm", "ppl diff",
             "KLD llama.cpp", "KLD slimlm", "top-1 llama.cpp", "decode llama.cpp", "decode slimlm", "min")  # fmt: skip
     lines = [f"{s['model']}, {store['protocol']}, {store['tokens']:,} tokens in {store['windows']} windows, "
              f"{s['threads']} threads, decode {s['new_tokens']} tokens after a {store['prompt_tokens']}-token "
@@ -294,7 +323,7 @@ def table(store: dict[str, Any]) -> str:
              "rows dequantized (quality only)", " | ".join(head), " | ".join("---" for _ in head)]  # fmt: skip
     for row, r in store["rows"].items():
         lines.append(" | ".join([row, _types(r), r["embd"], f"{r['size_mb']:.1f}", f"{r['linear_bpw']:.2f}",
-                                 f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
+                                 f"{r['weight_error']:.1e}", f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
                                  f"{r['llamacpp']['kld']:.4f}", f"{r['slimlm']['kld']:.4f}",
                                  f"{r['llamacpp']['top1']:.1%}", _speed(r["llamacpp_speed"]),
                                  _speed(r["slimlm_speed"]), f"{r['minutes']:.1f}"]))  # fmt: skip
@@ -313,6 +342,9 @@ def headline(rows: dict[str, Any]) -> list[str]:
                        f"{ka / kb - 1:+.0%}); ppl {a['llamacpp']['ppl']:.2f} vs {b['llamacpp']['ppl']:.2f}; "
                        f"{a['linear_bpw']:.2f} vs {b['linear_bpw']:.2f} bits/weight in the blocks, "
                        f"{a['size_mb']:.1f} vs {b['size_mb']:.1f} MB (embeddings {a['embd']} vs {b['embd']})")  # fmt: skip
+            if b["weight_error"] < ON_GRID:
+                out.append(f"  (not a comparison of quantizers: llama.cpp's {theirs} moved the base's block weights "
+                           f"by {b['weight_error']:.0e} only, so they already lay on its grid)")  # fmt: skip
     return out
 
 

@@ -14,6 +14,7 @@ import torch
 
 from slimlm.eval.quality import score_windows
 from slimlm.export import export
+from slimlm.io import dequantized_copy, load_compressed
 from slimlm.models.tiny import save_tiny_model_dir, tiny_model
 from tests.export.gguf_util import checkpoint
 
@@ -61,9 +62,27 @@ def test_gguf_summary_counts_block_matrices(tmp_path, scheme, qtype, bits):
     assert s["size_mb"] == path.stat().st_size / 1e6
 
 
+def test_weight_error_of_a_gguf_against_the_f16_export(tmp_path):
+    """Relative squared error of the block matrices, from the files, equals the one of slimlm's own weights."""
+    model = tiny_model("llama")
+    f16 = export(checkpoint(tmp_path, None, model=model, name="f"), tmp_path / "f16.gguf", format="gguf")
+    q = checkpoint(tmp_path, "int4-g32-sym", model=tiny_model("llama"), name="q")
+    q4 = export(q, tmp_path / "q4.gguf", format="gguf")
+    quantized = dict(dequantized_copy(load_compressed(q)[0]).model.layers.named_parameters())
+    num = den = 0.0
+    for name, W in model.model.layers.named_parameters():
+        if W.ndim == 2:
+            Q = quantized[name].detach()
+            W16 = W.detach().half().double()  # the F16 export's values
+            num, den = num + ((Q.double() - W16) ** 2).sum().item(), den + (W16**2).sum().item()
+    assert engines.weight_error(f16, f16) == 0.0
+    assert engines.weight_error(q4, f16) == pytest.approx(num / den, rel=1e-6)
+    assert 1e-3 < num / den < 1e-1
+
+
 def _row(kld: float, bpw: float, types: dict) -> dict:
     q = dict(ppl=30.0, nll=3.4, kld=kld, top1=0.8)
-    return dict(linear_types=types, embd="F16", size_mb=100.0, linear_bpw=bpw, llamacpp=q, slimlm=q, ppl_diff=0.001,
+    return dict(linear_types=types, embd="F16", size_mb=100.0, linear_bpw=bpw, weight_error=1e-3, llamacpp=q, slimlm=q, ppl_diff=0.001,
                 llamacpp_speed=dict(decode_tok_s=120.0), slimlm_speed=None, minutes=1.0)  # fmt: skip
 
 
@@ -73,12 +92,15 @@ def test_table_and_headline_verdicts():
                                           "llamacpp-q4_0": _row(0.08, 4.5, {"Q4_0": 1}),
                                           "gptq-q4_1": _row(0.09, 5.0, {"Q4_1": 1}),
                                           "llamacpp-q4_1": _row(0.03, 5.0, {"Q4_1": 1})})  # fmt: skip
+    store["rows"]["llamacpp-q4_1"]["weight_error"] = 2e-7  # the base already on llama.cpp's Q4_1 grid
     text = engines.table(store)
     q4_0 = next(line for line in text.splitlines() if line.startswith("Q4_0:"))
     q4_1 = next(line for line in text.splitlines() if line.startswith("Q4_1:"))
     assert "gptq-q4_0 KLD 0.0500 vs llama.cpp's own 0.0800 (lower, -38%)" in q4_0
     assert "gptq-q4_1 KLD 0.0900 vs llama.cpp's own 0.0300 (NOT lower, +200%)" in q4_1
     assert "awq" not in text  # no row, no headline line
+    caveats = [line for line in text.splitlines() if "not a comparison of quantizers" in line]
+    assert len(caveats) == 1 and "llamacpp-q4_1 moved the base's block weights by 2e-07" in caveats[0]
 
 
 def test_stored_rows_of_other_settings_are_refused(tmp_path):
