@@ -52,7 +52,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,22 +107,21 @@ def summarize(per_window: list[tuple[float, float, float]]) -> dict[str, float]:
     return dict(ppl=math.exp(nll), nll=nll, kld=kl, top1=agree)
 
 
+def _block_matrices(tensors: list[Any]) -> dict[str, Any]:
+    return {t.name: t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+
+
 def gguf_summary(path: str | os.PathLike) -> dict[str, Any]:
     """File size, bits per weight of the decoder-block matrices (bytes as stored), their types, the embedding's."""
-    reader = GGUFReader(path)
-    linears = list(_block_matrices(path).values())
+    tensors = GGUFReader(path).tensors
+    types = {t.name: t.tensor_type.name for t in tensors}
     elems: dict[str, int] = {}
-    for t in linears:
+    for t in (linears := list(_block_matrices(tensors).values())):
         elems[t.tensor_type.name] = elems.get(t.tensor_type.name, 0) + int(t.n_elements)
-    embd = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
-    output = next((t.tensor_type.name for t in reader.tensors if t.name == "output.weight"), "tied")
     return dict(size_mb=Path(path).stat().st_size / 1e6,
                 linear_bpw=8 * sum(int(t.n_bytes) for t in linears) / sum(int(t.n_elements) for t in linears),
-                linear_types=dict(sorted(elems.items(), key=lambda kv: -kv[1])), embd=embd, output=output)  # fmt: skip
-
-
-def _block_matrices(path: str | os.PathLike) -> dict[str, Any]:
-    return {t.name: t for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+                linear_types=dict(sorted(elems.items(), key=lambda kv: -kv[1])), embd=types["token_embd.weight"],
+                output=types.get("output.weight", "tied"))  # fmt: skip
 
 
 def weight_error(path: str | os.PathLike, reference: str | os.PathLike) -> float:
@@ -131,16 +130,12 @@ def weight_error(path: str | os.PathLike, reference: str | os.PathLike) -> float
     Against the F16 export it says how far a quantization moved the weights; ~1e-7 (F16 rounding)
     means the reference's weights already lay on that grid and the quantizer only found them again.
     """
-    ours, num, den = _block_matrices(path), 0.0, 0.0
-    for name, t in _block_matrices(reference).items():
+    ours, num, den = _block_matrices(GGUFReader(path).tensors), 0.0, 0.0
+    for name, t in _block_matrices(GGUFReader(reference).tensors).items():
         r = gguf_quants.dequantize(t.data, t.tensor_type).astype(np.float64)  # (out, in)
         w = gguf_quants.dequantize(ours[name].data, ours[name].tensor_type).astype(np.float64)
         num, den = num + float(((w - r) ** 2).sum()), den + float((r**2).sum())
     return num / den
-
-
-def rel_diff(engine: float, reference: float) -> float:
-    return engine / reference - 1
 
 
 # --- llama.cpp (llama-cpp-python; imported only here: optional, scripts/setup-llamacpp.sh) ------
@@ -155,23 +150,16 @@ def _llama(path: Path, *, n_ctx: int, threads: int, logits_all: bool):
                  n_threads_batch=threads, logits_all=logits_all, verbose=False)  # fmt: skip
 
 
-def llamacpp_logits(path: Path, windows: torch.Tensor, *, threads: int) -> Callable[[int], np.ndarray]:
-    """A function w -> llama.cpp's logits (T, V) for window w of (W, T), each window from an empty cache."""
+def llamacpp_quality(path: Path, windows: torch.Tensor, base: BaseStats, *, threads: int) -> dict[str, float]:
+    """llama.cpp's logits for every position of each window of (W, T), each from an empty cache, scored."""
     T = windows.shape[1]
-    llm = _llama(path, n_ctx=T, threads=threads, logits_all=True)
-
-    def logits(w: int) -> np.ndarray:
+    llm, per_window = _llama(path, n_ctx=T, threads=threads, logits_all=True), []
+    for w in range(windows.shape[0]):
         llm.reset()
         llm.eval(windows[w].tolist())
-        return np.array(llm.scores[:T], dtype=np.float32)
-
-    return logits
-
-
-def llamacpp_quality(path: Path, windows: torch.Tensor, base: BaseStats, *, threads: int) -> dict[str, float]:
-    logits = llamacpp_logits(path, windows, threads=threads)
-    return summarize([window_scores(logits(w), windows[w], base.topk_idx[w], base.topk_logp[w])
-                      for w in range(windows.shape[0])])  # fmt: skip
+        per_window.append(window_scores(llm.scores[:T], windows[w], base.topk_idx[w], base.topk_logp[w]))
+    llm.close()
+    return summarize(per_window)
 
 
 def llamacpp_speed(path: Path, prompt: list[int], *, new_tokens: int, threads: int, runs: int) -> dict[str, float]:
@@ -197,6 +185,7 @@ def llamacpp_speed(path: Path, prompt: list[int], *, new_tokens: int, threads: i
 
     one(prompt[:32], 8)  # warm-up
     prefill, decode = zip(*(one(prompt, new_tokens) for _ in range(runs)))
+    llm.close()
     return dict(prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode))
 
 
@@ -298,7 +287,7 @@ def run_row(row: str, bench: Bench) -> dict[str, Any]:
                            runs=args.runs)  # fmt: skip
     werr = 0.0 if row == "f16" else weight_error(path, f16_gguf(bench))
     return dict(gguf=str(path), **gguf_summary(path), weight_error=werr, llamacpp=llama, llamacpp_speed=speed,
-                ppl_diff=rel_diff(llama["ppl"], measured["slimlm"]["ppl"]), **measured,
+                ppl_diff=llama["ppl"] / measured["slimlm"]["ppl"] - 1, **measured,
                 minutes=(time.perf_counter() - t0) / 60)  # fmt: skip
 
 
@@ -307,6 +296,10 @@ def run_row(row: str, bench: Bench) -> dict[str, Any]:
 
 def _types(r: dict[str, Any]) -> str:
     return "+".join(r["linear_types"])
+
+
+def _err(r: dict[str, Any]) -> str:
+    return "-" if r.get("weight_error") is None else f"{r['weight_error']:.1e}"
 
 
 def _speed(s: dict[str, float] | None) -> str:
@@ -323,7 +316,7 @@ def table(store: dict[str, Any]) -> str:
              "rows dequantized (quality only)", " | ".join(head), " | ".join("---" for _ in head)]  # fmt: skip
     for row, r in store["rows"].items():
         lines.append(" | ".join([row, _types(r), r["embd"], f"{r['size_mb']:.1f}", f"{r['linear_bpw']:.2f}",
-                                 f"{r['weight_error']:.1e}", f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
+                                 _err(r), f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
                                  f"{r['llamacpp']['kld']:.4f}", f"{r['slimlm']['kld']:.4f}",
                                  f"{r['llamacpp']['top1']:.1%}", _speed(r["llamacpp_speed"]),
                                  _speed(r["slimlm_speed"]), f"{r['minutes']:.1f}"]))  # fmt: skip
@@ -342,7 +335,7 @@ def headline(rows: dict[str, Any]) -> list[str]:
                        f"{ka / kb - 1:+.0%}); ppl {a['llamacpp']['ppl']:.2f} vs {b['llamacpp']['ppl']:.2f}; "
                        f"{a['linear_bpw']:.2f} vs {b['linear_bpw']:.2f} bits/weight in the blocks, "
                        f"{a['size_mb']:.1f} vs {b['size_mb']:.1f} MB (embeddings {a['embd']} vs {b['embd']})")  # fmt: skip
-            if b["weight_error"] < ON_GRID:
+            if b.get("weight_error", 1.0) < ON_GRID:
                 out.append(f"  (not a comparison of quantizers: llama.cpp's {theirs} moved the base's block weights "
                            f"by {b['weight_error']:.0e} only, so they already lay on its grid)")  # fmt: skip
     return out
