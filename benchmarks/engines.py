@@ -315,8 +315,8 @@ def table(store: dict[str, Any]) -> str:
              "prompt (tok/s); slimlm runs recipe rows as its compressed modules, f16 as float32, llama.cpp "
              "rows dequantized (quality only)", " | ".join(head), " | ".join("---" for _ in head)]  # fmt: skip
     for row, r in store["rows"].items():
-        lines.append(" | ".join([row, _types(r), r["embd"], f"{r['size_mb']:.1f}", f"{r['linear_bpw']:.2f}",
-                                 _err(r), f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
+        lines.append(" | ".join([row, _types(r), r["embd"], f"{r['size_mb']:.1f}", f"{r['linear_bpw']:.2f}", _err(r),
+                                 f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
                                  f"{r['llamacpp']['kld']:.4f}", f"{r['slimlm']['kld']:.4f}",
                                  f"{r['llamacpp']['top1']:.1%}", _speed(r["llamacpp_speed"]),
                                  _speed(r["slimlm_speed"]), f"{r['minutes']:.1f}"]))  # fmt: skip
