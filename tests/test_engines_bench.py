@@ -82,8 +82,9 @@ def test_weight_error_of_a_gguf_against_the_f16_export(tmp_path):
 
 def _row(kld: float, bpw: float, types: dict) -> dict:
     q = dict(ppl=30.0, nll=3.4, kld=kld, top1=0.8)
-    return dict(linear_types=types, embd="F16", size_mb=100.0, linear_bpw=bpw, weight_error=1e-3, llamacpp=q, slimlm=q, ppl_diff=0.001,
-                llamacpp_speed=dict(decode_tok_s=120.0), slimlm_speed=None, minutes=1.0)  # fmt: skip
+    return dict(linear_types=types, embd="F16", size_mb=100.0, linear_bpw=bpw, weight_error=1e-3, llamacpp=q,
+                slimlm=q, ppl_diff=0.001, llamacpp_speed=dict(decode_tok_s=120.0), slimlm_speed=None,
+                minutes=1.0)  # fmt: skip
 
 
 def test_table_and_headline_verdicts():
