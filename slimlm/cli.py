@@ -16,12 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
+from slimlm.cli_parser import DEFAULT_MODEL, Commands
+from slimlm.cli_parser import build_parser as _build_parser
 from slimlm.errors import SlimlmError
 
 log = logging.getLogger("slimlm")
 
-DEFAULT_MODEL = "smollm2-135m"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -99,7 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SlimlmError(f"unknown export format {args.format!r}; valid: {', '.join(EXPORTERS)}")
     gguf = {"float_type": args.float_type, "requantize": args.requantize}
     if args.format != "gguf" and any(v is not None for v in gguf.values()):
-        raise SlimlmError(f"--float-type and --requantize are GGUF options; add --format gguf or drop them")
+        raise SlimlmError("--float-type and --requantize are GGUF options; add --format gguf or drop them")
     _check_output(args.out, args.overwrite)
     options = {k: v for k, v in gguf.items() if v is not None} if args.format == "gguf" else {}
     export(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite, **options)
@@ -274,125 +274,12 @@ def _generate_speculative(args: argparse.Namespace, model, tokenizer, prompt: st
     return 0
 
 
-def _add_compress_parsers(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("compress", help="compress a model with a recipe, save it, and compare it with the base")
-    c.add_argument("--model", default=DEFAULT_MODEL, help=f"model to compress (default {DEFAULT_MODEL})")
-    c.add_argument("--recipe", default="default", help="shipped recipe name or YAML file (default: 'default', int8)")
-    c.add_argument("--out", default=None, help="output directory (default out/<model>-<recipe>)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory / --json file")
-    c.add_argument("--protocol", default="wiki-v1")
-    c.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's)")
-    c.add_argument("--full", action="store_true", help="score the whole evaluation set")
-    c.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
-    c.add_argument("--json", default=None, help="write base and compressed results as JSON")
-    c.add_argument("--calib-samples", type=int, default=None,
-                   help="calibration sequences of 512 tokens for calibrated methods (default: the protocol's 128)")
-    c.add_argument("--calib-data", default=None, metavar="SOURCE",
-                   help="calibrate on your own text: a .txt file (paragraphs = documents), a .jsonl file "
-                        "({\"text\": ...} per line) or hf:<path>[:<config>]:<split>[:<column>]; given with the same "
-                        "--eval-data, the text is split by document like the protocol's")
-    c.add_argument("--eval-data", default=None, metavar="SOURCE",
-                   help="measure on your own text (same sources as --calib-data) instead of the protocol's; the "
-                        "results name it by source and sha256")
-    c.add_argument("--dtype", default="float32", choices=DTYPES)
-    c.add_argument("--lazy", action="store_true",
-                   help="read block weights from disk as needed and write the checkpoint block by block, for "
-                        "models larger than memory (one-step RTN/GPTQ/AWQ recipes, and mixed precision with "
-                        "sensitivity: hessian)")
-    c.set_defaults(func=cmd_compress)
-
-    x = sub.add_parser("export", help="write a compressed checkpoint for another engine (HF, GGUF, compressed-tensors)")
-    x.add_argument("checkpoint")
-    x.add_argument("--format", default="hf", help="hf (dequantized), gguf (llama.cpp) or compressed-tensors "
-                                                   "(vLLM, transformers)")
-    x.add_argument("--float-type", choices=("f16", "f32", "bf16", "q8_0"), default=None,
-                   help="gguf: type of the float matrices (default f16; norms stay f32)")
-    x.add_argument("--requantize", choices=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"), default=None,
-                   help="gguf: re-round weights no GGUF type holds code for code to this type (prints the KLD "
-                        "it costs)")
-    x.add_argument("--protocol", default="wiki-v1", help="text for the --requantize KLD (default wiki-v1)")
-    x.add_argument("--out", required=True)
-    x.add_argument("--overwrite", action="store_true")
-    x.set_defaults(func=cmd_export)
-
-
-def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="stream text from a model")
-    g.add_argument("model_and_prompt", nargs="*", metavar="[MODEL] PROMPT")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--engine", default="slimlm", choices=("slimlm", "hf"),
-                   help="slimlm's decode loop (default) or HF generate, for comparison")
-    g.add_argument("--dtype", default="float32", choices=DTYPES)
-    g.add_argument("--draft", default=None,
-                   help="speculative decoding with a draft: lookup[:N] (prompt n-grams), layers:N (the model's first "
-                        "N layers), int4 / int8 / bf16 / <scheme> (a compressed copy), recipe:<name>, or a model "
-                        "with the same tokenizer; reports acceptance, tokens per target call and speedup on stderr")
-    g.add_argument("--k", type=int, default=None, help="with --draft: draft tokens per round (default 4; the first "
-                                                        "round's when k adapts)")
-    g.add_argument("--k-max", type=int, default=8, help="with --draft: the most tokens adaptive k drafts (default 8)")
-    g.add_argument("--fixed-k", action="store_true", help="with --draft: keep k fixed instead of adapting it to "
-                                                            "measured costs (sampled output then repeats for a seed)")
-    g.add_argument("--no-baseline", action="store_true",
-                   help="with --draft: skip the plain-decoding run that measures the speedup")
-    g.add_argument("--json", default=None, help="with --draft: write tokens, acceptance, costs and speedup as JSON")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    g.add_argument("--kv-policy", default=None, choices=("full", "window", "sinks", "h2o"),
-                   help="KV-cache eviction: window (recent tokens), sinks (StreamingLLM: first --kv-sinks tokens + "
-                        "recent), h2o (heavy hitters + recent); needs --kv-budget")
-    g.add_argument("--kv-budget", type=int, default=None, help="tokens the KV cache keeps (with --kv-policy)")
-    g.add_argument("--kv-sinks", type=int, default=4, help="sink tokens for --kv-policy sinks (default 4)")
-    g.add_argument("--kv-bits", type=int, default=None, choices=(2, 4, 8),
-                   help="KIVI-quantized KV cache (keys per channel, values per token, 128 recent tokens in float)")
-    g.set_defaults(func=cmd_generate)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like the library's refusals (subparsers inherit it)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+COMMANDS: Commands = {"eval": cmd_eval, "compress": cmd_compress, "export": cmd_export, "recipes": cmd_recipes,
+                      "info": cmd_info, "generate": cmd_generate}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="slimlm", description="Compress language models and measure what it cost.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("-v", "--verbose", action="store_true", help="show info logs from libraries too")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    e = sub.add_parser("eval", help="measure models on a locked protocol")
-    e.add_argument("models", nargs="*", help=f"built-in name, HF directory, hub id, .gguf, or a result .json (default {DEFAULT_MODEL})")
-    e.add_argument("--protocol", default="wiki-v1", help="measurement protocol (default wiki-v1)")
-    e.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's 16,384)")
-    e.add_argument("--eval-data", default=None, metavar="SOURCE",
-                   help="measure on your own text instead of the protocol's: a .txt or .jsonl file, or "
-                        "hf:<path>[:<config>]:<split>[:<column>]; the result names it by source and sha256")
-    e.add_argument("--full", action="store_true", help="score the whole evaluation set")
-    e.add_argument("--compare", action="store_true", help="evaluate several models side by side, deltas vs the first")
-    e.add_argument("--base", default=None, help="model that KL divergence is measured against (default: the first model)")
-    e.add_argument("--json", default=None, help="write the result(s) as JSON")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
-    e.add_argument("--dtype", default="float32", choices=DTYPES)
-    e.set_defaults(func=cmd_eval)
-
-    _add_compress_parsers(sub)
-
-    r = sub.add_parser("recipes", help="list the shipped recipes")
-    r.set_defaults(func=cmd_recipes)
-
-    i = sub.add_parser("info", help="architecture, parameters, size and linears of a model")
-    i.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    i.add_argument("--dtype", default="float32", choices=DTYPES)
-    i.set_defaults(func=cmd_info)
-
-    _add_generate_parser(sub)
-    return p
+    return _build_parser(COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ LAYERS = {
     6: ("quant", "prune", "train", "distill", "lowrank", "peft"),
     7: ("methods", "api", "recipe"),
     8: ("pipelines", "export"),
-    9: ("cli",),
+    9: ("cli", "cli_parser"),
 }
 LAYER_OF = {name: rank for rank, names in LAYERS.items() for name in names}
 # Within a layer, pairs that must not meet: siblings stay independent, and decoding does not
