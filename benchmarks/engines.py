@@ -3,7 +3,7 @@
     scripts/setup-llamacpp.sh                      # once: llama-cpp-python 0.3.36 into .venv (~4 min on 2 cores)
     .venv/bin/python benchmarks/engines.py [--rows f16,rtn-q8_0,gptq-q4_0,gptq-q4_1,awq-q4_1,llamacpp-q8_0,...]
         [--model smollm2-135m] [--protocol wiki-v1] [--tokens 16384] [--calib-samples 32] [--threads 2]
-        [--new-tokens 64] [--runs 3] [--float-type f16] [--work out/engines] [--table]
+        [--new-tokens 64] [--runs 3] [--float-type f16] [--work out/engines] [--table] [--speed-again]
 
 Rows (default: all, in this order):
 
@@ -35,7 +35,8 @@ Q4_K_M re-round onto other grids and compare quantizers. On SmolLM2-135M (576 co
 of 256) llama.cpp's K-quants fall back to Q5_0/Q8_0 for most matrices: see the ``linears`` column.
 
 Each row runs once and is kept in ``--work/rows.json`` (a row there is skipped); checkpoints and GGUF
-files stay in ``--work``. ``--table`` prints what is stored, with the headline: slimlm's calibrated
+files stay in ``--work``. ``--speed-again`` re-times the stored rows in both engines (decode
+speed wants a quiet machine; the quality columns do not). ``--table`` prints what is stored, with the headline: slimlm's calibrated
 4-bit rows against llama.cpp's own quantization to the same GGUF type (KLD measured in llama.cpp).
 """
 
@@ -71,15 +72,13 @@ from slimlm.models import load_model
 from slimlm.models.identity import model_id
 from slimlm.pipelines.compress import compress
 
+from _engines_table import table  # benchmarks/ is on sys.path when a script runs
+
 MODEL = "smollm2-135m"
 SLIMLM_ROWS = ("rtn-q8_0", "gptq-q4_0", "gptq-q4_1", "awq-q4_1")
 LLAMACPP_ROWS = {"llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4_0", "llamacpp-q4_1": "Q4_1",
                  "llamacpp-q4_k_m": "Q4_K_M"}  # fmt: skip
 DEFAULT_ROWS = ("f16", *SLIMLM_ROWS, *LLAMACPP_ROWS)
-# headline pairs: slimlm's calibrated 4-bit row -> llama.cpp's own quantization to the same GGUF type
-HEADLINE = {"gptq-q4_0": "llamacpp-q4_0", "gptq-q4_1": "llamacpp-q4_1", "awq-q4_1": "llamacpp-q4_1"}
-# a relative weight error below this is F16 rounding: the base already lay on that quantizer's grid
-ON_GRID = 1e-5
 # the settings every stored row shares; a --work measured with others is refused
 SETTINGS = ("model", "protocol", "tokens", "calib_samples", "threads", "new_tokens", "float_type")
 
@@ -291,54 +290,15 @@ def run_row(row: str, bench: Bench) -> dict[str, Any]:
                 minutes=(time.perf_counter() - t0) / 60)  # fmt: skip
 
 
-# --- table ------------------------------------------------------------------------------------------
-
-
-def _types(r: dict[str, Any]) -> str:
-    return "+".join(r["linear_types"])
-
-
-def _err(r: dict[str, Any]) -> str:
-    return "-" if r.get("weight_error") is None else f"{r['weight_error']:.1e}"
-
-
-def _speed(s: dict[str, float] | None) -> str:
-    return "-" if s is None else f"{s['decode_tok_s']:.1f}"
-
-
-def table(store: dict[str, Any]) -> str:
-    s = store["settings"]
-    head = ("row", "linears", "embd", "MB", "bits/w lin", "weight err", "ppl llama.cpp", "ppl slimlm", "ppl diff",
-            "KLD llama.cpp", "KLD slimlm", "top-1 llama.cpp", "decode llama.cpp", "decode slimlm", "min")  # fmt: skip
-    lines = [f"{s['model']}, {store['protocol']}, {store['tokens']:,} tokens in {store['windows']} windows, "
-             f"{s['threads']} threads, decode {s['new_tokens']} tokens after a {store['prompt_tokens']}-token "
-             "prompt (tok/s); slimlm runs recipe rows as its compressed modules, f16 as float32, llama.cpp "
-             "rows dequantized (quality only)", " | ".join(head), " | ".join("---" for _ in head)]  # fmt: skip
-    for row, r in store["rows"].items():
-        lines.append(" | ".join([row, _types(r), r["embd"], f"{r['size_mb']:.1f}", f"{r['linear_bpw']:.2f}", _err(r),
-                                 f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
-                                 f"{r['llamacpp']['kld']:.4f}", f"{r['slimlm']['kld']:.4f}",
-                                 f"{r['llamacpp']['top1']:.1%}", _speed(r["llamacpp_speed"]),
-                                 _speed(r["slimlm_speed"]), f"{r['minutes']:.1f}"]))  # fmt: skip
-    return "\n".join(lines + headline(store["rows"]))
-
-
-def headline(rows: dict[str, Any]) -> list[str]:
-    """slimlm's calibrated 4-bit export vs llama.cpp's own quantization to the same type, both scored in llama.cpp."""
-    out = []
-    for ours, theirs in HEADLINE.items():
-        if ours in rows and theirs in rows:
-            a, b = rows[ours], rows[theirs]
-            ka, kb = a["llamacpp"]["kld"], b["llamacpp"]["kld"]
-            verdict = "lower" if ka < kb else "NOT lower"
-            out.append(f"{_types(b)}: slimlm {ours} KLD {ka:.4f} vs llama.cpp's own {kb:.4f} ({verdict}, "
-                       f"{ka / kb - 1:+.0%}); ppl {a['llamacpp']['ppl']:.2f} vs {b['llamacpp']['ppl']:.2f}; "
-                       f"{a['linear_bpw']:.2f} vs {b['linear_bpw']:.2f} bits/weight in the blocks, "
-                       f"{a['size_mb']:.1f} vs {b['size_mb']:.1f} MB (embeddings {a['embd']} vs {b['embd']})")  # fmt: skip
-            if b.get("weight_error", 1.0) < ON_GRID:
-                out.append(f"  (not a comparison of quantizers: llama.cpp's {theirs} moved the base's block weights "
-                           f"by {b['weight_error']:.0e} only, so they already lay on its grid)")  # fmt: skip
-    return out
+def speed_again(row: str, r: dict[str, Any], bench: Bench) -> None:
+    """Re-time a stored row in both engines (``--speed-again``: quality measured under load, speed when quiet)."""
+    args = bench.args
+    r["llamacpp_speed"] = llamacpp_speed(Path(r["gguf"]), bench.prompt.tolist(), new_tokens=args.new_tokens,
+                                         threads=args.threads, runs=args.runs)  # fmt: skip
+    if r["slimlm_speed"] is not None:
+        model = load_model(args.model)[0] if row == "f16" else load_compressed(bench.work / "ckpt" / row)[0]
+        r["slimlm_speed"] = _slimlm_speed(model, bench)
+    r["speed_timed"] = time.strftime("%Y-%m-%d %H:%M")
 
 
 # --- driver -----------------------------------------------------------------------------------------
@@ -374,19 +334,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--float-type", default="f16", help="float parts of the recipe rows' GGUF (export --float-type)")
     p.add_argument("--work", default="out/engines")
     p.add_argument("--table", action="store_true", help="print the stored table (and run nothing unless --rows)")
+    p.add_argument("--speed-again", action="store_true",
+                   help="re-time the stored rows (or --rows) in both engines, keeping their quality numbers")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.rows is None:
-        args.rows = "" if args.table else ",".join(DEFAULT_ROWS)
+        args.rows = "" if args.table or args.speed_again else ",".join(DEFAULT_ROWS)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     store = load_store(args)
+    if args.speed_again:
+        bench = setup(args)
+        for row in [r for r in args.rows.split(",") if r in store["rows"]] or list(store["rows"]):
+            logging.info("timing %s again", row)
+            speed_again(row, store["rows"][row], bench)
+            save(args, store)
     todo = [r for r in args.rows.split(",") if r and r not in store["rows"]]
-    if todo:
+    if todo and not args.speed_again:
         bench = setup(args)
         store.update(protocol=bench.proto.name, tokens=bench.windows.numel(), windows=bench.windows.shape[0],
                      prompt_tokens=len(bench.prompt))  # fmt: skip

@@ -1,0 +1,57 @@
+"""The table ``benchmarks/engines.py --table`` prints: one line per row, then the headline pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# headline pairs: slimlm's calibrated 4-bit row -> llama.cpp's own quantization to the same GGUF type
+HEADLINE = {"gptq-q4_0": "llamacpp-q4_0", "gptq-q4_1": "llamacpp-q4_1", "awq-q4_1": "llamacpp-q4_1"}
+# a relative weight error below this is F16 rounding: the base already lay on that quantizer's grid
+ON_GRID = 1e-5
+
+
+def _types(r: dict[str, Any]) -> str:
+    return "+".join(r["linear_types"])
+
+
+def _err(r: dict[str, Any]) -> str:
+    return "-" if r.get("weight_error") is None else f"{r['weight_error']:.1e}"
+
+
+def _speed(s: dict[str, float] | None) -> str:
+    return "-" if s is None else f"{s['decode_tok_s']:.1f}"
+
+
+def table(store: dict[str, Any]) -> str:
+    s = store["settings"]
+    head = ("row", "linears", "embd", "MB", "bits/w lin", "weight err", "ppl llama.cpp", "ppl slimlm", "ppl diff",
+            "KLD llama.cpp", "KLD slimlm", "top-1 llama.cpp", "decode llama.cpp", "decode slimlm", "min")  # fmt: skip
+    lines = [f"{s['model']}, {store['protocol']}, {store['tokens']:,} tokens in {store['windows']} windows, "
+             f"{s['threads']} threads, decode {s['new_tokens']} tokens after a {store['prompt_tokens']}-token "
+             "prompt (tok/s); slimlm runs recipe rows as its compressed modules, f16 as float32, llama.cpp "
+             "rows dequantized (quality only)", " | ".join(head), " | ".join("---" for _ in head)]  # fmt: skip
+    for row, r in store["rows"].items():
+        lines.append(" | ".join([row, _types(r), r["embd"], f"{r['size_mb']:.1f}", f"{r['linear_bpw']:.2f}", _err(r),
+                                 f"{r['llamacpp']['ppl']:.2f}", f"{r['slimlm']['ppl']:.2f}", f"{r['ppl_diff']:+.2%}",
+                                 f"{r['llamacpp']['kld']:.4f}", f"{r['slimlm']['kld']:.4f}",
+                                 f"{r['llamacpp']['top1']:.1%}", _speed(r["llamacpp_speed"]),
+                                 _speed(r["slimlm_speed"]), f"{r['minutes']:.1f}"]))  # fmt: skip
+    return "\n".join(lines + headline(store["rows"]))
+
+
+def headline(rows: dict[str, Any]) -> list[str]:
+    """slimlm's calibrated 4-bit export vs llama.cpp's own quantization to the same type, both scored in llama.cpp."""
+    out = []
+    for ours, theirs in HEADLINE.items():
+        if ours in rows and theirs in rows:
+            a, b = rows[ours], rows[theirs]
+            ka, kb = a["llamacpp"]["kld"], b["llamacpp"]["kld"]
+            verdict = "lower" if ka < kb else "NOT lower"
+            out.append(f"{_types(b)}: slimlm {ours} KLD {ka:.4f} vs llama.cpp's own {kb:.4f} ({verdict}, "
+                       f"{ka / kb - 1:+.0%}); ppl {a['llamacpp']['ppl']:.2f} vs {b['llamacpp']['ppl']:.2f}; "
+                       f"{a['linear_bpw']:.2f} vs {b['linear_bpw']:.2f} bits/weight in the blocks, "
+                       f"{a['size_mb']:.1f} vs {b['size_mb']:.1f} MB (embeddings {a['embd']} vs {b['embd']})")  # fmt: skip
+            if b.get("weight_error", 1.0) < ON_GRID:
+                out.append(f"  (not a comparison of quantizers: llama.cpp's {theirs} moved the base's block weights "
+                           f"by {b['weight_error']:.0e} only, so they already lay on its grid)")  # fmt: skip
+    return out
