@@ -6,7 +6,7 @@ checkpoint manifest records to the classes whose ``from_manifest`` shells
 module subclasses :class:`RuntimeModule` and adds one line here.
 """
 
-from slimlm.nn.compensated_linear import CompensatedLinear
+from slimlm.nn.compensated_linear import SIDE_DTYPES, CompensatedLinear
 from slimlm.nn.compose import check_schemes, gptq_pruned, rtn_pruned
 from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
@@ -25,7 +25,7 @@ RUNTIME_MODULES: dict[str, type[RuntimeModule]] = {
     "CompensatedLinear": CompensatedLinear,
 }
 
-__all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "CompensatedLinear", "OutlierLinear",
+__all__ = ["RUNTIME_MODULES", "SIDE_DTYPES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "CompensatedLinear", "OutlierLinear",
            "PackedLinear", "QuantLinear",
            "RuntimeModule", "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "check_schemes",
            "gptq_pruned", "in_features_of", "linear_weight", "rtn_pruned"]

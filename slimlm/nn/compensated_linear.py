@@ -3,7 +3,8 @@
 The side path holds a rank-``r`` approximation ``B @ A`` of the base's error
 ``W - dequant(Q(W))`` (EoRA, LQER; the factors come from
 :mod:`slimlm.lowrank.compensate`). ``A`` is ``(r, in)``, ``B`` is ``(out, r)``,
-both float parameters in the model's dtype; the base is any runtime module
+float parameters in their own dtype (float16 by default, computed in the
+input's dtype); the base is any runtime module
 with a ``dequantized_weight`` (``QuantLinear`` from GPTQ/AWQ/RTN, the sparse
 ones) and stays a submodule, so its kernels, device moves and packed
 ``state_dict`` form are its own.
@@ -35,6 +36,8 @@ from slimlm.validate import check_pos_int
 
 log = logging.getLogger("slimlm.nn")
 
+SIDE_DTYPES = ("float16", "bfloat16", "float32")  # what the factors may be stored in
+
 
 class CompensatedLinear(RuntimeModule):
     """``y = base(x) + (x @ A^T) @ B^T`` (the bias, if any, is the base's)."""
@@ -60,7 +63,8 @@ class CompensatedLinear(RuntimeModule):
     # --- checkpoint ------------------------------------------------------------------------
 
     def manifest_extra(self) -> dict[str, Any]:
-        return {"rank": self.rank, "base": self.base.manifest_entry()}
+        side_dtype = str(self.A.dtype).removeprefix("torch.")
+        return {"rank": self.rank, "side_dtype": side_dtype, "base": self.base.manifest_entry()}
 
     @classmethod
     def from_manifest(cls, entry: dict[str, Any], *, dtype: torch.dtype,
@@ -78,17 +82,23 @@ class CompensatedLinear(RuntimeModule):
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, rank: int,
-              base: RuntimeModule) -> CompensatedLinear:  # fmt: skip
-        """Zero factors of ``rank`` beside the shell ``base``; ``load_state_dict`` fills both."""
+              base: RuntimeModule, side_dtype: str = "float32") -> CompensatedLinear:  # fmt: skip
+        """Zero factors of ``rank`` in ``side_dtype`` beside the shell ``base``; ``load_state_dict`` fills both.
+
+        The factors keep their own dtype (``load_state_dict`` would silently cast float16 factors into
+        float32 ones, and the size accounting would then count twice their bytes)."""
         check_pos_int("rank", rank, "the side path's rank")
+        if side_dtype not in SIDE_DTYPES:
+            raise SlimlmError(f"side_dtype must be one of {', '.join(SIDE_DTYPES)}, got {side_dtype!r}")
+        side = getattr(torch, side_dtype)
         if (base.in_features, base.out_features, base.bias is not None) != (in_features, out_features, bias):
             raise SlimlmError(f"the base entry ({base.in_features} -> {base.out_features}, bias "
                               f"{base.bias is not None}) contradicts the outer one ({in_features} -> "
                               f"{out_features}, bias {bias})")  # fmt: skip
         if rank > min(in_features, out_features):
             raise SlimlmError(f"rank {rank} exceeds min(in, out) = {min(in_features, out_features)}")
-        A = torch.zeros(rank, in_features, dtype=dtype)
-        B = torch.zeros(out_features, rank, dtype=dtype)
+        A = torch.zeros(rank, in_features, dtype=side)
+        B = torch.zeros(out_features, rank, dtype=side)
         return cls(base, A, B)
 
     # --- compute and accounting ------------------------------------------------------------
