@@ -25,20 +25,26 @@ log = logging.getLogger("slimlm")
 
 
 def apply(model: nn.Module, config: Any, calib: torch.Tensor | None = None, *, teacher: nn.Module | None = None,
-          run: TrainRun | None = None) -> nn.Module:  # fmt: skip
+          run: TrainRun | None = None, original: nn.Module | None = None) -> nn.Module:  # fmt: skip
     """Apply one compression config to ``model`` in place and return it (the registry picks the handler).
 
     ``teacher`` (or a whole ``run``) is for methods that train: ``apply(student, Distill(), calib,
-    teacher=base)`` distils ``base`` into ``student``.
+    teacher=base)`` distils ``base`` into ``student``. ``original`` is for methods that need the float
+    model a quantization step started from: ``apply(qmodel, EoRA(rank=32), calib, original=base)``.
     """
     method = method_for(config)
     log.info("applying %s", config)
+    if original is not None and not method.original:
+        users = ", ".join(m.name for m in METHODS.values() if m.original)
+        raise SlimlmError(f"{method.name} does not read the original model: original= is for {users}")
     if not method.trains:
         if teacher is not None or run is not None:
             trainers = ", ".join(m.name for m in METHODS.values() if m.trains)
             raise SlimlmError(f"{method.name} does not train: teacher= and run= are for the methods that do "
                               f"({trainers})")  # fmt: skip
         with torch.no_grad():
+            if method.original:
+                return method.apply(model, config, calib, original=original)
             return method.apply(model, config, calib)
     run = run if run is not None else TrainRun()
     if teacher is not None:
@@ -65,15 +71,22 @@ def apply_all(model: nn.Module, configs: list[Any], calib: torch.Tensor | None =
 
     Steps that train get ``train_calib`` (if given; else ``calib``) and the
     teacher: ``teacher``, or a frozen copy of ``model`` as it is before the
-    first step when a step needs one. With ``state_dir``, step ``i`` keeps its
+    first step when a step needs one; a step that reads the original model
+    (EoRA) gets that copy as ``original``. With ``state_dir``, step ``i`` keeps its
     resumable state in ``state_dir/step<i>-<method>`` under ``fingerprint``
     (plus the step); each training report is appended to ``training``.
     ``tokenizer`` (the model's) is checked against a teacher a step loads.
     """
-    if teacher is None and any(getattr(c, "needs_teacher", False) for c in configs):
-        teacher = frozen_copy(model)  # the model before the recipe's first step
+    before = None  # the model before the recipe's first step: the teacher by default, and what EoRA reads
+    if any(method_for(c).original for c in configs) or (
+            teacher is None and any(getattr(c, "needs_teacher", False) for c in configs)):  # fmt: skip
+        before = frozen_copy(model)
+    teacher = teacher if teacher is not None else before
     for i, config in enumerate(configs):
         method = method_for(config)
+        if method.original:
+            model = apply(model, config, calib, original=before)
+            continue
         if not method.trains:
             model = apply(model, config, calib)
             continue

@@ -7,6 +7,8 @@
     lazy          how it runs one block in memory at a time    (model, config, calib, sink) -> None, or None
     lazy_check    what a lazy run of it refuses                 (config) -> None, raises SlimlmError
     trains        whether it trains (its handler then takes ``run=TrainRun``: teacher, resumable state)
+    original      its handler takes ``original=``: the model as it was before the recipe's first step
+                  (the float weights a quantization step replaced)
     summary       one line for ``slimlm recipes`` and the docs
 
 ``apply`` and ``apply_all`` (:mod:`slimlm.api`), recipe parsing
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from slimlm.distill.config import Distill
 from slimlm.distill.handler import apply_distill
 from slimlm.errors import SlimlmError
+from slimlm.lowrank.compensate_handler import EoRA, apply_eora
 from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude
 from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda, apply_magnitude, apply_sparsegpt, apply_wanda
 from slimlm.prune.structured_config import PruneDepth, PruneWidth, Structured
@@ -52,6 +55,7 @@ class Method:
     lazy: LazyRun | None = None
     lazy_check: Callable[[Any], None] | None = None
     trains: bool = False
+    original: bool = False
 
     def needs_calibration(self, config: Any) -> bool:
         return self.calibration(config) if callable(self.calibration) else self.calibration
@@ -73,6 +77,8 @@ _ALL = (
            calibration=True, lazy=mixed_lazy, lazy_check=check_mixed_lazy),
     Method("qat", QAT, apply_qat, "quantization-aware training (STE), optionally distilled", calibration=True,
            trains=True),
+    Method("eora", EoRA, apply_eora, "EoRA: a float low-rank side path for each quantized linear's error "
+           "(after gptq/rtn)", calibration=lambda c: c.whiten, original=True),
     # pruning
     Method("magnitude", Magnitude, apply_magnitude, "prune the smallest |W| (unstructured or N:M)"),
     Method("wanda", Wanda, apply_wanda, "Wanda: prune by |W| x input norm", calibration=True),

@@ -157,6 +157,8 @@ REFUSALS = {
     "W8A8PerTensorLinear": "quantizes activations with one scale per call, which vLLM's int8 path does not run "
                            f"(it takes dynamic per-token or calibrated static scales); {W8A8_HINT}",
     "OutlierLinear": f"is an LLM.int8 outlier decomposition, which compressed-tensors cannot hold; {W8A8_HINT}",
+    "CompensatedLinear": "holds a float low-rank side path beside its quantized base, which compressed-tensors "
+                         "cannot hold; compress with the same recipe without its eora step to export",
 }  # fmt: skip
 
 

@@ -225,6 +225,10 @@ def _encode_compressed(source: str, module: nn.Module, heads: int | None,
 
 
 def _refusal(source: str, module: nn.Module, why: str) -> str:
+    if hasattr(module, "side_weight"):  # CompensatedLinear: what is exact is the base alone
+        return (f"{source} ({type(module).__name__}) holds a float low-rank side path beside its quantized base, "
+                f"which GGUF has no place for; compress with the same recipe without its eora step, or pass "
+                f"requantize='q4_0' to re-round base + side path (costs accuracy)")  # fmt: skip
     scheme = getattr(module, "scheme", None)
     target = QT.Q4_0
     if type(module).__name__ in ("W8A8Linear", "W8A8PerTensorLinear", "OutlierLinear") or \

@@ -59,13 +59,19 @@ def _shell(model: nn.Module, name: str, entry: dict[str, Any], dtype: torch.dtyp
     except AttributeError:
         raise SlimlmError(f"the manifest names module {name!r}, which this model does not have; {DAMAGED}") from None
     try:
-        return cls.from_manifest(entry, dtype=dtype)
+        return cls.from_manifest(entry, dtype=dtype, table=RUNTIME_MODULES)
     except SlimlmError as e:
         raise SlimlmError(f"the manifest entry of {name} is unusable ({e}); {DAMAGED}") from None
 
 
 def compressed_modules(model: nn.Module) -> dict[str, RuntimeModule]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, RuntimeModule)}
+    """Full name -> runtime module, outermost only: a runtime module inside another (the quantized base
+    of a ``CompensatedLinear``) is stored, described and exported by the one that holds it."""
+    found: dict[str, RuntimeModule] = {}
+    for name, m in model.named_modules():  # parents come before their children
+        if isinstance(m, RuntimeModule) and not any(name.startswith(p + ".") for p in found):
+            found[name] = m
+    return found
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

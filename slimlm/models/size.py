@@ -64,14 +64,21 @@ def packed_storage(model: nn.Module) -> tuple[int, int]:
 
     Runtime modules (QuantLinear, ...) keep their packed tensors as plain
     attributes (so a dtype cast cannot round their scales); they report them
-    through ``weight_storage()``.
+    through ``weight_storage()``. A module holding another that reports (a
+    CompensatedLinear: quantized base + float side path) reports its whole
+    layer for bits per weight; here only the innermost count, its float
+    factors being parameters already.
     """
     n_w = n_b = 0
     for m in model.modules():
-        if hasattr(m, "weight_storage"):
+        if hasattr(m, "weight_storage") and not _holds_storage(m):
             w, b = m.weight_storage()
             n_w, n_b = n_w + w, n_b + b
     return n_w, n_b
+
+
+def _holds_storage(module: nn.Module) -> bool:
+    return any(hasattr(m, "weight_storage") for m in module.modules() if m is not module)
 
 
 def measure_size_light(model: nn.Module) -> tuple[int, int]:

@@ -6,6 +6,7 @@ checkpoint manifest records to the classes whose ``from_manifest`` shells
 module subclasses :class:`RuntimeModule` and adds one line here.
 """
 
+from slimlm.nn.compensated_linear import SIDE_DTYPES, CompensatedLinear
 from slimlm.nn.compose import check_schemes, gptq_pruned, rtn_pruned
 from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
@@ -21,8 +22,10 @@ RUNTIME_MODULES: dict[str, type[RuntimeModule]] = {
     "OutlierLinear": OutlierLinear,
     "SparseLinear": SparseLinear,
     "SparseQuantLinear": SparseQuantLinear,
+    "CompensatedLinear": CompensatedLinear,
 }
 
-__all__ = ["RUNTIME_MODULES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "OutlierLinear", "PackedLinear", "QuantLinear",
+__all__ = ["RUNTIME_MODULES", "SIDE_DTYPES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "CompensatedLinear", "OutlierLinear",
+           "PackedLinear", "QuantLinear",
            "RuntimeModule", "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "check_schemes",
            "gptq_pruned", "in_features_of", "linear_weight", "rtn_pruned"]

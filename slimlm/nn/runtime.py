@@ -8,12 +8,15 @@ is the type name, the two feature sizes, whether there is a bias, and the
 number format when the module has one; a module whose structure needs more
 (a low-rank linear's rank, an adapter's config) adds its own keys in
 :meth:`RuntimeModule.manifest_extra` and reads them back in
-:meth:`RuntimeModule.from_manifest`. ``slimlm.io`` never names a module type.
+:meth:`RuntimeModule.from_manifest`. A runtime module nested in another (a
+quantized base under a side path) has no entry of its own: the outer one
+carries it in ``manifest_extra`` and builds it back from the table the loader
+passes. ``slimlm.io`` never names a module type.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -54,8 +57,13 @@ class RuntimeModule(nn.Module):
         return {**entry, **self.manifest_extra()}
 
     @classmethod
-    def from_manifest(cls, entry: dict[str, Any], *, dtype: torch.dtype) -> RuntimeModule:
-        """An empty shell of the structure ``entry`` describes; ``load_state_dict`` fills it."""
+    def from_manifest(cls, entry: dict[str, Any], *, dtype: torch.dtype,
+                      table: Mapping[str, type[RuntimeModule]] | None = None) -> RuntimeModule:  # fmt: skip
+        """An empty shell of the structure ``entry`` describes; ``load_state_dict`` fills it.
+
+        ``table`` is the runtime-module table (``slimlm.nn.RUNTIME_MODULES``), for a module that holds
+        another runtime module and builds its shell from an entry of its own (``CompensatedLinear``).
+        """
         check_pos_int("in_features", entry.get("in_features"), "the layer's input size")
         check_pos_int("out_features", entry.get("out_features"), "the layer's output size")
         check_bool("bias", entry.get("bias"))
