@@ -35,7 +35,7 @@ from slimlm.targets import select_linears
 
 ADAPTER_NAME = "default"
 
-__all__ = ["ADAPTER_NAME", "RuntimeLoraLinear", "check_rank", "inject", "peft_config_for"]
+__all__ = ["ADAPTER_NAME", "RuntimeLoraLinear", "SlimLoraModel", "check_rank", "inject", "peft_config_for"]
 
 
 class RuntimeLoraLinear(PeftLoraLinear):
@@ -49,7 +49,7 @@ class RuntimeLoraLinear(PeftLoraLinear):
                           "use merge: true with requantize: true, which re-rounds and reports the KLD it costs")
 
 
-class _SlimLoraModel(LoraModel):
+class SlimLoraModel(LoraModel):
     """peft's LoRA tuner; a new adapter on a parameter-less QuantLinear goes to its packed weight's device."""
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -98,5 +98,5 @@ def inject(model: nn.Module, config: LoRA | IA3) -> tuple[list[nn.Parameter], An
     if isinstance(cfg, IA3Config):
         IA3Model(model, cfg, ADAPTER_NAME)
     else:
-        _SlimLoraModel(model, cfg, ADAPTER_NAME)
+        SlimLoraModel(model, cfg, ADAPTER_NAME)
     return [p for p in model.parameters() if id(p) not in before], cfg
