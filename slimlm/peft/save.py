@@ -42,6 +42,7 @@ from slimlm.targets import Targets
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECORD = "adapter_config.json", "adapter_model.safetensors", "slimlm_adapter.json"
 FORMAT = "slimlm.adapter/1"
+PEFT_PREFIX = "base_model.model."
 _ADAPTER_PARTS = ("lora_", "ia3_", f"{SOFT_PROMPT}.", ".adapter.")
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "RECORD", "base_fingerprint", "load_adapter", "save_adapter"]
@@ -88,7 +89,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: boo
     record: dict[str, Any] = {"format": FORMAT, "kind": kind, "base_sha256": digest, "base_shapes": shapes}
     if kind == "peft":
         config: PeftConfig | None = model.peft_config[ADAPTER_NAME]
-        tensors = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        # keys as a PeftModel names them: the tuned model sits at base_model.model
+        tensors = {PEFT_PREFIX + k: v for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
         record["compressed_base"] = any(isinstance(m.get_base_layer(), RuntimeModule)
                                         for m in adapter_layers(model).values())  # fmt: skip
     elif kind == "prompt_tuning":
@@ -138,7 +140,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             SlimLoraModel(model, config, ADAPTER_NAME)
         elif isinstance(config, IA3Config):
             IA3Model(model, config, ADAPTER_NAME)
-        set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
+        ours = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
+        missing = set_peft_model_state_dict(model, ours, adapter_name=ADAPTER_NAME).missing_keys
+        if missing := [k for k in missing if any(part in k for part in _ADAPTER_PARTS)]:
+            raise SlimlmError(f"adapter {path} lacks {len(missing)} adapter tensors, e.g. {missing[0]}; it is "
+                              f"incomplete or was saved for other targets")  # fmt: skip
     elif record["kind"] == "prompt_tuning":
         prompt = tensors["prompt_embeddings"]
         add_soft_prompt(model, n_tokens=prompt.shape[0], init="random")
