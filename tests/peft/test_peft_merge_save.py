@@ -52,12 +52,16 @@ def test_merge_step_in_the_config_and_requantize_reports_the_kld():
 def test_requantized_merge_kld_is_measured_against_the_adapter_beside_the_base():
     m = apply(apply(model(), RTN(scheme="int4-g32")), QLoRA(r=4, lr=1e-2, **FAST), CALIB)
     beside = logits(m, CALIB[:8])
+    no_adapter = logits(apply(model(), RTN(scheme="int4-g32")), CALIB[:8])
     report = merge_lora(m, calib=CALIB, requantize=True)
     after = logits(m, CALIB[:8])
     p, q = torch.log_softmax(beside, -1), torch.log_softmax(after, -1)
     assert report["requantized"] == 14 and report["kld"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(),
                                                                          rel=1e-4)  # fmt: skip
     assert report["kld"] > 0
+    # the merge kept most of what the adapter learnt: much closer to it than the base without the adapter
+    r = torch.log_softmax(no_adapter, -1)
+    assert report["kld"] < 0.5 * (p.exp() * (p - r)).sum(-1).mean().item()
 
 
 def test_lora_round_trips_through_peft_on_the_stock_base(tmp_path):
