@@ -4,6 +4,8 @@ import pytest
 
 from slimlm.api import apply
 from slimlm.errors import SlimlmError
+from slimlm.io import save_compressed
+from slimlm.models.tiny import tiny_tokenizer
 from slimlm.peft import DoRA, LoRA, PromptTuning, QLoRA, save_adapter
 from slimlm.peft.merge import adapter_layers
 from slimlm.prune.handlers import Magnitude
@@ -76,3 +78,11 @@ def test_recipe_steps_parse():
     steps = recipe_from_dict({"steps": [{"method": "rtn", "scheme": "nf4"},
                                         {"method": "qlora", "r": 8, "loss": "kl", "include": ["*.mlp.*"]}]}).steps
     assert isinstance(steps[1], QLoRA) and steps[1].r == 8 and steps[1].targets.include == ("*.mlp.*",)
+
+
+def test_save_compressed_refuses_a_model_with_adapters_beside_its_base(tmp_path):
+    for cfg in (LoRA(r=4, **FAST), PromptTuning(n_tokens=2, **FAST)):
+        m = apply(model(), cfg, CALIB)
+        with pytest.raises(SlimlmError, match="carries a PEFT adapter"):
+            save_compressed(m, tiny_tokenizer(), tmp_path / "out")
+        assert not (tmp_path / "out").exists()
