@@ -1,16 +1,16 @@
 """Parameter-efficient fine-tuning on the built-in model: the adaptation table and the recovery rows.
 
-    .venv/bin/python benchmarks/peft.py [--rows full,lora4,lora16,lora64,qlora,dora,adapters,prompt,bitfit,ia3,\
-lora@gptq3,qlora@gptq3,lora@sparse24] [--steps 200] [--threads 2] [--model smollm2-135m] \
+    .venv/bin/python benchmarks/peft.py [--rows full,lora4,lora16,qlora,...,lora@gptq3,lora@sparse24] \
+        [--steps 200] [--threads 2] [--model smollm2-135m] \
         [--samples 256] [--tokens 16384] [--forget wiki-v1] [--out out/peft-bench.json] [--table]
 
 Adaptation rows fine-tune on the calibration split of ``pydoc-v1`` (Python's help topics; never its
 evaluation text) with next-token CE, every row the same ``--steps`` x ``--batch-size`` x ``--seq-len``:
 ``full`` (every float parameter), ``lora<r>`` (alpha = 2r), ``qlora`` (r 16 on an NF4 base), ``dora``
 (r 16), ``adapters`` (Houlsby, width 16), ``prompt`` (16 soft tokens), ``bitfit`` (norms + zero biases
-on the block linears), ``ia3``. Columns: trainable parameters, training minutes (wall, at --threads),
-the process's peak RSS (monotone within one invocation: run rows in separate invocations for per-row
-peaks), pydoc perplexity before/after and ``--forget`` perplexity after (forgetting).
+on the block linears), ``bitfit-norms`` (norm weights only: LLaMA has no biases), ``ia3``.
+Columns: trainable parameters, training minutes (wall, at --threads), the process's peak RSS
+(monotone within one invocation: run rows in separate invocations for per-row peaks), pydoc perplexity before/after and ``--forget`` perplexity after (forgetting).
 
 Recovery rows ``<lora|qlora>@<gptq3|sparse24>``: the model compressed by GPTQ int3-g64 or 2:4
 SparseGPT (calibrated on the wiki-v1 calibration split), then LoRA r 16 with ``loss: kl`` to the
@@ -50,13 +50,14 @@ from slimlm.train import TrainConfig, TrainRun, next_token_objective, train
 
 ADAPT = {"full": None, "qlora": lambda t: QLoRA(r=16, alpha=32, **t), "dora": lambda t: DoRA(r=16, alpha=32, **t),
          "adapters": lambda t: Adapters(size=16, **t), "prompt": lambda t: PromptTuning(n_tokens=16, **t),
-         "bitfit": lambda t: BitFit(zero_biases=True, **t), "ia3": lambda t: IA3(**t)}  # fmt: skip
+         "bitfit": lambda t: BitFit(zero_biases=True, **t), "bitfit-norms": lambda t: BitFit(**t),
+         "ia3": lambda t: IA3(**t)}  # fmt: skip
 BASES = {"gptq3": lambda: GPTQ(scheme="int3-g64"), "sparse24": lambda: SparseGPT(pattern="2:4")}
 RECOVER = ("lora", "qlora")
 
 
 def parse_rows(text: str) -> list[tuple[str, int | None, str | None]]:
-    """``lora16`` -> ("lora", 16, None); ``qlora@gptq3`` -> ("qlora", None, "gptq3"); ``full`` -> ("full", None, None)."""
+    """``lora16`` -> ("lora", 16, None); ``qlora@gptq3`` -> ("qlora", None, "gptq3"); ``full`` -> (full, None, None)."""
     rows = []
     for row in filter(None, (r.strip() for r in text.split(","))):
         name, _, base = row.partition("@")
@@ -73,8 +74,8 @@ def parse_rows(text: str) -> list[tuple[str, int | None, str | None]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="full,lora4,lora16,lora64,qlora,dora,adapters,prompt,bitfit,ia3,"
-                                     "lora@gptq3,lora@sparse24")  # fmt: skip
+    p.add_argument("--rows", default="full,lora4,lora16,lora64,qlora,dora,adapters,prompt,bitfit,bitfit-norms,"
+                                     "ia3,lora@gptq3,lora@sparse24")  # fmt: skip
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)

@@ -40,7 +40,8 @@ def _count(params: list[nn.Parameter]) -> int:
 
 
 def train_peft(model: nn.Module, params: list[nn.Parameter], config: PeftTrain, calib: Tensor, *,
-               teacher: nn.Module | None, run: TrainRun | None, method: str, summary: str) -> dict[str, Any]:  # fmt: skip
+               teacher: nn.Module | None, run: TrainRun | None, method: str,
+               summary: str) -> dict[str, Any]:  # fmt: skip
     """Train ``params`` of ``model`` on ``config``'s loss; -> the report (also appended to ``run.reports``)."""
     objective = distill_objective(teacher, Distill(loss=config.loss, temperature=config.temperature))
     log.info("%s (%s): training %s", method, config.loss, summary)

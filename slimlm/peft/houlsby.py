@@ -31,7 +31,8 @@ __all__ = ["Bottleneck", "HoulsbyLinear", "add_adapters", "output_linears"]
 class Bottleneck(nn.Module):
     """``h + up(act(down(h)))`` with ``up`` zero-initialised (the identity at the start)."""
 
-    def __init__(self, d: int, size: int, nonlinearity: str = "gelu", *, device=None, dtype=None) -> None:  # noqa: ANN001
+    def __init__(self, d: int, size: int, nonlinearity: str = "gelu", *,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
         super().__init__()
         self.down = nn.Linear(d, size, device=device, dtype=dtype)
         self.act = ACTIVATIONS[nonlinearity]()

@@ -47,8 +47,8 @@ def check_mergeable(targets: dict[str, nn.Module], *, requantize: bool) -> None:
             raise SlimlmError(f"{name} is {type(m).__name__}: its format cannot hold a merged dense LoRA update; "
                               f"keep the adapter beside the base (merge: false)")  # fmt: skip
         if isinstance(m, QuantLinear) and not requantize:
-            raise SlimlmError(f"{name} is quantized ({m.scheme!r}): merging changes its codes; set requantize: true "
-                              f"to re-round and report the KLD it costs, or keep the adapter (merge: false)")  # fmt: skip
+            raise SlimlmError(f"{name} is quantized ({m.scheme!r}): merging changes its codes; set requantize: "
+                              f"true to re-round and report the KLD it costs, or keep the adapter (merge: false)")
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import IA3Config, LoraConfig, PeftConfig, PromptTuningConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (IA3Config, LoraConfig, PeftConfig, PromptTuningConfig, get_peft_model_state_dict,
+                  set_peft_model_state_dict)  # fmt: skip
 from peft.tuners.ia3 import IA3Model
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -45,7 +46,8 @@ FORMAT = "slimlm.adapter/1"
 PEFT_PREFIX = "base_model.model."
 _ADAPTER_PARTS = ("lora_", "ia3_", f"{SOFT_PROMPT}.", ".adapter.")
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "RECORD", "base_fingerprint", "load_adapter", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "PEFT_PREFIX", "RECORD", "base_fingerprint", "load_adapter",
+           "save_adapter"]  # fmt: skip
 
 
 def base_fingerprint(model: nn.Module) -> tuple[str, dict[str, list[int]]]:
@@ -79,7 +81,8 @@ def _prompt_config(model: nn.Module) -> PromptTuningConfig:
     prompt = getattr(model, SOFT_PROMPT)
     return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompt.n_tokens,
                               token_dim=prompt.embedding.shape[1], num_transformer_submodules=1,
-                              num_attention_heads=cfg.num_attention_heads, num_layers=cfg.num_hidden_layers)  # fmt: skip
+                              num_attention_heads=cfg.num_attention_heads,
+                              num_layers=cfg.num_hidden_layers)  # fmt: skip
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -5,6 +5,7 @@ import torch
 
 from slimlm.api import apply
 from slimlm.eval.quality import mean_nll
+from slimlm.models.tiny import tiny_model
 from slimlm.nn import QuantLinear
 from slimlm.peft import IA3, Adapters, BitFit, DoRA, LoRA, PromptTuning, QLoRA
 from slimlm.peft.houlsby import HoulsbyLinear
@@ -92,3 +93,12 @@ def test_houlsby_adapters_start_as_the_identity():
     assert sum(isinstance(x, HoulsbyLinear) for x in m.modules()) == 4  # o_proj and down_proj of 2 blocks
     with torch.no_grad():
         assert torch.allclose(m(CALIB[:2]).logits, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "opt", "phi3"])
+def test_lora_adapters_and_prompt_on_other_families(family):
+    for cfg in (LoRA(r=4, lr=1e-2, **FAST), Adapters(size=4, lr=1e-2, **FAST), PromptTuning(n_tokens=2, **FAST)):
+        m = tiny_model(family)
+        before, nll = snapshot(m), mean_nll(m, CALIB)
+        apply(m, cfg, CALIB)
+        assert mean_nll(m, CALIB) < nll and not _changed(before, snapshot(m))
