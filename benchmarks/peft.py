@@ -10,7 +10,8 @@ evaluation text) with next-token CE, every row the same ``--steps`` x ``--batch-
 (r 16), ``adapters`` (Houlsby, width 16), ``prompt`` (16 soft tokens), ``bitfit`` (norms + zero biases
 on the block linears), ``bitfit-norms`` (norm weights only: LLaMA has no biases), ``ia3``.
 Columns: trainable parameters, training minutes (wall, at --threads), the process's peak RSS
-(monotone within one invocation: run rows in separate invocations for per-row peaks), pydoc perplexity before/after and ``--forget`` perplexity after (forgetting).
+(monotone within one invocation: run rows in separate invocations for per-row peaks), pydoc
+perplexity before/after and ``--forget`` perplexity after (forgetting).
 
 Recovery rows ``<lora|qlora>@<gptq3|sparse24>``: the model compressed by GPTQ int3-g64 or 2:4
 SparseGPT (calibrated on the wiki-v1 calibration split), then LoRA r 16 with ``loss: kl`` to the
