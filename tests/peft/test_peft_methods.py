@@ -102,3 +102,15 @@ def test_lora_adapters_and_prompt_on_other_families(family):
         before, nll = snapshot(m), mean_nll(m, CALIB)
         apply(m, cfg, CALIB)
         assert mean_nll(m, CALIB) < nll and not _changed(before, snapshot(m))
+
+
+def test_a_lora_run_resumes_from_its_saved_state(tmp_path):
+    """The adapter is re-made (new random A) by a resumed run; the saved state must win, bit for bit."""
+    cfg = LoRA(r=4, lr=1e-2, checkpoint_every=3, **FAST)
+    first = apply(model(), cfg, CALIB, run=TrainRun(state_dir=tmp_path / "state"))
+    cut = {k: v for k, v in snapshot(first).items() if "lora_" in k}
+    again = model()
+    torch.manual_seed(123)  # another initial A than the first run's
+    apply(again, cfg, CALIB, run=(run := TrainRun(state_dir=tmp_path / "state")))
+    assert run.reports[0]["resumed_from"] == 6
+    assert all(torch.equal(v, snapshot(again)[k]) for k, v in cut.items())
