@@ -47,6 +47,7 @@ def save_compressed(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (compressed in place by slimlm) to ``out_dir`` atomically."""
+    _refuse_adapters(model)
     modules = {name: m.manifest_entry() for name, m in compressed_modules(model).items()}
     manifest = _manifest(model, modules, base_model, recipe, calibration)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -56,6 +57,16 @@ def save_compressed(
         _write_rest(tmp, model, tokenizer, manifest)
     log.info("saved compressed model to %s", out_dir)
     return Path(out_dir)
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    """A model carrying PEFT adapters beside its base (``.base_layer`` wrappers, a soft prompt) has no
+    checkpoint form: it would save, then fail to load."""
+    wrapped = next((n for n, _ in model.named_modules() if n.endswith(".base_layer")), None)
+    if wrapped is not None or hasattr(model, "soft_prompt"):
+        where = wrapped.removesuffix(".base_layer") if wrapped else "a soft prompt"
+        raise SlimlmError(f"the model carries a PEFT adapter ({where}): save it with slimlm.peft.save_adapter and "
+                          f"the base without it, or merge it (merge: true) before save_compressed")  # fmt: skip
 
 
 def _manifest(model: nn.Module, modules: dict[str, Any], base_model: str | None, recipe: Any,

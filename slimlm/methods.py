@@ -29,6 +29,8 @@ from slimlm.distill.config import Distill
 from slimlm.distill.handler import apply_distill
 from slimlm.errors import SlimlmError
 from slimlm.lowrank.compensate_handler import EoRA, apply_eora
+from slimlm.peft.config import IA3, Adapters, BitFit, DoRA, LoRA, PromptTuning, QLoRA
+from slimlm.peft.handler import apply_adapters, apply_bitfit, apply_lora, apply_prompt_tuning
 from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude
 from slimlm.prune.handlers import Magnitude, SparseGPT, Wanda, apply_magnitude, apply_sparsegpt, apply_wanda
 from slimlm.prune.structured_config import PruneDepth, PruneWidth, Structured
@@ -93,6 +95,21 @@ _ALL = (
     # recovery
     Method("distill", Distill, apply_distill, "knowledge distillation from the uncompressed model (logit, "
            "hidden-state, sequence-level)", calibration=True, trains=True),
+    # parameter-efficient fine-tuning (frozen base; loss ce = adaptation, kl = recovery from the teacher)
+    Method("lora", LoRA, apply_lora, "LoRA: train low-rank updates B A beside frozen linears (HF peft layers)",
+           calibration=True, trains=True),
+    Method("dora", DoRA, apply_lora, "DoRA: LoRA on the direction plus a trained per-row magnitude (float bases)",
+           calibration=True, trains=True),
+    Method("qlora", QLoRA, apply_lora, "QLoRA: LoRA on a quantized frozen base (NF4 by default)", calibration=True,
+           trains=True),
+    Method("ia3", IA3, apply_lora, "IA3: learned rescaling of k, v and the MLP's down projection input",
+           calibration=True, trains=True),
+    Method("adapters", Adapters, apply_adapters, "Houlsby bottleneck adapters after attention and MLP",
+           calibration=True, trains=True),
+    Method("prompt_tuning", PromptTuning, apply_prompt_tuning, "prompt tuning: trained soft prompt embeddings",
+           calibration=True, trains=True),
+    Method("bitfit", BitFit, apply_bitfit, "BitFit: train biases and norm weights only", calibration=True,
+           trains=True),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
