@@ -157,6 +157,8 @@ REFUSALS = {
     "W8A8PerTensorLinear": "quantizes activations with one scale per call, which vLLM's int8 path does not run "
                            f"(it takes dynamic per-token or calibrated static scales); {W8A8_HINT}",
     "OutlierLinear": f"is an LLM.int8 outlier decomposition, which compressed-tensors cannot hold; {W8A8_HINT}",
+    "LowRankLinear": "is a low-rank factorization (two thin matrices), which compressed-tensors cannot hold; "
+                     "export --format hf writes it multiplied out (dense)",
 }  # fmt: skip
 
 
