@@ -9,6 +9,7 @@ from slimlm.lowrank import ASVD, SVD, SVDLLM
 from slimlm.lowrank.ranks import kept_params, uniform_rank
 from slimlm.models.tiny import tiny_model
 from slimlm.nn import LowRankLinear, QuantLinear
+from slimlm.pipelines.lazy import check_lazy
 from slimlm.quant import RTN
 from slimlm.recipe import config_from_dict
 from slimlm.solvers.lowrank import cholesky_whitening, lowrank_factors, scale_whitening, spectrum
@@ -198,3 +199,10 @@ def test_bfloat16_model_gets_bfloat16_factors():
     assert m.A.dtype == m.B.dtype == torch.bfloat16
     with torch.no_grad():
         assert model(TEST).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("cfg", [SVD(), ASVD(), SVDLLM(allocation="spectrum")])
+def test_lazy_refusal_is_one_line(cfg):
+    with pytest.raises(SlimlmError, match="cannot run lazily.*run it without --lazy") as e:
+        check_lazy([cfg])
+    assert "\n" not in str(e.value)
