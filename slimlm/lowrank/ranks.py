@@ -22,7 +22,6 @@ from __future__ import annotations
 import heapq
 import math
 
-import torch
 from torch import Tensor
 
 from slimlm.errors import SlimlmError

@@ -68,8 +68,8 @@ class LowRankLinear(RuntimeModule):
         return module
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, *, bias: bool, rank: int,
-              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> LowRankLinear:  # fmt: skip
+    def empty(cls, in_features: int, out_features: int, *, bias: bool, rank: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> LowRankLinear:  # fmt: skip
         """A zero shell of the recorded structure; ``load_state_dict`` fills it."""
         return cls(in_features, out_features, rank, bias=bias, dtype=dtype, device=device)
 
