@@ -171,6 +171,11 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
 def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a dequantized plain HF directory that stock transformers loads."""
     model, tokenizer = load_compressed(path)
+    factorized = [n for n, m in compressed_modules(model).items() if isinstance(getattr(m, "rank", None), int)]
+    if factorized:  # a stock HF linear holds one matrix: the factors go out multiplied
+        log.warning("export hf: %d low-rank linears written dense (B @ A), so the factorization's size and speed "
+                    "saving is lost in this export (first: %s); keep the slimlm checkpoint to keep it",
+                    len(factorized), factorized[0])  # fmt: skip
     dequantized_copy(model)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from slimlm.distill.config import Distill
 from slimlm.distill.handler import apply_distill
 from slimlm.errors import SlimlmError
+from slimlm.lowrank import ASVD, SVD, SVDLLM, apply_lowrank
 from slimlm.lowrank.compensate_handler import EoRA, apply_eora
 from slimlm.peft.config import IA3, Adapters, BitFit, DoRA, LoRA, PromptTuning, QLoRA
 from slimlm.peft.handler import apply_adapters, apply_bitfit, apply_lora, apply_prompt_tuning
@@ -92,6 +93,12 @@ _ALL = (
     Method("prune_depth", PruneDepth, apply_prune_depth, "remove whole decoder layers", calibration=True),
     Method("structured", Structured, apply_structured, "structured pruning to a parameter budget (width or depth)",
            calibration=True),
+    # low-rank factorization
+    Method("svd", SVD, apply_lowrank, "truncated SVD of each linear into two thin matrices (no calibration)"),
+    Method("asvd", ASVD, apply_lowrank, "ASVD: SVD with input channels scaled by activation magnitude",
+           calibration=True),
+    Method("svd_llm", SVDLLM, apply_lowrank, "SVD-LLM: SVD whitened by the inputs' Cholesky factor "
+           "(truncation-aware)", calibration=True),
     # recovery
     Method("distill", Distill, apply_distill, "knowledge distillation from the uncompressed model (logit, "
            "hidden-state, sequence-level)", calibration=True, trains=True),

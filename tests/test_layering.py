@@ -27,7 +27,7 @@ LAYER_OF = {name: rank for rank, names in LAYERS.items() for name in names}
 # Within a layer, pairs that must not meet: siblings stay independent, and decoding does not
 # reach into measurement or checkpoint code (a compressed draft is a pipeline above both).
 FORBIDDEN = {("quant", "prune"), ("prune", "quant"), ("generation", "eval"), ("generation", "io"),
-             ("generation", "targets")}  # fmt: skip
+             ("generation", "targets"), ("lowrank", "quant"), ("lowrank", "prune")}  # fmt: skip
 # The only third-party imports allowed inside functions: optional or heavy-and-rarely-needed.
 OPTIONAL = {"datasets", "gguf", "ray", "lm_eval", "matplotlib", "plotly", "pydoc_data", "fcntl", "resource",
             "tokenizers", "transformers.modeling_gguf_pytorch_utils", "compressed_tensors"}  # fmt: skip

@@ -159,6 +159,8 @@ REFUSALS = {
     "OutlierLinear": f"is an LLM.int8 outlier decomposition, which compressed-tensors cannot hold; {W8A8_HINT}",
     "CompensatedLinear": "holds a float low-rank side path beside its quantized base, which compressed-tensors "
                          "cannot hold; compress with the same recipe without its eora step to export",
+    "LowRankLinear": "is a low-rank factorization (two thin matrices), which compressed-tensors cannot hold; "
+                     "export --format hf writes it multiplied out (dense)",
 }  # fmt: skip
 
 

@@ -46,7 +46,7 @@ from slimlm.export.gguf_blocks import BLOCK, block_params, exact_type, pack_bloc
 from slimlm.export.gguf_vocab import add_vocab, vocab_from_tokenizer
 from slimlm.formats import codec
 from slimlm.io import load_compressed, read_manifest
-from slimlm.nn import QuantLinear
+from slimlm.nn import LowRankLinear, QuantLinear
 
 log = logging.getLogger("slimlm.export")
 
@@ -202,6 +202,10 @@ def _float_array(W: Tensor, options: GGUFOptions, source: str) -> tuple[QT, np.n
 
 def _encode_compressed(source: str, module: nn.Module, heads: int | None,
                        options: GGUFOptions) -> tuple[QT, np.ndarray, str]:  # fmt: skip
+    if isinstance(module, LowRankLinear):  # requantize would silently multiply it out: refuse either way
+        raise SlimlmError(f"{source} (LowRankLinear, rank {module.rank}) is a low-rank factorization, which llama's "
+                          "GGUF layout (one matrix per projection) cannot hold; export --format hf writes it "
+                          "multiplied out (dense)")  # fmt: skip
     if getattr(module, "bias", None) is not None:
         raise SlimlmError(f"{source} has a bias, which llama's GGUF layout has no place for; export supports "
                           "bias-free llama linears")  # fmt: skip

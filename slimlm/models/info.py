@@ -60,6 +60,8 @@ def _linear_info(name: str, module: nn.Module) -> LinearInfo | None:
     if getattr(module, "sparsity_label", None):  # a pruned linear (slimlm.nn.sparse_linear): pattern and kept share
         base = dtype if getattr(module, "scheme", None) is not None else _dtype_name(module.compute_dtype)
         dtype = f"{base} {module.sparsity_label}"
+    if isinstance(getattr(module, "rank", None), int):  # a factorized linear (LowRankLinear): dtype and rank
+        dtype = f"{_dtype_name(module.B.dtype)} rank {module.rank}"
     if isinstance(module, Conv1D):  # weight (in, out)
         return LinearInfo(name, int(module.weight.shape[0]), int(module.weight.shape[1]), dtype)
     if isinstance(module, nn.Linear):

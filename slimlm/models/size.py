@@ -47,11 +47,14 @@ def weight_storage(module: nn.Module) -> tuple[int, int]:
 
     Compressed modules report their own storage through ``weight_storage()``
     so that packed codes, scales, zeros, masks and codebooks are all counted.
+    A module without one stores its weights as parameters: ``weight``, or, in
+    a factorized linear (``LowRankLinear``), every parameter but the bias, so
+    its weights are the ``rank * (in + out)`` it really holds.
     """
     if hasattr(module, "weight_storage"):
         return module.weight_storage()
-    w = module.weight
-    return w.numel(), w.numel() * w.element_size()
+    ws = [module.weight] if hasattr(module, "weight") else [p for n, p in module.named_parameters() if n != "bias"]
+    return sum(w.numel() for w in ws), sum(w.numel() * w.element_size() for w in ws)
 
 
 def block_linears_of(model: nn.Module) -> list[nn.Module]:

@@ -8,6 +8,7 @@ module subclasses :class:`RuntimeModule` and adds one line here.
 
 from slimlm.nn.compensated_linear import SIDE_DTYPES, CompensatedLinear
 from slimlm.nn.compose import check_schemes, gptq_pruned, rtn_pruned
+from slimlm.nn.lowrank_linear import LowRankLinear, break_even_rank
 from slimlm.nn.outlier_linear import OutlierLinear
 from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import QuantLinear, in_features_of, linear_weight
@@ -23,9 +24,10 @@ RUNTIME_MODULES: dict[str, type[RuntimeModule]] = {
     "SparseLinear": SparseLinear,
     "SparseQuantLinear": SparseQuantLinear,
     "CompensatedLinear": CompensatedLinear,
+    "LowRankLinear": LowRankLinear,
 }
 
-__all__ = ["RUNTIME_MODULES", "SIDE_DTYPES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "CompensatedLinear", "OutlierLinear",
-           "PackedLinear", "QuantLinear",
-           "RuntimeModule", "SparseLinear", "SparseQuantLinear", "W8A8Linear", "W8A8PerTensorLinear", "check_schemes",
-           "gptq_pruned", "in_features_of", "linear_weight", "rtn_pruned"]
+__all__ = ["RUNTIME_MODULES", "SIDE_DTYPES", "W8A8_CLASSES", "W8A8_WEIGHT_SCHEME", "CompensatedLinear", "LowRankLinear",
+           "OutlierLinear", "PackedLinear", "QuantLinear", "RuntimeModule", "SparseLinear", "SparseQuantLinear",
+           "W8A8Linear", "W8A8PerTensorLinear", "break_even_rank", "check_schemes", "gptq_pruned", "in_features_of",
+           "linear_weight", "rtn_pruned"]

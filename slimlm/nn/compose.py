@@ -83,6 +83,9 @@ def check_schemes(plan: Plan) -> None:
     or a weight holding NaN or Inf (rounding would spread it through its group)."""
     plan = check_pruned(plan)  # pruned layers (SparseLinear, no .weight) are checked there, the others here
     for name, (module, scheme) in plan.items():
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):  # e.g. a LowRankLinear's two factors
+            raise SlimlmError(f"{name} is a {type(module).__name__} (already compressed, no single weight to "
+                              f"quantize); exclude it (exclude: ['{name}']) or drop the step that made it")  # fmt: skip
         # A lazily loaded block's weight is still on disk (meta); it is checked when read (slimlm.models.lazy).
         if not module.weight.is_meta and not torch.isfinite(module.weight).all():
             bad = int((~torch.isfinite(module.weight)).sum())
