@@ -1,4 +1,4 @@
-"""benchmarks/peft.py: its row grammar (pure) and a tiny end-to-end run on a model built from a config."""
+"""benchmarks/peft_bench.py: its row grammar (pure) and a tiny end-to-end run on a model built from a config."""
 
 import importlib.util
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from slimlm.models.tiny import save_tiny_model_dir
 
-SPEC = importlib.util.spec_from_file_location("peft_bench", Path(__file__).parents[2] / "benchmarks" / "peft.py")
+SPEC = importlib.util.spec_from_file_location("peft_bench", Path(__file__).parents[2] / "benchmarks" / "peft_bench.py")
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
 

@@ -1,6 +1,6 @@
 """Parameter-efficient fine-tuning on the built-in model: the adaptation table and the recovery rows.
 
-    .venv/bin/python benchmarks/peft.py [--rows full,lora4,lora16,qlora,...,lora@gptq3,lora@sparse24] \
+    .venv/bin/python benchmarks/peft_bench.py [--rows full,lora4,lora16,qlora,...,lora@gptq3,lora@sparse24] \
         [--steps 200] [--threads 2] [--model smollm2-135m] \
         [--samples 256] [--tokens 16384] [--forget wiki-v1] [--out out/peft-bench.json] [--table]
 
