@@ -62,6 +62,10 @@ def _linear_info(name: str, module: nn.Module) -> LinearInfo | None:
         dtype = f"{base} {module.sparsity_label}"
     if isinstance(getattr(module, "rank", None), int):  # a factorized linear (LowRankLinear): dtype and rank
         dtype = f"{_dtype_name(module.B.dtype)} rank {module.rank}"
+        inner = getattr(module, "base", None)
+        if isinstance(inner, nn.Module) and (base_info := _linear_info("", inner)) is not None:
+            # a linear with a side path (CompensatedLinear): its base's format, then the side path
+            dtype = f"{base_info.dtype} + {dtype} side path"
     if isinstance(module, Conv1D):  # weight (in, out)
         return LinearInfo(name, int(module.weight.shape[0]), int(module.weight.shape[1]), dtype)
     if isinstance(module, nn.Linear):
@@ -74,8 +78,15 @@ def _linear_info(name: str, module: nn.Module) -> LinearInfo | None:
 
 
 def list_linears(model: nn.Module) -> tuple[LinearInfo, ...]:
-    found = (_linear_info(name, m) for name, m in model.named_modules())
-    return tuple(info for info in found if info is not None)
+    """Every linear-like module once: one held inside another (a side path's base) is described by its holder."""
+    found: list[LinearInfo] = []
+    for name, m in model.named_modules():  # parents come before their children
+        if found and name.startswith(found[-1].name + "."):
+            continue
+        info = _linear_info(name, m)
+        if info is not None:
+            found.append(info)
+    return tuple(found)
 
 
 def _generic_layout(config) -> tuple[int, HeadLayout]:

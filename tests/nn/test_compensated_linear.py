@@ -13,6 +13,7 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerGroup
 from slimlm.io import MANIFEST, WEIGHTS, compressed_modules, export_hf, load_compressed, save_compressed
 from slimlm.models.checkpoint import _shell
+from slimlm.models.info import list_linears
 from slimlm.models.size import bytes_read_per_token, measure_size, measure_size_light
 from slimlm.models.tiny import tiny_model, tiny_tokenizer
 from slimlm.nn import CompensatedLinear, QuantLinear, SparseLinear
@@ -136,3 +137,12 @@ def test_damaged_manifest_entries_are_refused(tmp_path):
         with pytest.raises(SlimlmError, match=match) as e:
             _shell(tiny_model("llama"), name, bad["modules"][name], torch.float32)
         assert "\n" not in str(e.value)
+
+
+def test_info_lists_a_compensated_layer_once_with_its_base_format_and_side_path():
+    model = _compensated(rank=4)
+    names = list(candidate_linears(tiny_model("llama")))
+    linears = {i.name: i for i in list_linears(model)}
+    for name in names:
+        assert linears[name].dtype.startswith("int3-g32") and linears[name].dtype.endswith("rank 4 side path")
+        assert not any(n.startswith(name + ".") for n in linears)  # the nested base is not a second line
