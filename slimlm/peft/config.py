@@ -62,6 +62,11 @@ class PeftTrain(TrainConfig):
     def needs_teacher(self) -> bool:
         return self.loss == "kl"
 
+    @property
+    def leaves_adapter(self) -> bool:
+        """Whether the trained parameters stay beside the base (no slimlm checkpoint form: save_adapter)."""
+        return True
+
 
 @dataclass(frozen=True)
 class LoRA(PeftTrain):
@@ -93,6 +98,10 @@ class LoRA(PeftTrain):
                 raise SlimlmError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.requantize and not self.merge:
             raise SlimlmError("requantize applies to merge: set merge: true as well, or drop requantize")
+
+    @property
+    def leaves_adapter(self) -> bool:
+        return not self.merge
 
 
 @dataclass(frozen=True)
@@ -174,3 +183,7 @@ class BitFit(PeftTrain):
         check_targets(self.targets)
         if not isinstance(self.zero_biases, bool):
             raise SlimlmError(f"zero_biases must be true or false, got {self.zero_biases!r}")
+
+    @property
+    def leaves_adapter(self) -> bool:  # norms train in place; added zero biases are new tensors the config lacks
+        return self.zero_biases

@@ -27,6 +27,7 @@ from slimlm.eval import (Protocol, Result, calibration_ids, calibration_record, 
                          format_results, with_user_text)
 from slimlm.eval.runner import eval_windows
 from slimlm.io import load_compressed, save_compressed
+from slimlm.methods import method_for
 from slimlm.models import load_model
 from slimlm.models.identity import model_dir, model_id
 from slimlm.models.lazy import load_lazy
@@ -81,6 +82,16 @@ def calibration(steps: list[Any], tokenizer: Any, protocol: Protocol,
     return calib, calibration_record(protocol, calib, bos=bos_id(tokenizer) is not None)
 
 
+def _refuse_adapter_steps(steps: list) -> None:
+    """A step that leaves a PEFT adapter beside the base has no checkpoint form: refuse before any training."""
+    for config in steps:
+        if getattr(config, "leaves_adapter", False):
+            name = method_for(config).name
+            fix = "set merge: true, or " if hasattr(config, "merge") else ""
+            raise SlimlmError(f"recipe step {name} keeps its adapter beside the base, which a compressed checkpoint "
+                              f"cannot hold; {fix}train it from Python and save it with slimlm.peft.save_adapter")
+
+
 def compress(
     model: str,
     recipe: str | os.PathLike | Recipe = "default",
@@ -110,6 +121,7 @@ def compress(
         check_pos_int("--tokens", tokens, "evaluation tokens")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(os.fspath(recipe))
     steps = list(rec.steps)
+    _refuse_adapter_steps(steps)
     out = Path(out) if out else default_out(model, rec.name)
     refuse_existing(out, overwrite)
     proto = with_user_text(protocol, calib_data=calib_data, eval_data=eval_data)  # reads and checks the texts

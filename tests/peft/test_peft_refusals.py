@@ -86,3 +86,22 @@ def test_save_compressed_refuses_a_model_with_adapters_beside_its_base(tmp_path)
         with pytest.raises(SlimlmError, match="carries a PEFT adapter"):
             save_compressed(m, tiny_tokenizer(), tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("step", [{"method": "lora", "r": 4}, {"method": "adapters"}, {"method": "prompt_tuning"},
+                                  {"method": "bitfit", "zero_biases": True}])
+def test_compress_refuses_a_step_that_leaves_an_adapter_before_any_work(tmp_path, step):
+    from slimlm.pipelines.compress import compress
+
+    rec = recipe_from_dict({"name": "adapter", "steps": [{"method": "rtn", "scheme": "int8-channel"}, step]})
+    out = tmp_path / "out"
+    with pytest.raises(SlimlmError, match="keeps its adapter beside the base"):
+        compress(str(tmp_path / "no-model-needed"), rec, out=out)  # refused before the model is read
+    assert not out.exists()
+
+
+def test_compress_accepts_merged_lora_and_norm_only_bitfit():
+    from slimlm.pipelines.compress import _refuse_adapter_steps
+
+    _refuse_adapter_steps([LoRA(r=4, merge=True), RTN(), recipe_from_dict(
+        {"name": "b", "steps": [{"method": "bitfit"}]}).steps[0]])
