@@ -82,14 +82,15 @@ def calibration(steps: list[Any], tokenizer: Any, protocol: Protocol,
     return calib, calibration_record(protocol, calib, bos=bos_id(tokenizer) is not None)
 
 
-def _refuse_adapter_steps(steps: list) -> None:
-    """A step that leaves a PEFT adapter beside the base has no checkpoint form: refuse before any training."""
+def _refuse_adapter_steps(steps: list) -> list:
+    """``steps``, unless one leaves a PEFT adapter beside the base (no checkpoint form): refused before any work."""
     for config in steps:
         if getattr(config, "leaves_adapter", False):
             name = method_for(config).name
             fix = "set merge: true, or " if hasattr(config, "merge") else ""
             raise SlimlmError(f"recipe step {name} keeps its adapter beside the base, which a compressed checkpoint "
                               f"cannot hold; {fix}train it from Python and save it with slimlm.peft.save_adapter")
+    return steps
 
 
 def compress(
@@ -120,8 +121,7 @@ def compress(
     if tokens is not None:
         check_pos_int("--tokens", tokens, "evaluation tokens")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(os.fspath(recipe))
-    steps = list(rec.steps)
-    _refuse_adapter_steps(steps)
+    steps = _refuse_adapter_steps(list(rec.steps))
     out = Path(out) if out else default_out(model, rec.name)
     refuse_existing(out, overwrite)
     proto = with_user_text(protocol, calib_data=calib_data, eval_data=eval_data)  # reads and checks the texts
