@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
+from slimlm.nn.quant_linear import linear_weight
 from slimlm.nn.runtime import replace_module
 
 __all__ = ["Targets", "candidate_linears", "check_targets", "match_override", "replace_module", "select_linears"]
@@ -76,3 +78,20 @@ def match_override(name: str, overrides: tuple[tuple[str, object], ...]) -> obje
         if fnmatchcase(name, pattern):
             return value
     return None
+
+
+def float_linears(model: nn.Module, targets: Targets, *, compressed_fix: str, action: str) -> dict[str, nn.Module]:
+    """The target linears, refused up front (one line) if any is already compressed or holds NaN/Inf.
+
+    ``compressed_fix`` says what to do about an already-compressed one ("prune before quantizing ...");
+    ``action`` names the method's work in the NaN/Inf refusal ("pruning").
+    """
+    plan = select_linears(model, targets)
+    for name, module in plan.items():
+        try:
+            W, _ = linear_weight(module)
+        except SlimlmError:
+            raise SlimlmError(f"{name} is already a {type(module).__name__}; {compressed_fix}") from None
+        if not torch.isfinite(W).all():
+            raise SlimlmError(f"{name} holds NaN/Inf weight(s); fix or reload the model before {action}")
+    return plan

@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from slimlm.calib.runner import BlockContext, calibrate_blocks, calibrate_linears
@@ -34,7 +33,7 @@ from slimlm.lowrank.ranks import (Shape, energy_rank, is_dense_cheaper, kept_par
 from slimlm.lowrank.svd_llm import svd_llm_whitening
 from slimlm.nn import LowRankLinear, linear_weight
 from slimlm.solvers.lowrank import Spectrum, Whitening, spectrum
-from slimlm.targets import replace_module, select_linears
+from slimlm.targets import float_linears, replace_module
 from slimlm.validate import check_calib
 
 log = logging.getLogger("slimlm.lowrank")
@@ -53,16 +52,8 @@ def needs_calibration(config: LowRank) -> bool:
 
 def lowrank_plan(model: nn.Module, config: LowRank) -> dict[str, nn.Module]:
     """The target linears, refused up front if any is already compressed or holds NaN/Inf."""
-    plan = select_linears(model, config.targets)
-    for name, module in plan.items():
-        try:
-            W, _ = linear_weight(module)
-        except SlimlmError:
-            raise SlimlmError(f"{name} is already a {type(module).__name__}; factorize float linears: put the "
-                              "low-rank step first in the recipe") from None  # fmt: skip
-        if not torch.isfinite(W).all():
-            raise SlimlmError(f"{name} holds NaN/Inf weight(s); fix or reload the model before factorizing")
-    return plan
+    return float_linears(model, config.targets, action="factorizing",
+                         compressed_fix="factorize float linears: put the low-rank step first in the recipe")
 
 
 def fixed_ranks(config: LowRank, shapes: dict[str, Shape]) -> dict[str, int | None] | None:

@@ -15,21 +15,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from slimlm.calib.runner import calibrate_linears
 from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.formats import Scheme, parse_scheme
-from slimlm.nn import SparseLinear, SparseQuantLinear, check_schemes, linear_weight
+from slimlm.nn import SparseLinear, SparseQuantLinear, check_schemes, in_features_of, linear_weight
 from slimlm.nn.sparse_linear import check_sparse_scheme
 from slimlm.prune.magnitude import magnitude_mask, magnitude_scores
 from slimlm.prune.masks import SCOPES, topk_keep_global
 from slimlm.prune.patterns import NM, Pattern, Unstructured, check_fits, parse_pattern, resolve_sparsity
 from slimlm.prune.sparsegpt import sparsegpt_prune
 from slimlm.prune.wanda import wanda_mask
-from slimlm.targets import Targets, check_targets, replace_module, select_linears
+from slimlm.targets import Targets, check_targets, float_linears, replace_module
 from slimlm.validate import check_calib, check_percdamp, check_pos_int
 
 log = logging.getLogger("slimlm.prune")
@@ -110,16 +109,11 @@ class SparseGPT:
 
 def prune_plan(model: nn.Module, targets: Targets, pattern: Pattern) -> dict[str, nn.Module]:
     """The target linears, refused up front if any is already compressed, holds NaN/Inf or does not fit."""
-    plan = select_linears(model, targets)
+    plan = float_linears(model, targets, action="pruning",
+                         compressed_fix="prune before quantizing (a pruned layer can then be quantized with rtn "
+                                        "or gptq)")  # fmt: skip
     for name, module in plan.items():
-        try:
-            W, _ = linear_weight(module)
-        except SlimlmError:
-            raise SlimlmError(f"{name} is already a {type(module).__name__}; prune before quantizing "
-                              "(a pruned layer can then be quantized with rtn or gptq)") from None  # fmt: skip
-        if not torch.isfinite(W).all():
-            raise SlimlmError(f"{name} holds NaN/Inf weight(s); fix or reload the model before pruning")
-        check_fits(pattern, W.shape[1], name=name)
+        check_fits(pattern, in_features_of(module), name=name)
     return plan
 
 
