@@ -5,8 +5,8 @@ every float parameter that remains in the student (float linears, norms,
 embeddings and a float lm_head) and the surviving weights of pruned linears
 (each SparseLinear becomes a :class:`~slimlm.nn.masked.MaskedLinear` for the
 run and goes back with the same mask, so sparsity and N:M patterns are
-kept). Packed quantized weights (QuantLinear, W8A8, sparse-quantized) stay
-as they are: a quantized student trains its norms, embeddings, biases of
+kept) and the factors of low-rank linears (their rank stays). Packed
+quantized weights (QuantLinear, W8A8, sparse-quantized) stay as they are: a quantized student trains its norms, embeddings, biases of
 float layers and lm_head around fixed integer codes and scales.
 """
 
@@ -80,7 +80,7 @@ def trainable_parameters(model: nn.Module, targets: Targets | None = None,
     masked = {name: MaskedLinear.from_sparse(m) for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     for name, module in masked.items():
         replace_module(model, name, module)
-    packed = {name for name, m in model.named_modules() if isinstance(m, RuntimeModule)}
+    packed = {name for name, m in model.named_modules() if isinstance(m, RuntimeModule) and not m.trainable_floats}
     skip = packed | fixed
     params, seen = [], set()
     for name, module in model.named_modules():

@@ -34,6 +34,8 @@ def break_even_rank(in_features: int, out_features: int) -> float:
 class LowRankLinear(RuntimeModule):
     """``y = x A^T B^T + b`` with ``A (rank, in)`` and ``B (out, rank)``."""
 
+    trainable_floats = True  # distillation after factorization trains A, B (and the bias)
+
     def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:  # fmt: skip
         super().__init__()

@@ -37,6 +37,9 @@ class RuntimeModule(nn.Module):
 
     in_features: int
     out_features: int
+    # True when every parameter is a plain float tensor a training run may update in place (a low-rank
+    # linear's factors); False for codes, scales and masks, which training keeps fixed.
+    trainable_floats: bool = False
 
     def manifest_extra(self) -> dict[str, Any]:
         """Structure beyond the base entry that ``empty`` needs (JSON values)."""

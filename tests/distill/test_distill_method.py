@@ -7,7 +7,8 @@ from slimlm.api import apply, apply_all
 from slimlm.distill import Distill, frozen_copy
 from slimlm.distill.handler import trainable_parameters
 from slimlm.errors import SlimlmError
-from slimlm.nn import QuantLinear, SparseLinear
+from slimlm.lowrank import SVD
+from slimlm.nn import LowRankLinear, QuantLinear, SparseLinear
 from slimlm.prune.handlers import Magnitude
 from slimlm.prune.structured_config import PruneDepth
 from slimlm.quant.rtn import RTN
@@ -124,3 +125,21 @@ def test_masked_linear_trains_only_survivors_and_converts_exactly():
         masked.weight.add_(torch.randn_like(masked.weight))  # an optimizer step that also touches pruned slots
         assert torch.equal(masked.to_sparse_linear()(x), masked(x))
         assert torch.equal(masked.to_sparse_linear().keep_mask(), keep)
+
+
+def test_low_rank_factors_train_and_keep_their_rank():
+    teacher = tiny_model("llama")
+    student = apply(tiny_model("llama", seed=1), SVD(params=0.3))  # far from the teacher
+    lowrank = {n: (m.rank, m.A.clone(), m.B.clone()) for n, m in student.named_modules()
+               if isinstance(m, LowRankLinear)}  # fmt: skip
+    params, _, summary = trainable_parameters(student)
+    ids = {id(p) for p in params}
+    assert lowrank and all(id(m.A) in ids and id(m.B) in ids for m in student.modules() if isinstance(m, LowRankLinear))
+    before = kl_to(teacher, student)
+    apply(student, Distill(**FAST), CALIB, teacher=teacher)
+    after = {n: m for n, m in student.named_modules() if isinstance(m, LowRankLinear)}
+    assert after.keys() == lowrank.keys()
+    for n, m in after.items():
+        rank, A, B = lowrank[n]
+        assert m.rank == rank and m.A.shape == A.shape and not torch.equal(m.A, A) and not torch.equal(m.B, B)
+    assert kl_to(teacher, student) < 0.8 * before
