@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from slimlm.calib.runner import BlockContext, calibrate_blocks, calibrate_linears
@@ -30,7 +31,7 @@ from slimlm.lowrank.asvd import asvd_whitening
 from slimlm.lowrank.config import ASVD, SVD, SVDLLM, LowRank
 from slimlm.lowrank.ranks import (Shape, energy_rank, is_dense_cheaper, kept_params, max_uniform_params,
                                   spectrum_ranks, uniform_rank)  # fmt: skip
-from slimlm.lowrank.svd_llm import svd_llm_whitening
+from slimlm.lowrank.svd_llm import closed_form_update, svd_llm_whitening
 from slimlm.nn import LowRankLinear, linear_weight
 from slimlm.solvers.lowrank import Spectrum, Whitening, spectrum
 from slimlm.targets import float_linears, replace_module
@@ -90,13 +91,17 @@ def _choose(config: LowRank, name: str, shape: Shape, sp: Spectrum, ranks: dict[
     return None
 
 
-def _factorize(model: nn.Module, name: str, module: nn.Module, rank: int | None, whitening: Whitening) -> None:
-    """Swap ``name`` for its best rank-``rank`` LowRankLinear under ``whitening`` (None: leave it)."""
+def _factorize(model: nn.Module, name: str, module: nn.Module, rank: int | None, whitening: Whitening, *,
+               gram: Tensor | None = None) -> None:  # fmt: skip
+    """Swap ``name`` for its best rank-``rank`` LowRankLinear under ``whitening`` (None: leave it); with
+    ``gram`` (the inputs' Gram matrix) the output factor is then refit on it (SVD-LLM's update)."""
     if rank is None:
         return
     W, bias = linear_weight(module)  # (out, in), also for GPT-2's Conv1D
-    A, B = spectrum(W, whitening).factors(rank, dtype=W.dtype)
-    replace_module(model, name, LowRankLinear.from_factors(A, B, bias))
+    A, B = spectrum(W, whitening).factors(rank, dtype=torch.float64)  # (rank, in), (out, rank)
+    if gram is not None:
+        B = closed_form_update(W, A, gram)
+    replace_module(model, name, LowRankLinear.from_factors(A.to(W.dtype), B.to(W.dtype), bias))
 
 
 class _Walk:
@@ -127,7 +132,8 @@ class _Walk:
         else:
             rank = _choose(self.config, name, self.shapes[name], None, self.ranks)
         self.chosen[name] = rank
-        _factorize(self.model, name, self.plan[name], rank, white)
+        gram = stats.H if stats is not None and getattr(self.config, "update", False) else None
+        _factorize(self.model, name, self.plan[name], rank, white, gram=gram)
 
 
 def _spectra(walk: _Walk, calib: Tensor | None) -> dict[str, Tensor]:
