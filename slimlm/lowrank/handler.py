@@ -32,6 +32,8 @@ from slimlm.lowrank.config import ASVD, SVD, SVDLLM, LowRank
 from slimlm.lowrank.ranks import (Shape, energy_rank, is_dense_cheaper, kept_params, max_uniform_params,
                                   spectrum_ranks, uniform_rank)  # fmt: skip
 from slimlm.lowrank.svd_llm import closed_form_update, svd_llm_whitening
+from slimlm.models.adapters import get_adapter
+from slimlm.models.lazy import lazy_blocks
 from slimlm.nn import LowRankLinear, linear_weight
 from slimlm.solvers.lowrank import Spectrum, Whitening, spectrum
 from slimlm.targets import float_linears, replace_module
@@ -175,10 +177,27 @@ def apply_lowrank(model: nn.Module, config: LowRank, calib: Tensor | None = None
         calibrate_linears(model, calib, plan, walk.fix, spec=spec, batch_size=config.batch_size,
                           desc=type(config).__name__)  # fmt: skip
     else:
-        for name in plan:
-            walk.fix(name, None)
+        _fix_uncalibrated(model, walk)
     _log_summary(config, walk, time.perf_counter() - t0)
     return model
+
+
+def _fix_uncalibrated(model: nn.Module, walk: _Walk) -> None:
+    """Plain SVD: every target from its weight alone; on a lazily loaded model one block in memory at a time
+    (each block read, factorized and handed to the sink; the result is the same either way)."""
+    lazy = lazy_blocks(model)
+    if lazy is None:
+        for name in walk.plan:
+            walk.fix(name, None)
+        return
+    prefix = get_adapter(model).blocks + "."
+    for i in range(len(lazy)):
+        lazy.materialize(i)
+        for name in [n for n in walk.plan if n.startswith(f"{prefix}{i}.")]:
+            walk.fix(name, None)
+        lazy.release(i)
+    for name in [n for n in walk.plan if not n.startswith(prefix)]:  # lm_head: already in memory
+        walk.fix(name, None)
 
 
 def _log_summary(config: LowRank, walk: _Walk, seconds: float) -> None:
