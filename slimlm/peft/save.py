@@ -5,8 +5,10 @@ A directory holds ``adapter_config.json`` + ``adapter_model.safetensors``
 ``peft.PeftModel.from_pretrained(stock_base, dir)``) and
 ``slimlm_adapter.json``: the method, and the base it was trained on (every
 base tensor's shape and one sha256 over them, adapter tensors left out and
-peft's ``.base_layer`` taken out of names). :func:`load_adapter` refuses a
-base whose shapes or digest differ before it changes anything. Houlsby
+peft's ``.base_layer`` taken out of names). :func:`load_adapter` refuses,
+before it changes anything, a missing or damaged file, a base whose shapes
+or digest differ, and adapter tensors missing, extra or of another shape
+than injecting the saved config onto this model makes. Houlsby
 adapters (no peft tuner) keep their tensors under their module names and
 no ``adapter_config.json``. BitFit trains the base's own biases and norms:
 the model itself is the result (``slimlm.io.save_compressed``).
