@@ -84,3 +84,13 @@ def test_compress_runs_a_zero_biases_bitfit_recipe(tmp_path):
     report = compress(src, rec, out=tmp_path / "o", protocol="pydoc-v1", tokens=512, speed=False)
     assert report.compressed.training[0]["method"] == "bitfit"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").model.layers[0].self_attn.o_proj.bias is not None
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "gemma2", "gemma3"])
+def test_attention_bias_families_reload_attention_biases_in_transformers(tmp_path, family):
+    m = tiny_model(family)
+    apply(m, BitFit(zero_biases=True, targets=ATTENTION, lr=5e-2, **FAST), CALIB)
+    out = save_compressed(m, tiny_tokenizer(), tmp_path / family)
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(n.endswith("o_proj.bias") for n, _ in stock.named_parameters()) == 2
+    torch.testing.assert_close(_logits(stock), _logits(m), rtol=0, atol=1e-5)
