@@ -30,6 +30,7 @@ from slimlm.distill.handler import apply_distill
 from slimlm.errors import SlimlmError
 from slimlm.lowrank import ASVD, SVD, SVDLLM, apply_lowrank
 from slimlm.lowrank.compensate_handler import EoRA, apply_eora
+from slimlm.lowrank.lazy import check_lowrank_lazy, lowrank_lazy
 from slimlm.peft.config import IA3, Adapters, BitFit, DoRA, LoRA, PromptTuning, QLoRA
 from slimlm.peft.handler import apply_adapters, apply_bitfit, apply_lora, apply_prompt_tuning
 from slimlm.prune.gradual import GradualMagnitude, apply_gradual_magnitude
@@ -94,11 +95,12 @@ _ALL = (
     Method("structured", Structured, apply_structured, "structured pruning to a parameter budget (width or depth)",
            calibration=True),
     # low-rank factorization
-    Method("svd", SVD, apply_lowrank, "truncated SVD of each linear into two thin matrices (no calibration)"),
+    Method("svd", SVD, apply_lowrank, "truncated SVD of each linear into two thin matrices (no calibration)",
+           lazy=lowrank_lazy, lazy_check=check_lowrank_lazy),
     Method("asvd", ASVD, apply_lowrank, "ASVD: SVD with input channels scaled by activation magnitude",
-           calibration=True),
+           calibration=True, lazy=lowrank_lazy, lazy_check=check_lowrank_lazy),
     Method("svd_llm", SVDLLM, apply_lowrank, "SVD-LLM: SVD whitened by the inputs' Cholesky factor "
-           "(truncation-aware)", calibration=True),
+           "(truncation-aware)", calibration=True, lazy=lowrank_lazy, lazy_check=check_lowrank_lazy),
     # recovery
     Method("distill", Distill, apply_distill, "knowledge distillation from the uncompressed model (logit, "
            "hidden-state, sequence-level)", calibration=True, trains=True),

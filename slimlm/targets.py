@@ -92,6 +92,7 @@ def float_linears(model: nn.Module, targets: Targets, *, compressed_fix: str, ac
             W, _ = linear_weight(module)
         except SlimlmError:
             raise SlimlmError(f"{name} is already a {type(module).__name__}; {compressed_fix}") from None
-        if not torch.isfinite(W).all():
+        # A lazily loaded block's weight is still on disk (meta); it is checked when read (slimlm.models.lazy).
+        if not W.is_meta and not torch.isfinite(W).all():
             raise SlimlmError(f"{name} holds NaN/Inf weight(s); fix or reload the model before {action}")
     return plan

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from slimlm.errors import SlimlmError
 from slimlm.targets import Targets, check_targets
-from slimlm.validate import check_pos_int
+from slimlm.validate import check_bool, check_pos_int
 
 ALLOCATIONS = ("uniform", "spectrum")
 DEFAULT_PARAMS = 0.2
@@ -88,10 +88,14 @@ class SVDLLM(LowRank):
     """SVD-LLM (Wang et al. 2024): SVD whitened by the Cholesky factor of the inputs' Gram matrix.
 
     ``damp``: added to the Gram matrix's diagonal as a fraction of its mean
-    (raised tenfold, logged, if the matrix still does not factor)."""
+    (raised tenfold, logged, if the matrix still does not factor).
+    ``update``: after truncation, refit the output factor ``B`` by least squares
+    on the (undampened) calibration Gram matrix, ``A`` fixed
+    (:func:`slimlm.lowrank.svd_llm.closed_form_update`)."""
 
     damp: float = 0.01
     batch_size: int = 8
+    update: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,3 +103,4 @@ class SVDLLM(LowRank):
             raise SlimlmError(f"damp must be a number in [0, 1] (a fraction of the Gram matrix's mean diagonal, "
                               f"e.g. 0.01), got {self.damp!r}")  # fmt: skip
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
+        check_bool("update", self.update)

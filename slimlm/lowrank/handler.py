@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from slimlm.calib.runner import BlockContext, calibrate_blocks, calibrate_linears
@@ -30,7 +31,9 @@ from slimlm.lowrank.asvd import asvd_whitening
 from slimlm.lowrank.config import ASVD, SVD, SVDLLM, LowRank
 from slimlm.lowrank.ranks import (Shape, energy_rank, is_dense_cheaper, kept_params, max_uniform_params,
                                   spectrum_ranks, uniform_rank)  # fmt: skip
-from slimlm.lowrank.svd_llm import svd_llm_whitening
+from slimlm.lowrank.svd_llm import closed_form_update, svd_llm_whitening
+from slimlm.models.adapters import get_adapter
+from slimlm.models.lazy import lazy_blocks
 from slimlm.nn import LowRankLinear, linear_weight
 from slimlm.solvers.lowrank import Spectrum, Whitening, spectrum
 from slimlm.targets import float_linears, replace_module
@@ -90,13 +93,17 @@ def _choose(config: LowRank, name: str, shape: Shape, sp: Spectrum, ranks: dict[
     return None
 
 
-def _factorize(model: nn.Module, name: str, module: nn.Module, rank: int | None, whitening: Whitening) -> None:
-    """Swap ``name`` for its best rank-``rank`` LowRankLinear under ``whitening`` (None: leave it)."""
+def _factorize(model: nn.Module, name: str, module: nn.Module, rank: int | None, whitening: Whitening, *,
+               gram: Tensor | None = None) -> None:  # fmt: skip
+    """Swap ``name`` for its best rank-``rank`` LowRankLinear under ``whitening`` (None: leave it); with
+    ``gram`` (the inputs' Gram matrix) the output factor is then refit on it (SVD-LLM's update)."""
     if rank is None:
         return
     W, bias = linear_weight(module)  # (out, in), also for GPT-2's Conv1D
-    A, B = spectrum(W, whitening).factors(rank, dtype=W.dtype)
-    replace_module(model, name, LowRankLinear.from_factors(A, B, bias))
+    A, B = spectrum(W, whitening).factors(rank, dtype=torch.float64)  # (rank, in), (out, rank)
+    if gram is not None:
+        B = closed_form_update(W, A, gram)
+    replace_module(model, name, LowRankLinear.from_factors(A.to(W.dtype), B.to(W.dtype), bias))
 
 
 class _Walk:
@@ -127,7 +134,8 @@ class _Walk:
         else:
             rank = _choose(self.config, name, self.shapes[name], None, self.ranks)
         self.chosen[name] = rank
-        _factorize(self.model, name, self.plan[name], rank, white)
+        gram = stats.H if stats is not None and getattr(self.config, "update", False) else None
+        _factorize(self.model, name, self.plan[name], rank, white, gram=gram)
 
 
 def _spectra(walk: _Walk, calib: Tensor | None) -> dict[str, Tensor]:
@@ -169,10 +177,27 @@ def apply_lowrank(model: nn.Module, config: LowRank, calib: Tensor | None = None
         calibrate_linears(model, calib, plan, walk.fix, spec=spec, batch_size=config.batch_size,
                           desc=type(config).__name__)  # fmt: skip
     else:
-        for name in plan:
-            walk.fix(name, None)
+        _fix_uncalibrated(model, walk)
     _log_summary(config, walk, time.perf_counter() - t0)
     return model
+
+
+def _fix_uncalibrated(model: nn.Module, walk: _Walk) -> None:
+    """Plain SVD: every target from its weight alone; on a lazily loaded model one block in memory at a time
+    (each block read, factorized and handed to the sink; the result is the same either way)."""
+    lazy = lazy_blocks(model)
+    if lazy is None:
+        for name in walk.plan:
+            walk.fix(name, None)
+        return
+    prefix = get_adapter(model).blocks + "."
+    for i in range(len(lazy)):
+        lazy.materialize(i)
+        for name in [n for n in walk.plan if n.startswith(f"{prefix}{i}.")]:
+            walk.fix(name, None)
+        lazy.release(i)
+    for name in [n for n in walk.plan if not n.startswith(prefix)]:  # lm_head: already in memory
+        walk.fix(name, None)
 
 
 def _log_summary(config: LowRank, walk: _Walk, seconds: float) -> None:

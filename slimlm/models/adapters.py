@@ -90,6 +90,9 @@ class Adapter:
     # ``config.sliding_window`` applies to every layer (Mistral), not only to layers typed
     # "sliding_attention" in ``config.layer_types``.
     sliding_window_all_layers: bool = False
+    # Config flags (on the text config) that give block linears a bias, with the block-relative linears
+    # each one covers, all or none (LlamaConfig.attention_bias: q/k/v/o_proj). BitFit's zero_biases sets them.
+    bias_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def linear_names(self) -> tuple[str, ...]:
         return tuple(name for g in self.groups for name in g.linears)
@@ -114,6 +117,10 @@ _LLAMA_PRODUCERS = (
 )
 
 
+_ATTENTION_BIAS = ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+_MLP_BIAS = ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
 def _llama_like(family: str, **kw) -> Adapter:
     base = dict(
         family=family,
@@ -133,13 +140,14 @@ def _llama_like(family: str, **kw) -> Adapter:
 _GEMMA2_GROUPS = _llama_groups(mlp_norm="pre_feedforward_layernorm")
 
 ADAPTERS: dict[str, Adapter] = {
-    "llama": _llama_like("llama", fast_decoder=True),
+    "llama": _llama_like("llama", fast_decoder=True, bias_flags=(_ATTENTION_BIAS, _MLP_BIAS)),
     "mistral": _llama_like("mistral", fast_decoder=True, sliding_window_all_layers=True),
     "qwen2": _llama_like("qwen2", fast_decoder=True),
-    "qwen3": _llama_like("qwen3", fast_decoder=True),
-    "gemma": _llama_like("gemma", norm_weight_offset=1.0, fast_decoder=True),
-    "gemma2": _llama_like("gemma2", groups=_GEMMA2_GROUPS, norm_weight_offset=1.0),
-    "gemma3_text": _llama_like("gemma3_text", groups=_GEMMA2_GROUPS, norm_weight_offset=1.0),
+    "qwen3": _llama_like("qwen3", fast_decoder=True, bias_flags=(_ATTENTION_BIAS,)),
+    "gemma": _llama_like("gemma", norm_weight_offset=1.0, fast_decoder=True, bias_flags=(_ATTENTION_BIAS,)),
+    "gemma2": _llama_like("gemma2", groups=_GEMMA2_GROUPS, norm_weight_offset=1.0, bias_flags=(_ATTENTION_BIAS,)),
+    "gemma3_text": _llama_like("gemma3_text", groups=_GEMMA2_GROUPS, norm_weight_offset=1.0,
+                               bias_flags=(_ATTENTION_BIAS,)),
     "gemma3": _llama_like(
         "gemma3",
         blocks="model.language_model.layers",
@@ -148,6 +156,7 @@ ADAPTERS: dict[str, Adapter] = {
         embeddings=("model.language_model.embed_tokens",),
         norm_weight_offset=1.0,
         text_config="text_config",
+        bias_flags=(_ATTENTION_BIAS,),
     ),
     "phi3": _llama_like(
         "phi3",

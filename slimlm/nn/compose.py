@@ -17,7 +17,12 @@ scales):
   group settings.
 
 :func:`check_schemes` is the one up-front refusal every quantizer (and
-SparseGPT's joint mode) runs on its plan before touching a layer.
+SparseGPT's joint mode) runs on its plan before touching a layer. A layer
+already quantized (any :class:`~slimlm.nn.packed.PackedLinear`: RTN, GPTQ,
+AWQ, W8A8, SparseGPT's joint codes) is refused, never skipped and never
+re-rounded from its dequantized values: a recipe with two quantization
+steps over the same linears, or a quantizer run on a loaded quantized
+checkpoint, stops there with the model as the first step left it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import PerGroup, Scheme, check_group_size, codec
+from slimlm.nn.packed import PackedLinear
 from slimlm.nn.quant_linear import in_features_of
 from slimlm.nn.sparse_linear import SparseLinear, SparseQuantLinear, check_sparse_scheme
 from slimlm.solvers import solve_with_mask
@@ -83,6 +89,10 @@ def check_schemes(plan: Plan) -> None:
     or a weight holding NaN or Inf (rounding would spread it through its group)."""
     plan = check_pruned(plan)  # pruned layers (SparseLinear, no .weight) are checked there, the others here
     for name, (module, scheme) in plan.items():
+        if isinstance(module, PackedLinear):  # never re-round: the codes' dequantized values are not the weights
+            raise SlimlmError(f"{name} is already quantized ({type(module).__name__}); a second quantization step "
+                              f"would round rounded weights: drop one of the steps, or exclude it (exclude: "
+                              f"['{name}'])")  # fmt: skip
         if not isinstance(getattr(module, "weight", None), torch.Tensor):  # e.g. a LowRankLinear's two factors
             raise SlimlmError(f"{name} is a {type(module).__name__} (already compressed, no single weight to "
                               f"quantize); exclude it (exclude: ['{name}']) or drop the step that made it")  # fmt: skip

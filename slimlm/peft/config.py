@@ -173,7 +173,8 @@ class PromptTuning(PeftTrain):
 @dataclass(frozen=True)
 class BitFit(PeftTrain):
     """Train biases and norm weights only. LLaMA-family linears have no bias: ``zero_biases`` adds zero
-    biases to the target linears first (then trained); without it only existing biases and norms train."""
+    biases to the target linears first (then trained; declared in the model's config, e.g. ``attention_bias``,
+    so the model saves and reloads with them); without it only existing biases and norms train."""
 
     zero_biases: bool = False
     targets: Targets = field(default_factory=Targets)
@@ -185,5 +186,5 @@ class BitFit(PeftTrain):
             raise SlimlmError(f"zero_biases must be true or false, got {self.zero_biases!r}")
 
     @property
-    def leaves_adapter(self) -> bool:  # norms train in place; added zero biases are new tensors the config lacks
-        return self.zero_biases
+    def leaves_adapter(self) -> bool:  # norms and biases train in place; added biases are declared in the config
+        return False

@@ -22,7 +22,7 @@ from slimlm.nn import RuntimeModule
 from slimlm.peft.bitfit import bitfit_parameters
 from slimlm.peft.config import IA3, Adapters, BitFit, LoRA, PeftTrain, PromptTuning, QLoRA
 from slimlm.peft.houlsby import add_adapters
-from slimlm.peft.inject import check_rank, inject
+from slimlm.peft.inject import check_rank, inject, seeded
 from slimlm.peft.merge import check_mergeable, merge_lora
 from slimlm.peft.prompt import SOFT_PROMPT, add_soft_prompt
 from slimlm.quant.rtn import RTN, apply_rtn
@@ -82,7 +82,8 @@ def apply_adapters(model: nn.Module, config: Adapters, calib: Tensor | None = No
                    run: TrainRun | None = None) -> nn.Module:  # fmt: skip
     calib = check_calib(calib, "adapters", purpose="to train on")
     teacher = resolve_teacher(model, config, run)
-    params = add_adapters(model, config.targets, size=config.size, nonlinearity=config.nonlinearity)
+    with seeded(config.seed):  # the bottlenecks' down projections start random
+        params = add_adapters(model, config.targets, size=config.size, nonlinearity=config.nonlinearity)
     train_peft(model, params, config, calib, teacher=teacher, run=run, method="adapters",
                summary=f"{_count(params)} parameters in {len(params) // 4} bottlenecks of width {config.size}")
     return model

@@ -20,8 +20,11 @@ are plain attributes).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from peft import IA3Config, LoraConfig
 from peft.tuners.ia3 import IA3Model
 from peft.tuners.lora import LoraModel
@@ -35,7 +38,7 @@ from slimlm.targets import select_linears
 
 ADAPTER_NAME = "default"
 
-__all__ = ["ADAPTER_NAME", "RuntimeLoraLinear", "SlimLoraModel", "check_rank", "inject", "peft_config_for"]
+__all__ = ["ADAPTER_NAME", "RuntimeLoraLinear", "SlimLoraModel", "check_rank", "inject", "peft_config_for", "seeded"]
 
 
 class RuntimeLoraLinear(PeftLoraLinear):
@@ -91,12 +94,26 @@ def peft_config_for(model: nn.Module, config: Any) -> tuple[Any, list[str]]:
     return cfg, names
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """The global RNG seeded with ``seed`` inside and restored after: peft draws LoRA's ``A`` (and
+    ``nn.Linear`` its initial weights) from it, so the adapter depends on the config's seed only."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:  # never seed a CUDA that is not started: the seed would wait there and outlive the fork
+            torch.cuda.manual_seed_all(seed)
+        yield
+
+
 def inject(model: nn.Module, config: LoRA | IA3) -> tuple[list[nn.Parameter], Any]:
-    """Put the adapter on ``model`` in place; -> (the adapter's new parameters, the peft config)."""
+    """Put the adapter on ``model`` in place, initialised from ``config.seed``; -> (the adapter's new
+    parameters, the peft config)."""
     cfg, _ = peft_config_for(model, config)
     before = {id(p) for p in model.parameters()}
-    if isinstance(cfg, IA3Config):
-        IA3Model(model, cfg, ADAPTER_NAME)
-    else:
-        SlimLoraModel(model, cfg, ADAPTER_NAME)
+    with seeded(config.seed):
+        if isinstance(cfg, IA3Config):
+            IA3Model(model, cfg, ADAPTER_NAME)
+        else:
+            SlimLoraModel(model, cfg, ADAPTER_NAME)
     return [p for p in model.parameters() if id(p) not in before], cfg

@@ -5,8 +5,10 @@ A directory holds ``adapter_config.json`` + ``adapter_model.safetensors``
 ``peft.PeftModel.from_pretrained(stock_base, dir)``) and
 ``slimlm_adapter.json``: the method, and the base it was trained on (every
 base tensor's shape and one sha256 over them, adapter tensors left out and
-peft's ``.base_layer`` taken out of names). :func:`load_adapter` refuses a
-base whose shapes or digest differ before it changes anything. Houlsby
+peft's ``.base_layer`` taken out of names). :func:`load_adapter` refuses,
+before it changes anything, a missing or damaged file, a base whose shapes
+or digest differ, and adapter tensors missing, extra or of another shape
+than injecting the saved config onto this model makes. Houlsby
 adapters (no peft tuner) keep their tensors under their module names and
 no ``adapter_config.json``. BitFit trains the base's own biases and norms:
 the model itself is the result (``slimlm.io.save_compressed``).
@@ -28,6 +30,7 @@ import torch
 from peft import (IA3Config, LoraConfig, PeftConfig, PromptTuningConfig, get_peft_model_state_dict,
                   set_peft_model_state_dict)  # fmt: skip
 from peft.tuners.ia3 import IA3Model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -35,7 +38,7 @@ from slimlm.errors import SlimlmError
 from slimlm.fsutil import atomic_dir
 from slimlm.models.adapters import text_config
 from slimlm.nn import RuntimeModule
-from slimlm.peft.houlsby import HoulsbyLinear, add_adapters
+from slimlm.peft.houlsby import ACTIVATIONS, Bottleneck, HoulsbyLinear, add_adapters, output_linears
 from slimlm.peft.inject import ADAPTER_NAME, RuntimeLoraLinear, SlimLoraModel
 from slimlm.peft.merge import adapter_layers
 from slimlm.peft.prompt import SOFT_PROMPT, add_soft_prompt
@@ -45,6 +48,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECORD = "adapter_config.json", "adapter_model.
 FORMAT = "slimlm.adapter/1"
 PEFT_PREFIX = "base_model.model."
 _ADAPTER_PARTS = ("lora_", "ia3_", f"{SOFT_PROMPT}.", ".adapter.")
+KINDS = ("peft", "prompt_tuning", "adapters")
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "PEFT_PREFIX", "RECORD", "base_fingerprint", "load_adapter",
            "save_adapter"]  # fmt: skip
@@ -125,29 +129,119 @@ def _check_base(model: nn.Module, record: dict[str, Any], path: Path) -> None:
                           f"{str(record.get('base_sha256'))[:12]} recorded); load it onto the model it was trained on")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Put the adapter saved in ``path`` on ``model`` (in place) after checking it is the base it was trained on."""
-    path = Path(path)
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], PeftConfig | None]:
+    """The adapter's record, tensors and peft config, each refused in one line if missing or damaged."""
     if not (path / RECORD).is_file():
         raise SlimlmError(f"{path} has no {RECORD}: not an adapter saved by slimlm (peft adapters without it load "
                           f"with peft.PeftModel.from_pretrained)")  # fmt: skip
-    record = json.loads((path / RECORD).read_text())
-    if record.get("format") != FORMAT:
-        raise SlimlmError(f"{path / RECORD} has format {record.get('format')!r}; this slimlm reads {FORMAT}")
+    try:
+        record = json.loads((path / RECORD).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlimlmError(f"{path / RECORD} is damaged ({e}); save the adapter again") from None
+    fmt = record.get("format") if isinstance(record, dict) else None
+    if fmt != FORMAT:
+        raise SlimlmError(f"{path / RECORD} has format {fmt!r}; this slimlm reads {FORMAT}")
+    if record.get("kind") not in KINDS:
+        raise SlimlmError(f"{path / RECORD} names kind {record.get('kind')!r}; known: {', '.join(KINDS)}")
+    try:
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise SlimlmError(f"{path / ADAPTER_WEIGHTS} is missing or damaged ({e}); save the adapter again") from None
+    config = None
+    if record["kind"] in ("peft", "prompt_tuning"):
+        try:
+            config = PeftConfig.from_pretrained(str(path))
+        except (ValueError, OSError, TypeError, json.JSONDecodeError) as e:
+            raise SlimlmError(f"{path / ADAPTER_CONFIG} is missing or damaged ({e}); save the adapter again") from None
+    return record, tensors, config
+
+
+def _shape_of(model: nn.Module, name: str) -> tuple[int, int]:
+    """(in, out) of target linear ``name``, refused if the model has no such linear."""
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise SlimlmError(f"the adapter targets {name}, which this model lacks; load it onto the model it was "
+                          "trained on") from None  # fmt: skip
+    if hasattr(m, "in_features"):
+        return m.in_features, m.out_features
+    return tuple(m.weight.shape)  # transformers Conv1D: (in, out)
+
+
+def _expected(model: nn.Module, record: dict[str, Any], config: PeftConfig | None) -> dict[str, tuple[int, ...]]:
+    """Adapter tensor name -> shape, as injecting ``config`` onto ``model`` would make them."""
+    want: dict[str, tuple[int, ...]] = {}
+    kind = record["kind"]
+    if kind == "peft" and isinstance(config, LoraConfig):
+        for t in sorted(config.target_modules):
+            n_in, n_out = _shape_of(model, t)
+            key = f"{PEFT_PREFIX}{t}"
+            want |= {f"{key}.lora_A.weight": (config.r, n_in), f"{key}.lora_B.weight": (n_out, config.r)}
+            if config.use_dora:
+                want[f"{PEFT_PREFIX}{t}.lora_magnitude_vector"] = (n_out,)
+    elif kind == "peft" and isinstance(config, IA3Config):
+        for t in sorted(config.target_modules):
+            n_in, n_out = _shape_of(model, t)
+            want[f"{PEFT_PREFIX}{t}.ia3_l"] = (1, n_in) if t in config.feedforward_modules else (n_out, 1)
+    elif kind == "prompt_tuning" and isinstance(config, PromptTuningConfig):
+        if hasattr(model, SOFT_PROMPT):
+            raise SlimlmError("the model already carries a soft prompt; load a prompt-tuning adapter onto a model "
+                              "without one")  # fmt: skip
+        want["prompt_embeddings"] = (config.num_virtual_tokens, model.get_input_embeddings().weight.shape[1])
+    elif kind == "adapters":
+        spec = record.get("adapters") or {}
+        size, act = spec.get("size"), spec.get("nonlinearity")
+        if not isinstance(size, int) or size < 1 or act not in ACTIVATIONS or not spec.get("linears"):
+            raise SlimlmError(f"{RECORD} describes no valid bottleneck adapters (size {size!r}, nonlinearity "
+                              f"{act!r}); save the adapter again")  # fmt: skip
+        shell = Bottleneck(model.config.get_text_config().hidden_size, size, act, device="meta")
+        outputs = set(output_linears(model))
+        for linear in spec["linears"]:
+            if linear not in outputs:
+                raise SlimlmError(f"the adapter wraps {linear}, not an attention/MLP output linear of this model; "
+                                  "load it onto the model it was trained on")  # fmt: skip
+            want |= {f"{linear}.adapter.{k}": tuple(v.shape) for k, v in shell.state_dict().items()}
+    else:
+        raise SlimlmError(f"{RECORD} says {kind} but {ADAPTER_CONFIG} holds a {type(config).__name__}, which slimlm "
+                          "does not load as one; save the adapter again, or use peft.PeftModel.from_pretrained")
+    return want
+
+
+def _check_tensors(tensors: dict[str, Tensor], want: dict[str, tuple[int, ...]], path: Path) -> None:
+    missing = sorted(set(want) - set(tensors))
+    if missing:
+        raise SlimlmError(f"adapter {path} lacks {len(missing)} adapter tensor(s), e.g. {missing[0]}; it is "
+                          f"incomplete or was saved for other targets")  # fmt: skip
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise SlimlmError(f"adapter {path} holds {len(extra)} tensor(s) its config does not describe, e.g. "
+                          f"{extra[0]}; save the adapter again")  # fmt: skip
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise SlimlmError(f"adapter tensor {name} in {path} has shape {tuple(tensors[name].shape)}, this model "
+                              f"needs {shape}; load it onto the model it was trained on")  # fmt: skip
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapter saved in ``path`` on ``model`` (in place).
+
+    Everything is checked before the model changes: the record, the files
+    (present and readable), the base (shapes and digest) and every adapter
+    tensor's name and shape against what injecting the config makes; a
+    refusal leaves ``model`` as it was.
+    """
+    path = Path(path)
+    record, tensors, config = _read(path)
     _check_base(model, record, path)
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    _check_tensors(tensors, _expected(model, record, config), path)
     if record["kind"] == "peft":
-        config = PeftConfig.from_pretrained(str(path))
         if isinstance(config, LoraConfig):
             config._register_custom_module({RuntimeModule: RuntimeLoraLinear})
             SlimLoraModel(model, config, ADAPTER_NAME)
-        elif isinstance(config, IA3Config):
+        else:
             IA3Model(model, config, ADAPTER_NAME)
-        ours = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
-        missing = set_peft_model_state_dict(model, ours, adapter_name=ADAPTER_NAME).missing_keys
-        if missing := [k for k in missing if any(part in k for part in _ADAPTER_PARTS)]:
-            raise SlimlmError(f"adapter {path} lacks {len(missing)} adapter tensors, e.g. {missing[0]}; it is "
-                              f"incomplete or was saved for other targets")  # fmt: skip
+        set_peft_model_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()},
+                                  adapter_name=ADAPTER_NAME)  # fmt: skip
     elif record["kind"] == "prompt_tuning":
         prompt = tensors["prompt_embeddings"]
         add_soft_prompt(model, n_tokens=prompt.shape[0], init="random")

@@ -12,7 +12,9 @@ same recipe run on the fully loaded model.
 Which methods run lazily, and what a lazy run of each refuses, is the
 registry's ``lazy`` / ``lazy_check`` (:mod:`slimlm.methods`): today RTN,
 GPTQ (lm_head excluded: its Hessian needs a forward of the whole compressed
-model), AWQ, and mixed precision with ``sensitivity: hessian``. Methods that
+model), AWQ, mixed precision with ``sensitivity: hessian``, and SVD / ASVD /
+SVD-LLM with ranks from each layer alone (``allocation: uniform``, ``energy``,
+``rank``; :mod:`slimlm.lowrank.lazy`). Methods that
 need the whole model at once (QAT trains it end to end, the Fisher
 sensitivity back-propagates through it) are refused, and so are multi-step
 recipes, whose second step would need the blocks the first one already

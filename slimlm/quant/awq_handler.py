@@ -147,9 +147,9 @@ def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.
     """Search, fold, clip and quantize block by block on calibration token ids ``calib`` (N, L)."""
     calib = check_calib(calib, "AWQ", purpose="(or use RTN)")
     plan = select_linears(model, config.targets)
+    check_schemes({name: (m, config.scheme) for name, m in plan.items()})  # refuses an already quantized layer
     for module in plan.values():
         linear_weight(module)  # refuses an already compressed (e.g. pruned) layer in one line
-    check_schemes({name: (m, config.scheme) for name, m in plan.items()})
     seen: set[str] = set()
 
     def on_block(ctx: BlockContext) -> bool:
