@@ -14,6 +14,8 @@ from slimlm.sweep.folder import SweepRun
 from slimlm.sweep.pareto import pareto_front
 
 BASE_LABEL = "base"
+# No <metadata> block: no date (the page is reproducible) and no URIs beside the SVG namespaces.
+_NO_METADATA = {"Date": None, "Format": None, "Type": None, "Creator": None}
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,6 @@ def render_svg(spec: PlotSpec, points: list[Point], front: list[int]) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         buf = io.StringIO()
-        fig.savefig(buf, format="svg", metadata={"Date": None})
+        fig.savefig(buf, format="svg", metadata=_NO_METADATA)
     text = buf.getvalue()
     return text[text.index("<svg"):]
