@@ -40,7 +40,7 @@ class Column:
 COLUMNS = (
     Column("ppl", "ppl", lambda r, b: r.quality.perplexity, "{:.3f}", True),
     Column("dppl", "Δppl vs base", lambda r, b: _change(r.quality.perplexity, b.quality.perplexity), "{:+.2%}", True),
-    Column("kld", "KLD", lambda r, b: r.quality.kld, "{:.4f}", True),
+    Column("kld", "KLD", lambda r, b: r.quality.kld, "{:.3g}", True),  # 3 significant digits: int8 KLDs are ~1e-4
     Column("mb", "size MB", lambda r, b: r.size.model_bytes / 1e6, "{:.1f}", True),
     Column("bpw", "bits/w", lambda r, b: r.size.bits_per_weight, "{:.2f}", True),
     Column("tps", "tok/s", lambda r, b: _decode(r), "{:.2f}", False),

@@ -80,3 +80,27 @@ def standard_jobs() -> list[dict]:
         {"recipe": "int8-copy", "status": "done", "result": r(ppl=10.05, kld=0.002, bpw=8.5, mb=1.5, tps=35.0)},
         {"recipe": "nf2", "status": "failed", "error": "nf2 is not a scheme; valid: nf4, int2..int8"},
     ]
+
+
+def evaluated_sweep(root: Path, schemes: tuple[str, ...] = ("int8-channel", "int4-g16", "int3-channel", "int2-g16")) -> Path:
+    """A sweep folder from measured Results: a tiny llama and RTN copies of it, on a small pydoc protocol
+    (needs SLIMLM_CACHE pointed somewhere disposable: the base outputs are cached there)."""
+    import copy
+
+    from slimlm.api import apply
+    from slimlm.eval import Protocol, evaluate
+    from slimlm.models.tiny import tiny_model, tiny_tokenizer
+    from slimlm.quant import RTN
+
+    proto = Protocol(name="pydoc-test", text="pydoc-v1", window=64, eval_tokens=256, prompt_tokens=16,
+                     new_tokens=5, speed_runs=2, kl_top_k=32)
+    tok, base_model = tiny_tokenizer(), tiny_model("llama", seed=0)
+    base = evaluate(base_model, tok, source="tiny", protocol=proto, model_id="tiny@0")
+    jobs = []
+    for scheme in schemes:
+        model = apply(copy.deepcopy(base_model), RTN(scheme=scheme))
+        result = evaluate(model, tok, source=f"tiny-rtn-{scheme}", protocol=proto, base_source="tiny",
+                          base_id="tiny@0", load_base=lambda: base_model)
+        jobs.append({"recipe": f"rtn-{scheme}", "status": "done", "result": result})
+    jobs.append({"recipe": "rtn-int9", "status": "failed", "error": "int9: bits must be 2..8"})
+    return write_sweep(root, jobs, base=base, samples=False)

@@ -45,7 +45,7 @@ def test_numbers_in_the_table(run, page):
     int4 = next(tr for tr in page.find("tr") if tr.attrs.get("data-job") == job_id("int4-g64"))
     cells = [td for td in page.find("td") if td.inside("tr") is int4]
     texts = [td.content for td in cells]
-    assert texts[:8] == ["int4-g64", "10.800", "+8.00%", "0.0500", "1.0", "4.50", "50.00", "2.50x"]
+    assert texts[:8] == ["int4-g64", "10.800", "+8.00%", "0.05", "1.0", "4.50", "50.00", "2.50x"]
     assert float(cells[1].attrs["data-v"]) == 10.8  # the sort key is the number, not the text
     pending = next(tr for tr in page.find("tr") if tr.attrs.get("data-job") == job_id("int2-pending"))
     assert {td.attrs.get("data-v") for td in page.find("td") if td.inside("tr") is pending} == {None, ""}
