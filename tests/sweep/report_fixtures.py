@@ -43,7 +43,8 @@ def _samples(texts: list[str]) -> dict:
     return {"schema": "slimlm.samples/1", "samples": [{"prompt": p, "text": t} for p, t in zip(PROMPTS, texts)]}
 
 
-def write_sweep(root: Path, jobs: list[dict], *, base: Result | None = None, samples: bool = True) -> Path:
+def write_sweep(root: Path, jobs: list[dict], *, base: Result | None = None, samples: bool = True,
+                base_texts: tuple[str, ...] = BASE_TEXTS) -> Path:
     """``jobs``: dicts with recipe, status ("done"/"failed"/"pending"), and result / error / texts."""
     base = base or make_result(ppl=10.0, kld=0.0, bpw=32.0, mb=4.0, tps=20.0)
     ids = [job_id(j["recipe"]) for j in jobs]
@@ -52,7 +53,7 @@ def write_sweep(root: Path, jobs: list[dict], *, base: Result | None = None, sam
                                  "jobs": [{"id": i, "recipe": j["recipe"]} for i, j in zip(ids, jobs)]})
     base.save(root / "base" / "result.json", overwrite=True)
     if samples:
-        _write(root / "base" / "samples.json", _samples(list(BASE_TEXTS)))
+        _write(root / "base" / "samples.json", _samples(list(base_texts)))
     for i, j in zip(ids, jobs):
         if j["status"] == "pending":
             continue

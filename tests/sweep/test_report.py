@@ -78,11 +78,14 @@ def test_frontier(run, page):
 def test_strings_are_escaped(tmp_path):
     evil = "<script>alert(1)</script>"
     jobs = [{"recipe": evil, "status": "done", "result": make_result(ppl=11, kld=0.1, bpw=4, mb=1),
-             "texts": ["</td><b>bold</b>", "a & b", "$x$"]},
+             "texts": ["</td><b>bold</b>", "<i>same</i> then <u>not</u>", "$x$"]},
             {"recipe": "fails", "status": "failed", "error": "<img src=x onerror=alert(1)>"}]
-    html = render_report(read_sweep(write_sweep(tmp_path / "run", jobs)))
+    base_texts = ("<em>base</em>", "<i>same</i> then <s>other</s>", "plain")  # shared prefix, marked suffix
+    html = render_report(read_sweep(write_sweep(tmp_path / "run", jobs, base_texts=base_texts)))
     page = Page(html)
     assert len(page.find("script")) == 1 and not page.find("img")
+    assert not any(page.find(tag) for tag in ("em", "i", "u", "s"))
+    assert [m.content for m in page.find("mark")] == ["/td><b>bold</b>", "u>not</u>", "$x$"]
     assert [b.content for b in page.find("b") if b.inside("table")] == [evil] * 3  # the recipe over each sample
     text = "".join(e.content for e in page.find("body"))
     assert evil in text and "<img src=x onerror=alert(1)>" in text and "</td><b>bold</b>" in text
