@@ -1,4 +1,4 @@
-"""`slimlm compress | eval | export | recipes | info | generate`: parse arguments, call the library, print.
+"""`slimlm compress | eval | export | recipes | info | generate | report`: parse arguments, call the library, print.
 
 Library errors (SlimlmError) become one line on stderr and a non-zero exit;
 anything else is a bug and shows its traceback under --debug.
@@ -274,8 +274,16 @@ def _generate_speculative(args: argparse.Namespace, model, tokenizer, prompt: st
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from slimlm.sweep.report import write_report
+
+    path = write_report(args.folder, args.out, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: Commands = {"eval": cmd_eval, "compress": cmd_compress, "export": cmd_export, "recipes": cmd_recipes,
-                      "info": cmd_info, "generate": cmd_generate}
+                      "info": cmd_info, "generate": cmd_generate, "report": cmd_report}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,4 +134,10 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     i.set_defaults(func=commands["info"])
 
     _add_generate_parser(sub, commands)
+
+    rp = sub.add_parser("report", help="write a sweep folder's results as one self-contained HTML page with plots")
+    rp.add_argument("folder", help="the --out folder of `slimlm sweep` (runs/NAME)")
+    rp.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
+    rp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    rp.set_defaults(func=commands["report"])
     return p
