@@ -147,10 +147,13 @@ def measured_on(protocol: str, text_source: str | None = None, text_sha256: str 
     return protocol + (f" (text {text_source}, sha256 {text_sha256[:12]})" if text_sha256 else "")
 
 
+_NOT_METRICS = ("samples", "version")
+
+
 def _task_rows(results: list[Result]) -> list[list[str]]:
     """One row per (task, metric) any result holds: value ± standard error, change vs the first column."""
     keys = dict.fromkeys((task, metric) for r in results for task, scores in (r.tasks or {}).items()
-                         for metric in scores if metric not in ("samples", "version") and not metric.endswith("_stderr"))
+                         for metric in scores if metric not in _NOT_METRICS and not metric.endswith("_stderr"))
     rows = []
     for task, metric in keys:
         values = [(r.tasks or {}).get(task, {}) for r in results]

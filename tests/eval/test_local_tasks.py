@@ -13,26 +13,28 @@ from slimlm.eval.tasks import LOCAL_TASKS, TASKS_DIR, build
 from slimlm.models.tiny import tiny_model, tiny_tokenizer
 
 DOCS = [
-    "Intro line without period\n\nAlpha beta gamma delta. " + "Filler words here and there. " * 8 + "It ended with thunder.",
+    "Intro line without period\n\nA Heading\nAlpha beta gamma delta. " + "Filler words here and there. " * 8
+    + "It ended with thunder.",
     "First point of docs two. Second point follows here. Third point closes the paragraph.\n\n   indented code line",
     "Other topic sentence number one. Other topic sentence number two is here. Another unrelated sentence is here.",
-    "Yet another document, the fourth one. It has its own sentences too. A final sentence of the fourth document.",
+    "Yet another document, the fourth one. It has its own sentences too. A final sentence of the fourth well-\n"
+    "known document.",
 ]
 
 
 def test_lastword_passages_are_paragraphs_cut_before_their_last_word():
     records = build.lastword_records(DOCS)
-    assert records == [{"context": " ".join(DOCS[0].split("\n\n")[1].split())[: -len(" thunder.")],
-                        "target": " thunder"}]  # fmt: skip
+    paragraph = DOCS[0].split("\n\n")[1].removeprefix("A Heading\n")  # the heading line is dropped
+    assert records == [{"context": " ".join(paragraph.split())[: -len(" thunder.")], "target": " thunder"}]
 
 
 def test_choice_questions_hold_the_true_next_sentence_and_distractors_from_other_documents():
     records = build.choice_records(DOCS, seed=3)
-    flat = [" ".join(doc.split()) for doc in DOCS]
+    flat = [" ".join(doc.replace("-\n", "-").split()) for doc in DOCS]
     # one question in each of DOCS[1:]: their third sentence (the second is < 30 characters, or its one
-    # sentence of context < 40); DOCS[0]'s sentences are all < 30 characters and its code paragraph is skipped
+    # sentence of context < 40); DOCS[0] has no sentence of 30..200 characters after one; DOCS[1]'s code is skipped
     assert [r["choices"][r["label"]] for r in records] == ["Third point closes the paragraph.",
-        "Another unrelated sentence is here.", "A final sentence of the fourth document."]  # fmt: skip
+        "Another unrelated sentence is here.", "A final sentence of the fourth well-known document."]  # fmt: skip
     assert records == build.choice_records(DOCS, seed=3)
     for r in records:
         answer = r["choices"][r["label"]]

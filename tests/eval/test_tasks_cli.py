@@ -76,7 +76,8 @@ def test_an_unknown_task_is_refused_before_the_model_loads(capsys):
 
 def test_lm_eval_cli_adds_the_local_task_directory():
     local = ["--include_path", str(TASKS_DIR)]
-    assert with_local_tasks(["--model", "slimlm", "--tasks", "x"]) == ["run", "--model", "slimlm", "--tasks", "x", *local]
+    run = ["run", "--model", "slimlm", "--tasks", "x", *local]
+    assert with_local_tasks(["--model", "slimlm", "--tasks", "x"]) == run
     assert with_local_tasks(["ls", "tasks"]) == ["ls", "tasks", *local]
     assert with_local_tasks(["--include_path", "mine", "--tasks", "x"]) == ["--include_path", "mine", "--tasks", "x"]
     assert with_local_tasks([]) == []

@@ -11,7 +11,8 @@ text is Python's own help (``pydoc_data``), so another Python minor version has 
 text and cannot rebuild the same bytes (the shipped files still load anywhere).
 
 slimlm_wiki_lastword (LAMBADA-style, Paperno et al. 2016), from wiki-v1's evaluation split:
-  1. each article is cut into paragraphs at blank lines, whitespace runs collapsed to one space;
+  1. each article is cut into paragraphs at blank lines; leading lines that do not end in ".", "!"
+     or "?" (section headings) are dropped, whitespace runs collapsed to one space;
   2. a paragraph is a passage when it is 200..600 characters long, holds at least two
      sentences (". " followed by a capital) and ends with "." right after a space and a word
      of >= 4 ASCII letters. Unlike LAMBADA there is no human filter keeping only words that
@@ -25,7 +26,8 @@ slimlm_wiki_lastword (LAMBADA-style, Paperno et al. 2016), from wiki-v1's evalua
 slimlm_pydoc_choice (next sentence among 4), from pydoc-v1's evaluation split:
   1. each topic is cut into paragraphs at blank lines; a prose paragraph has no indented
      line (pydoc indents code and grammar) and no heading underline; its lines are joined
-     by spaces and split into sentences after ".", "!" or "?" followed by space and a capital;
+     by spaces (without one after a hyphen ending a line: pydoc wraps there) and split into
+     sentences after ".", "!" or "?" followed by space and a capital;
   2. a question is a sentence of 30..200 characters that follows at least one sentence of
      its paragraph: ``context`` = up to 3 sentences before it (>= 40 characters), the answer
      is the sentence itself;
@@ -60,6 +62,7 @@ _PARAGRAPH = re.compile(r"\n[ \t]*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _LAST_WORD = re.compile(r" ([A-Za-z]{4,})$")
 _UNDERLINE = re.compile(r"^[*=~^-]{3,}$")
+_WRAPPED_HYPHEN = re.compile(r"(?<=\w)-\n(?=\w)")
 
 
 def _sample_in_order(items: list, n: int, rng: random.Random) -> list:
@@ -74,7 +77,10 @@ def lastword_records(docs: list[str], *, n: int = LASTWORD_N, seed: int = SEED) 
     found = []
     for doc in docs:
         for para in _PARAGRAPH.split(doc):
-            text = " ".join(para.split())
+            lines = para.strip().split("\n")
+            while len(lines) > 1 and not lines[0].rstrip().endswith((".", "!", "?")):
+                lines = lines[1:]  # a section heading on its own line(s) before the paragraph
+            text = " ".join(" ".join(lines).split())
             if not (200 <= len(text) <= 600 and text.endswith(".") and _SENTENCE_END.search(text)):
                 continue
             m = _LAST_WORD.search(text[:-1])
@@ -90,7 +96,8 @@ def _prose_sentences(doc: str) -> list[list[str]]:
         lines = [line for line in para.strip("\n").split("\n") if line.strip()]
         if not lines or any(line[0].isspace() or _UNDERLINE.match(line.strip()) for line in lines):
             continue
-        out.append(_SENTENCE_END.split(" ".join(" ".join(lines).split())))
+        text = _WRAPPED_HYPHEN.sub("-", "\n".join(lines))  # pydoc wraps lines after hyphens: "left-\nhand"
+        out.append(_SENTENCE_END.split(" ".join(text.split())))
     return out
 
 
