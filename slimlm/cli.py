@@ -68,8 +68,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sources = args.models or [DEFAULT_MODEL]
     if len(sources) > 1 and not args.compare:
         raise SlimlmError("several models given: pass --compare to evaluate them side by side")
+    tasks = None
+    if args.tasks is not None:
+        from slimlm.eval.accuracy import parse_tasks
+
+        tasks = parse_tasks(args.tasks)
+        if not (args.verbose or args.debug):  # HFLM's notes on being handed a loaded model, truncation, ...
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    elif args.task_limit is not None:
+        raise SlimlmError("--task-limit is for --tasks; add --tasks (e.g. --tasks slimlm_wiki_lastword)")
     results = evaluate_sources(sources, protocol=args.protocol, eval_data=args.eval_data, base=args.base,
-                               tokens=args.tokens, full=args.full, speed=not args.no_speed, dtype=_dtype(args))
+                               tokens=args.tokens, full=args.full, speed=not args.no_speed, dtype=_dtype(args),
+                               tasks=tasks, task_limit=args.task_limit)
     print(format_results(results))
     if args.json:
         save_results(args.json, results, overwrite=args.overwrite)

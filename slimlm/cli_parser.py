@@ -121,6 +121,11 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     e.add_argument("--dtype", default="float32", choices=DTYPES)
+    e.add_argument("--tasks", default=None, metavar="A,B",
+                   help="also score lm-evaluation-harness tasks (needs pip install 'slimlm[tasks]'): slimlm's local "
+                        "slimlm_wiki_lastword, slimlm_pydoc_choice, or any lm-eval task (hub data)")
+    e.add_argument("--task-limit", type=int, default=None, metavar="N",
+                   help="with --tasks: score the first N examples of each task (default all)")
     e.set_defaults(func=commands["eval"])
 
     _add_compress_parsers(sub, commands)

@@ -52,6 +52,7 @@ class Result:
     text_sha256: str | None = None  # and the hash of its documents (slimlm.data.text_sha256)
     kernels: dict[str, Any] | None = None  # KernelReport.to_dict(): path -> layers, fallbacks; None: no runtime linears
     training: list[dict[str, Any]] | None = None  # each training step's TrainReport.to_json() (config, losses, ...)
+    tasks: dict[str, dict[str, Any]] | None = None  # lm-eval task -> {acc, acc_stderr, ..., samples} (eval.accuracy)
     env: dict[str, Any] = field(default_factory=environment)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     schema: str = SCHEMA
@@ -64,6 +65,8 @@ class Result:
             del d["kernels"]
         if self.training is None:  # nothing trained: no training field, as before
             del d["training"]
+        if self.tasks is None:  # no task accuracy asked for: no tasks field, as before
+            del d["tasks"]
         return d
 
     @classmethod
@@ -144,6 +147,27 @@ def measured_on(protocol: str, text_source: str | None = None, text_sha256: str 
     return protocol + (f" (text {text_source}, sha256 {text_sha256[:12]})" if text_sha256 else "")
 
 
+_NOT_METRICS = ("samples", "version")
+
+
+def _task_rows(results: list[Result]) -> list[list[str]]:
+    """One row per (task, metric) any result holds: value ± standard error, change vs the first column."""
+    keys = dict.fromkeys((task, metric) for r in results for task, scores in (r.tasks or {}).items()
+                         for metric in scores if metric not in _NOT_METRICS and not metric.endswith("_stderr"))
+    rows = []
+    for task, metric in keys:
+        values = [(r.tasks or {}).get(task, {}) for r in results]
+        ref = values[0].get(metric)
+        cells = []
+        for i, v in enumerate(values):
+            se = v.get(f"{metric}_stderr")
+            cell = _cell(v.get(metric), "{:.2%}") + (f" ±{se:.2%}" if se is not None else "")
+            cells.append(cell + (_delta(v.get(metric), ref) if i else ""))
+        n = values[0].get("samples")
+        rows.append([f"{task} {metric}" + (f" (n={n})" if n else ""), *cells])
+    return rows
+
+
 def check_comparable(results: list[Result]) -> None:
     """Refuse results measured on different protocols or texts: their numbers do not compare."""
     seen = {(r.protocol, r.text_sha256): r for r in results}
@@ -169,6 +193,7 @@ def format_results(results: list[Result]) -> str:
     for label, get, fmt, _ in _ROWS:
         ref = get(first)
         rows.append([label, *(_cell(get(r), fmt) + (_delta(get(r), ref) if i else "") for i, r in enumerate(results))])
+    rows += _task_rows(results)
     widths = [max(len(row[c]) for row in rows) for c in range(len(names))]
     lines = [header, ""]
     for j, row in enumerate(rows):

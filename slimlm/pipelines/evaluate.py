@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 
 import gc
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.eval import Protocol, Result, check_comparable, evaluate, load_results, with_user_text
+from slimlm.eval.accuracy import check_tasks, task_accuracy
 from slimlm.eval.protocol import BOS_SUFFIX
 from slimlm.eval.result import measured_on
 from slimlm.io import is_compressed_dir, read_manifest
@@ -71,6 +73,8 @@ def evaluate_sources(
     full: bool = False,
     speed: bool = True,
     dtype: torch.dtype = torch.float32,
+    tasks: Sequence[str] | None = None,
+    task_limit: int | None = None,
 ) -> list[Result]:
     """The Results of ``sources`` in order: one per model, those a saved .json holds (a comparison
     written by ``slimlm compress --json`` gives base and compressed; a result already listed, such
@@ -79,10 +83,16 @@ def evaluate_sources(
     KL divergence is measured against ``base``; by default the first source
     when there are several, else a checkpoint's own base model, else the
     model itself. ``eval_data`` scores a user's text (an ad-hoc protocol).
+    ``tasks`` adds lm-eval task accuracy (``slimlm.eval.accuracy``) to each measured
+    model's Result, on the first ``task_limit`` examples of each task when given.
     """
     proto = with_user_text(protocol, eval_data=eval_data)  # refuse an unknown protocol or bad text first
     if tokens is not None:
         check_pos_int("--tokens", tokens, "evaluation tokens")
+    if tasks is not None:
+        tasks = check_tasks(tasks)  # an unknown task or missing lm-eval: refused before any model loads
+    if task_limit is not None:
+        check_pos_int("--task-limit", task_limit, "examples per task")
     if not sources:
         raise SlimlmError("no model to evaluate; give a built-in name, HF directory, hub id, .gguf or result .json")
     saved = _saved_results(sources, proto)
@@ -105,6 +115,9 @@ def evaluate_sources(
             load_base=(lambda: load_model(base, dtype=dtype)[0]) if other_base else None, speed=speed,
             model_dir=model_dir(source),
         ))  # fmt: skip
+        if tasks:
+            scores = task_accuracy(model, tokenizer, tasks, limit=task_limit)
+            results[-1] = dataclasses.replace(results[-1], tasks=scores)
         del model
         gc.collect()
     check_comparable(results)  # a saved result with(out) BOS beside models measured without (with) it
