@@ -20,7 +20,7 @@ LAYERS = {
     5: ("calib",),
     6: ("quant", "prune", "train", "distill", "lowrank", "peft"),
     7: ("methods", "api", "recipe"),
-    8: ("pipelines", "export"),
+    8: ("pipelines", "export", "sweep"),
     9: ("cli", "cli_parser"),
 }
 LAYER_OF = {name: rank for rank, names in LAYERS.items() for name in names}
