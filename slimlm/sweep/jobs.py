@@ -236,7 +236,7 @@ def check_folder(out: Path, model: str, settings: Settings) -> dict[str, Any] | 
         raise SlimlmError(f"--out {out} is a file; give a folder for the sweep")
     path = out / "sweep.json"
     if not path.exists():
-        if any(out.iterdir()):
+        if any(not p.name.startswith(".") for p in out.iterdir()):  # (.sweep.lock may be there)
             raise SlimlmError(f"{out} exists and is not a sweep folder (no sweep.json); choose another --out")
         return None
     doc = read_json(path, SWEEP_SCHEMA, "choose another --out (or delete that file)")

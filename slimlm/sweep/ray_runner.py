@@ -69,8 +69,9 @@ def _import_ray() -> Any:
 
 
 def _forwarded_env() -> dict[str, str]:
-    """slimlm's own settings (SLIMLM_CACHE, ...) travel with each task; the rest of the environment is the node's."""
-    return {k: v for k, v in os.environ.items() if k.startswith("SLIMLM_")}
+    """slimlm's own settings (SLIMLM_CACHE, ...) travel with each task; the rest of the environment is the
+    node's. No per-job progress bars: the sweep's own bar is the progress."""
+    return {**{k: v for k, v in os.environ.items() if k.startswith("SLIMLM_")}, "TQDM_DISABLE": "1"}
 
 
 @contextlib.contextmanager

@@ -113,10 +113,10 @@ def _locked(out: Path) -> Iterator[None]:
         yield
 
 
-def _prepare(plan: _Plan) -> dict[str, dict[str, Any]]:
-    """Check what the folder already holds and write sweep.json; -> the job.json of each finished job."""
+def _prepare(plan: _Plan, old: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Check what the folder already holds (``old``: its sweep.json) and write sweep.json; -> the job.json of
+    each finished job."""
     out, settings = plan.out, plan.settings
-    old = check_folder(out, plan.model, settings)
     if old is not None and old.get("settings", settings.to_dict()) != settings.to_dict():
         raise SlimlmError(f"{out} was swept with {old['settings']}, not {settings.to_dict()}; rerun with the same "
                           "--tokens/--calib-samples or choose another --out")  # fmt: skip
@@ -220,10 +220,11 @@ def sweep(model: str, recipes: Sequence[str | Recipe], *, grid: dict[str, Sequen
         check_address(ray_address)
     if jobs > 1 and speed:
         log.warning("%d jobs at a time share this machine: their speed numbers disturb each other", jobs)
+    old = check_folder(plan.out, plan.model, plan.settings)
     writable(plan.out)
     report = on_job or (lambda outcome, n: None)
     with _locked(plan.out):
-        done = _prepare(plan)
+        done = _prepare(plan, old)
         outcomes = {j.id: _outcome(j, done[j.id], plan.out, skipped=True) for j in plan.jobs if j.id in done}
         for o in outcomes.values():
             report(o, len(plan.jobs))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.eval import Result, evaluate, get_protocol, load_result
+from slimlm.eval import evaluate, get_protocol, load_result
 from slimlm.fsutil import atomic_dir
 from slimlm.io import load_compressed
 from slimlm.models import load_model
@@ -110,6 +110,7 @@ def run_in_child(task: dict[str, Any], conn: Any) -> None:
     back through ``conn`` (a forkserver child starts with the server's environment, not the parent's)."""
     os.environ.clear()
     os.environ.update(task.pop("env", {}))
+    os.environ["TQDM_DISABLE"] = "1"  # the sweep's own bar is the progress; no per-job bars under it
     os.chdir(task.pop("cwd", os.getcwd()))
     conn.send(run_task(task))
     conn.close()
