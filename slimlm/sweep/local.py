@@ -50,7 +50,8 @@ def run_local(tasks: Sequence[dict[str, Any]], *, jobs: int, on_done: OnDone) ->
             while pending and len(running) < jobs:
                 task = pending.pop(0)
                 reader, writer = ctx.Pipe(duplex=False)
-                child = {**task, "env": dict(os.environ), "cwd": os.getcwd()}
+                # the parent's environment; no per-job bars under the sweep's own
+                child = {**task, "env": {**os.environ, "TQDM_DISABLE": "1"}, "cwd": os.getcwd()}
                 proc = ctx.Process(target=run_in_child, args=(child, writer))
                 proc.start()
                 writer.close()  # the child holds the write end; EOF here once it exits

@@ -1,8 +1,9 @@
 """Run sweep tasks on Ray: a runtime started here (``--ray``) or an existing cluster (``--ray-address``).
 
 Each task is one Ray task running the same :func:`slimlm.sweep.worker.run_task`
-as the local path, in a worker process of its own (``max_calls=1``), with a
-CPU, GPU and memory request; it writes to the sweep folder, which on a
+as the local path, with a CPU, GPU and memory request, in Ray's worker
+processes (reused between tasks as Ray does: a fresh process per job would
+pay slimlm's import, ~9 s here, each time); it writes to the sweep folder, which on a
 cluster must be a path every node sees (a shared filesystem). Ray schedules;
 slimlm only submits and collects. A Ray runtime the caller already started
 in this process (``ray.init`` from Python) is used as it is and left running.
@@ -99,9 +100,9 @@ def ray_session(*, address: str | None, num_cpus: float) -> Iterator[Any]:
 
 def run_ray(ray: Any, tasks: Sequence[dict[str, Any]], *, request: RayRequest, on_done: OnDone) -> None:
     """Submit every task to the connected runtime and call ``on_done(task, outcome)`` as each finishes."""
-    env = {"env_vars": _forwarded_env()}
-    remote = ray.remote(max_calls=1, **request.options())(run_task).options(runtime_env=env)
-    refs = {remote.remote(task): task for task in tasks}
+    remote = ray.remote(**request.options())(run_task)
+    env = _forwarded_env()
+    refs = {remote.remote({**task, "env": env}): task for task in tasks}
     while refs:
         done, _ = ray.wait(list(refs), num_returns=1)
         for ref in done:

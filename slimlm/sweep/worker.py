@@ -94,7 +94,9 @@ def run_job(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Run one task (``kind`` base or job) with its thread count; never raises a SlimlmError (-> failed)."""
+    """Run one task (``kind`` base or job) with its environment (``env``: variables to set) and thread count;
+    never raises a SlimlmError (-> failed)."""
+    os.environ.update(task.get("env", {}))
     if task.get("threads"):
         torch.set_num_threads(task["threads"])
     if task["kind"] == "job":
@@ -108,9 +110,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
 def run_in_child(task: dict[str, Any], conn: Any) -> None:
     """A local worker process's entry: the parent's environment and folder, then the task; the outcome goes
     back through ``conn`` (a forkserver child starts with the server's environment, not the parent's)."""
-    os.environ.clear()
-    os.environ.update(task.pop("env", {}))
-    os.environ["TQDM_DISABLE"] = "1"  # the sweep's own bar is the progress; no per-job bars under it
+    os.environ.clear()  # run_task sets the parent's
     os.chdir(task.pop("cwd", os.getcwd()))
     conn.send(run_task(task))
     conn.close()
