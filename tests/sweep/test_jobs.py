@@ -188,3 +188,15 @@ def test_recipe_objects_are_accepted_from_python():
     rec = recipe_from_dict({"name": "mine", "steps": [{"method": "rtn", "scheme": "int8-channel"}]})
     (job,) = expand([rec], {"bits": [4]}, model_key="m", settings=SETTINGS)
     assert job.name == "mine[bits=4]" and job.recipe().steps[0].scheme.bits == 4
+
+
+def test_a_rerun_with_other_settings_is_refused(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    out.mkdir()
+    doc = {"schema": "slimlm.sweep/1", "model": tiny_dir, "protocol": "pydoc-v1", "created": "x", "jobs": [],
+           "settings": {"protocol": "pydoc-v1", "tokens": 1024, "full": False, "calib_samples": None}}
+    (out / "sweep.json").write_text(json.dumps(doc))
+    _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out", str(out),
+                                  *FAST]), "rerun with the same --tokens/--calib-samples")
+    assert json.loads((out / "sweep.json").read_text()) == doc

@@ -75,7 +75,7 @@ def test_a_failing_job_is_recorded_and_the_others_finish(capsys, tiny_dir, tmp_p
     out = tmp_path / "run"
     # group_size 48 does not divide the tiny model's 64 input features: that job's compress refuses
     argv = ["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--grid", "group_size=48,32", "--out",
-            str(out), "--keep-models", *FAST]
+            str(out), "--keep-models", "--jobs", "2", *FAST]
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert "rtn-int4-g64[group_size=48]: FAILED: " in captured.out and "rtn-int4-g64[group_size=32]: ppl" in captured.out
