@@ -61,7 +61,7 @@ def check_address(address: str) -> None:
                           "(`ray start --head`) or fix --ray-address") from None
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
     try:
         import ray
     except ImportError:
@@ -79,7 +79,7 @@ def _forwarded_env() -> dict[str, str]:
 def ray_session(*, address: str | None, num_cpus: float) -> Iterator[Any]:
     """Start a runtime of ``num_cpus`` here (``address`` None) or join ``address``, and leave it at the end;
     a runtime already running in this process is used as it is and left running. Yields the ray module."""
-    ray = _import_ray()
+    ray = import_ray()
     if ray.is_initialized():
         yield ray
         return

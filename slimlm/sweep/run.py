@@ -31,7 +31,7 @@ from slimlm.recipe import Recipe, load_recipe
 from slimlm.sweep.jobs import (Job, Settings, check_folder, expand, job_doc, read_job, sweep_doc, writable,
                                write_json)
 from slimlm.sweep.local import run_local
-from slimlm.sweep.ray_runner import RayRequest, check_address, ray_session, run_ray
+from slimlm.sweep.ray_runner import RayRequest, check_address, import_ray, ray_session, run_ray
 from slimlm.validate import check_pos_int
 
 log = logging.getLogger("slimlm.sweep")
@@ -216,6 +216,8 @@ def sweep(model: str, recipes: Sequence[str | Recipe], *, grid: dict[str, Sequen
     threads = threads or max(1, torch.get_num_threads() // jobs)
     request = RayRequest(cpus=threads, gpus=gpus_per_job, memory_gb=memory_per_job_gb)
     plan = _plan(model, recipes, grid, Path(out), Settings(protocol, tokens, full, calib_samples))
+    if ray or ray_address:
+        import_ray()  # refuses a missing Ray now
     if ray_address:
         check_address(ray_address)
     if jobs > 1 and speed:

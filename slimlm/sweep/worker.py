@@ -49,7 +49,8 @@ def run_base(task: dict[str, Any]) -> dict[str, Any]:
     work, tokenizer = load_model(model)
     stream = checked_stream(tokenizer, get_protocol(s.protocol), n_tokens=s.tokens, full=s.full)
     result = evaluate(work, tokenizer, source=model, model_id=model_id(model), model_dir=model_dir(model),
-                      protocol=s.protocol, n_tokens=s.tokens, full=s.full, speed=task["speed"], stream=stream)  # fmt: skip
+                      protocol=s.protocol, n_tokens=s.tokens, full=s.full, speed=task["speed"],
+                      stream=stream)  # fmt: skip
     samples = generate_samples(work, tokenizer)
     with atomic_dir(task["dir"], overwrite=True) as tmp:
         result.save(tmp / "result.json")

@@ -200,3 +200,17 @@ def test_a_rerun_with_other_settings_is_refused(capsys, tiny_dir, tmp_path, monk
     _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out", str(out),
                                   *FAST]), "rerun with the same --tokens/--calib-samples")
     assert json.loads((out / "sweep.json").read_text()) == doc
+
+
+def test_ray_flags_without_ray_installed_are_one_line(capsys, tiny_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    out = tmp_path / "run"
+    _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--ray", "--out",
+                                  str(out), *FAST]), "pip install 'slimlm[sweep]'")
+    with pytest.raises(SystemExit) as exit_:  # argparse: one usage line
+        main(["sweep", "--recipes", "rtn-int4-g64", "--ray", "--ray-address", "auto", "--out", str(out)])
+    assert exit_.value.code == 2 and "not allowed with argument --ray" in capsys.readouterr().err
+    assert not out.exists()
