@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
 
@@ -25,11 +26,22 @@ OnDone = Callable[[dict[str, Any], dict[str, Any]], None]  # (task, outcome)
 
 
 def _context() -> Any:
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["slimlm.sweep.worker"])
-        return ctx
-    return mp.get_context("spawn")
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["slimlm.sweep.worker"])
+    # No per-job progress bars under the sweep's own: tqdm reads TQDM_DISABLE when it is imported, which in
+    # the workers is when the server preloads slimlm, so the server (not each job) must start with it set.
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+    return ctx
 
 
 def _crashed(proc: Any) -> dict[str, Any]:
@@ -50,8 +62,7 @@ def run_local(tasks: Sequence[dict[str, Any]], *, jobs: int, on_done: OnDone) ->
             while pending and len(running) < jobs:
                 task = pending.pop(0)
                 reader, writer = ctx.Pipe(duplex=False)
-                # the parent's environment; no per-job bars under the sweep's own
-                child = {**task, "env": {**os.environ, "TQDM_DISABLE": "1"}, "cwd": os.getcwd()}
+                child = {**task, "env": dict(os.environ), "cwd": os.getcwd()}  # the parent's
                 proc = ctx.Process(target=run_in_child, args=(child, writer))
                 proc.start()
                 writer.close()  # the child holds the write end; EOF here once it exits
