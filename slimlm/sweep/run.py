@@ -121,7 +121,11 @@ def _prepare(plan: _Plan, old: dict[str, Any] | None) -> dict[str, dict[str, Any
         raise SlimlmError(f"{out} was swept with {old['settings']}, not {settings.to_dict()}; rerun with the same "
                           "--tokens/--calib-samples or choose another --out")  # fmt: skip
     if (out / "base" / "result.json").exists():
-        load_result(out / "base" / "result.json")  # a corrupt one is refused by name
+        try:
+            load_result(out / "base" / "result.json")
+        except SlimlmError:
+            raise SlimlmError(f"{out / 'base' / 'result.json'} is corrupt or not a slimlm result; delete "
+                              f"{out / 'base'} to measure the base again") from None
     done = {}
     for job in plan.jobs:
         doc = read_job(out / "jobs" / job.id)

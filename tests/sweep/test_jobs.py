@@ -214,3 +214,14 @@ def test_ray_flags_without_ray_installed_are_one_line(capsys, tiny_dir, tmp_path
         main(["sweep", "--recipes", "rtn-int4-g64", "--ray", "--ray-address", "auto", "--out", str(out)])
     assert exit_.value.code == 2 and "not allowed with argument --ray" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_corrupt_base_result_is_refused_by_name(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "result.json").write_text('{"schema": "slimlm.result/1"}')
+    doc = {"schema": "slimlm.sweep/1", "model": tiny_dir, "protocol": "pydoc-v1", "created": "x", "jobs": []}
+    (out / "sweep.json").write_text(json.dumps(doc))
+    _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out", str(out),
+                                  *FAST]), f"base/result.json is corrupt or not a slimlm result; delete {out}/base")

@@ -61,14 +61,15 @@ def test_sweep_writes_the_layout_and_resumes_without_recomputing(capsys, tiny_di
     first, second = jobs["rtn-int4-g64"], jobs["rtn-int8-g64"]
     kept = ((first / "job.json").stat().st_mtime_ns, json.loads((first / "job.json").read_text())["finished"])
     base_mtime = (out / "base" / "result.json").stat().st_mtime_ns
-    shutil.rmtree(second)  # as if the sweep had been killed during the second job
+    shutil.rmtree(second)  # as if the sweep had been killed during the second job...
+    (out / "jobs" / f".{second.name}.tmp-killed" / "model").mkdir(parents=True)  # ...which leaves its temp folder
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "rtn-int4-g64: ppl" in printed and "done before, skipped" in printed
     assert ((first / "job.json").stat().st_mtime_ns, json.loads((first / "job.json").read_text())["finished"]) == kept
     assert (out / "base" / "result.json").stat().st_mtime_ns == base_mtime  # the base is measured once
     assert json.loads((second / "job.json").read_text())["status"] == "done"
-    assert _jobs(out) == jobs
+    assert _jobs(out) == jobs and sorted(os.listdir(out / "jobs")) == sorted(f.name for f in jobs.values())
 
 
 def test_a_failing_job_is_recorded_and_the_others_finish(capsys, tiny_dir, tmp_path):
