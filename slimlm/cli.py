@@ -1,4 +1,4 @@
-"""`slimlm compress | eval | export | recipes | info | generate | report`: parse arguments, call the library, print.
+"""`slimlm compress | eval | export | recipes | info | generate | sweep | report`: parse arguments, call the library, print.
 
 Library errors (SlimlmError) become one line on stderr and a non-zero exit;
 anything else is a bug and shows its traceback under --debug.
@@ -292,8 +292,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """One line per finished job over an overall bar, then the comparison table; exit 1 if any job failed."""
+    from tqdm import tqdm
+
+    from slimlm.sweep import parse_grid, sweep
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    bar = None
+
+    def on_job(outcome, n_jobs: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=n_jobs, desc="sweep", unit="job", file=sys.stderr)
+        bar.write(outcome.line(), file=sys.stdout)
+        bar.update(1)
+
+    try:
+        report = sweep(args.model, recipes, grid=parse_grid(args.grid or []), out=args.out, protocol=args.protocol,
+                       tokens=args.tokens, calib_samples=args.calib_samples, jobs=args.jobs, ray=args.ray,
+                       ray_address=args.ray_address, keep_models=args.keep_models, speed=not args.no_speed,
+                       threads=args.job_threads, gpus_per_job=args.job_gpus, memory_per_job_gb=args.job_memory,
+                       on_job=on_job)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    print(report.table())
+    if report.failed:
+        print(f"{len(report.failed)} of {len(report.jobs)} jobs failed (recorded in {report.out}/jobs; a re-run "
+              "retries them)", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
 COMMANDS: Commands = {"eval": cmd_eval, "compress": cmd_compress, "export": cmd_export, "recipes": cmd_recipes,
-                      "info": cmd_info, "generate": cmd_generate, "report": cmd_report}
+                      "info": cmd_info, "generate": cmd_generate, "sweep": cmd_sweep, "report": cmd_report}
 
 
 def build_parser() -> argparse.ArgumentParser:

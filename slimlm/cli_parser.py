@@ -92,6 +92,34 @@ def _add_generate_parser(sub: argparse._SubParsersAction, commands: Commands) ->
     g.set_defaults(func=commands["generate"])
 
 
+def _add_sweep_parser(sub: argparse._SubParsersAction, commands: Commands) -> None:
+    s = sub.add_parser("sweep", help="compress a model with many recipes (and a grid of their fields) and measure "
+                                     "each; resumable, locally or on Ray")  # fmt: skip
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model to compress (default {DEFAULT_MODEL})")
+    s.add_argument("--recipes", required=True, help="comma-separated shipped recipe names or YAML files")
+    s.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="cross every recipe with these values of a step field it has (bits, group_size, "
+                        "sparsity, ...), e.g. --grid bits=3,4 group_size=32,64")
+    s.add_argument("--out", required=True, help="the sweep folder (runs/NAME); a re-run resumes it")
+    s.add_argument("--protocol", default="wiki-v1")
+    s.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's)")
+    s.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration sequences of 512 tokens for calibrated methods (default: the protocol's 128)")
+    s.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    s.add_argument("--keep-models", action="store_true", help="keep each compressed checkpoint in jobs/<id>/model")
+    s.add_argument("--jobs", type=int, default=1, help="jobs at a time (default 1; the size of a --ray runtime)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--ray", action="store_true", help="run each job as a Ray task on a runtime started here")
+    where.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run each job as a Ray task on the cluster at ADDR (host:port, ray://host:port, auto); "
+                            "--out must be a path every node sees")
+    s.add_argument("--job-threads", type=int, default=None,
+                   help="torch threads per job, and the CPUs each Ray task requests (default: threads / --jobs)")
+    s.add_argument("--job-gpus", type=float, default=0.0, help="GPUs each Ray task requests (default 0)")
+    s.add_argument("--job-memory", type=float, default=None, metavar="GB", help="memory each Ray task requests")
+    s.set_defaults(func=commands["sweep"])
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, like the library's refusals (subparsers inherit it)."""
 
@@ -139,6 +167,7 @@ def build_parser(commands: Commands) -> argparse.ArgumentParser:
     i.set_defaults(func=commands["info"])
 
     _add_generate_parser(sub, commands)
+    _add_sweep_parser(sub, commands)
 
     rp = sub.add_parser("report", help="write a sweep folder's results as one self-contained HTML page with plots")
     rp.add_argument("folder", help="the --out folder of `slimlm sweep` (runs/NAME)")

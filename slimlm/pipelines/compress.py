@@ -108,6 +108,7 @@ def compress(
     dtype: torch.dtype = torch.float32,
     lazy: bool = False,
     overwrite: bool = False,
+    base_result: Result | None = None,
 ) -> CompressReport:
     """Compress ``model`` with ``recipe``, save it to ``out`` and measure it against the base.
 
@@ -116,7 +117,7 @@ def compress(
     both is split by document, two are each used whole (``with_user_text``).
     ``lazy`` reads block weights from disk as needed and writes the checkpoint
     block by block, for models larger than memory (the measurements then load
-    each model whole).
+    each model whole). ``base_result``: the base measured before (a sweep's), reused.
     """
     if tokens is not None:
         check_pos_int("--tokens", tokens, "evaluation tokens")
@@ -137,8 +138,7 @@ def compress(
         training = prepare_training(steps, tokenizer, proto, out, model=model_id(model), recipe=rec.spec,
                                     calib_samples=calib_samples)  # fmt: skip  (refuses before any slow work)
     measure = dict(protocol=proto, n_tokens=tokens, full=full, speed=speed, stream=stream)
-    base_id = model_id(model)
-    base = evaluate(work, tokenizer, source=model, model_id=base_id, model_dir=model_dir(model), **measure)
+    base_id, base = model_id(model), _base(work, tokenizer, model, base_result, measure)
     if not lazy:
         t0 = time.perf_counter()
         apply_all(work, steps, calib, tokenizer=tokenizer, **training.apply_kwargs())
@@ -153,6 +153,15 @@ def compress(
                           recipe=rec.spec, **measure)  # fmt: skip
     compressed = compressed if lazy else dataclasses.replace(compressed, training=training.reports or None)
     return CompressReport(base=base, compressed=compressed, seconds=seconds, out=out, recipe=rec.name)
+
+
+def _base(work: Any, tokenizer: Any, model: str, base_result: Result | None, measure: dict[str, Any]) -> Result:
+    """The base's Result: measured now (its outputs cached on disk for the KL divergence), or the one given."""
+    if base_result is None:
+        return evaluate(work, tokenizer, source=model, model_id=model_id(model), model_dir=model_dir(model), **measure)
+    if base_result.model != model:
+        raise SlimlmError(f"base_result measures {base_result.model}, not {model}; pass the base of this model")
+    return base_result
 
 
 def _compress_lazy(model: str, rec: Recipe, proto: Protocol, out: Path, *, calib_samples: int | None,
