@@ -4,11 +4,12 @@
         [--model smollm2-135m] [--protocol wiki-v1] [--tokens 16384] [--calib-samples 128] [--threads 2] \
         [--rounds 2] [--work out/lowrank-bench] [--table]
 
-A row is ``<method>-<percent>[:<allocation>]``:
+A row is ``<method>-<percent>[:<allocation>][:update]``:
 
 * ``svd``, ``asvd``, ``svd-llm``: the slimlm config (``SVD``, ``ASVD``, ``SVDLLM``) with
   ``params=percent/100`` (that share of the decoder linears' weights removed), allocation ``uniform``
-  (default) or ``spectrum``;
+  (default) or ``spectrum``; ``:update`` (svd-llm) refits each output factor on the calibration Gram
+  (``SVDLLM(update=True)``);
 * ``width`` / ``depth``: ``Structured(params=..., mode=...)`` removing the same number of weights
   (``percent/100`` of the decoder linears' weights, converted to a share of all parameters).
 
@@ -43,23 +44,26 @@ STRUCTURED = ("width", "depth")
 ALLOCATIONS = ("uniform", "spectrum")
 
 
-def parse_row(row: str) -> tuple[str, float, str]:
-    """``svd-llm-20:spectrum`` -> ("svd-llm", 0.2, "spectrum"); the allocation defaults to uniform."""
-    shape, _, allocation = row.partition(":")
+def parse_row(row: str) -> tuple[str, float, str, bool]:
+    """``svd-llm-20:spectrum:update`` -> ("svd-llm", 0.2, "spectrum", True); allocation defaults to uniform."""
+    shape, *opts = row.split(":")
     method, _, pct = shape.rpartition("-")
-    allocation = allocation or "uniform"
+    allocations = [o for o in opts if o in ALLOCATIONS]
+    allocation, update = (allocations or ["uniform"])[0], "update" in opts
     ok = (method in LOWRANK or method in STRUCTURED) and pct.isdigit() and 0 < int(pct) < 100
-    if not ok or allocation not in ALLOCATIONS or (method in STRUCTURED and allocation != "uniform"):
+    ok = ok and len(allocations) + update == len(opts) and (method == "svd-llm" or not update)
+    if not ok or (method in STRUCTURED and opts):
         raise SystemExit(f"bad row {row!r}: use <{'|'.join((*LOWRANK, *STRUCTURED))}>-<percent 1..99>"
-                         f"[:{'|'.join(ALLOCATIONS)}] (allocation for svd/asvd/svd-llm only)")  # fmt: skip
-    return method, int(pct) / 100, allocation
+                         f"[:{'|'.join(ALLOCATIONS)}][:update] (allocation for svd/asvd/svd-llm only, "
+                         f"update for svd-llm only)")  # fmt: skip
+    return method, int(pct) / 100, allocation, update
 
 
 def row_config(row: str, *, linear_weights: int, total_params: int):
     """The slimlm config of a row; structured rows remove as many weights as the low-rank rows of that percent."""
-    method, params, allocation = parse_row(row)
+    method, params, allocation, update = parse_row(row)
     if method in LOWRANK:
-        return LOWRANK[method](params=params, allocation=allocation)
+        return LOWRANK[method](params=params, allocation=allocation, **({"update": True} if update else {}))
     return Structured(params=params * linear_weights / total_params, mode=method)
 
 
@@ -116,7 +120,7 @@ def save(args, store: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="", help="comma list of <svd|asvd|svd-llm|width|depth>-<percent>[:spectrum]")
+    p.add_argument("--rows", default="", help="comma list of <svd|asvd|svd-llm|width|depth>-<percent>[:spectrum][:update]")
     p.add_argument("--model", default="smollm2-135m", help="model source (a tiny HF directory in tests)")
     p.add_argument("--protocol", default="wiki-v1")
     p.add_argument("--tokens", type=int, default=None, help="evaluation tokens (default: the protocol's)")
