@@ -4,10 +4,19 @@ Targets are chosen by glob patterns on full module names
 (``model.layers.3.mlp.down_proj``). By default every linear inside the
 decoder blocks is a target; ``lm_head`` only when asked; embeddings never
 (they are looked up, not multiplied, and stay in float).
+
+``lm_head`` is ``False``, ``True`` (the step's own scheme) or a scheme
+(``Targets(lm_head="int8-channel-sym")``: the output projection gets that
+scheme, whatever the step's): weight-only quantization steps (rtn, gptq,
+awq) take a scheme; every other step refuses one. Quantizing the head of a
+model whose head shares the embedding table unties the two
+(:func:`slimlm.nn.runtime.replace_module`): the embedding stays a float
+lookup table, the head is stored once more in its quantized form.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -15,30 +24,56 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.formats import Scheme, parse_scheme, scheme_to_dict
+from slimlm.formats.scheme import SCHEME_TYPES
 from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
 from slimlm.nn.quant_linear import linear_weight
 from slimlm.nn.runtime import replace_module
 
-__all__ = ["Targets", "candidate_linears", "check_targets", "match_override", "replace_module", "select_linears"]
+__all__ = ["Targets", "candidate_linears", "check_targets", "match_override", "replace_module", "scheme_plan",
+           "select_linears"]
 
 
 @dataclass(frozen=True)
 class Targets:
     include: tuple[str, ...] = ()  # globs on full names; empty = every decoder-block linear
     exclude: tuple[str, ...] = ()
-    lm_head: bool = False
+    lm_head: bool | Scheme = False  # a scheme: the head's own (YAML shorthand parsed here, once)
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(p, str) for p in value):
                 raise SlimlmError(f"{name} must be a list of glob patterns like '*.mlp.down_proj', got {value!r}")
+        if not isinstance(self.lm_head, bool):
+            object.__setattr__(self, "lm_head", _head_scheme(self.lm_head))
+
+    @property
+    def head(self) -> bool:
+        """Whether the output projection is a target (with the step's scheme or its own)."""
+        return self.lm_head is not False
+
+    @property
+    def head_scheme(self) -> Scheme | None:
+        """The output projection's own scheme, or None (the step's scheme, or no head at all)."""
+        return self.lm_head if isinstance(self.lm_head, SCHEME_TYPES) else None
 
 
-def check_targets(targets: object) -> None:
-    """A config's ``targets`` field holds a :class:`Targets`."""
+def _head_scheme(value: object) -> Scheme:
+    try:
+        return parse_scheme(value)
+    except SlimlmError as e:
+        raise SlimlmError(f"lm_head must be true, false or a scheme such as int8-channel-sym: {e}") from None
+
+
+def check_targets(targets: object, *, head_scheme: bool = False) -> None:
+    """A config's ``targets`` field holds a :class:`Targets`; ``lm_head`` may name a scheme only where the
+    step says it can quantize the head in a scheme of its own (``head_scheme=True``)."""
     if not isinstance(targets, Targets):
         raise SlimlmError(f"targets must be a Targets(...), got {targets!r}")
+    if targets.head_scheme is not None and not head_scheme:
+        raise SlimlmError(f"lm_head: {scheme_to_dict(targets.head_scheme)} (a scheme) is taken only by weight-only "
+                          "quantization steps (rtn, gptq, awq); write lm_head: true or false in this step")
 
 
 def candidate_linears(model: nn.Module, *, lm_head: bool = False) -> dict[str, nn.Module]:
@@ -55,12 +90,12 @@ def candidate_linears(model: nn.Module, *, lm_head: bool = False) -> dict[str, n
 
 def select_linears(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
     """The linears ``targets`` selects; refuses a selection that matches nothing."""
-    found = candidate_linears(model, lm_head=targets.lm_head)
+    found = candidate_linears(model, lm_head=targets.head)
     chosen = {
         name: m
         for name, m in found.items()
         if (not targets.include or any(fnmatchcase(name, p) for p in targets.include)
-            or (targets.lm_head and name == get_adapter(model).lm_head))
+            or (targets.head and name == get_adapter(model).lm_head))
         and not any(fnmatchcase(name, p) for p in targets.exclude)
     }  # fmt: skip
     if not chosen:
@@ -70,6 +105,15 @@ def select_linears(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
             f"patterns match full names such as {example!r}"
         )
     return chosen
+
+
+def scheme_plan(model: nn.Module, targets: Targets,
+                scheme_for: Callable[[str], Scheme]) -> dict[str, tuple[nn.Module, Scheme]]:  # fmt: skip
+    """Full name -> (linear, scheme) for the selected linears: the head's own scheme when ``targets.lm_head``
+    names one (it wins over a step's overrides), else ``scheme_for(name)``."""
+    head = get_adapter(model).lm_head
+    return {name: (m, targets.head_scheme if name == head and targets.head_scheme is not None else scheme_for(name))
+            for name, m in select_linears(model, targets).items()}  # fmt: skip
 
 
 def match_override(name: str, overrides: tuple[tuple[str, object], ...]) -> object | None:

@@ -27,7 +27,7 @@ def check_lowrank_lazy(config: LowRank) -> None:
         raise SlimlmError("allocation: spectrum reads every layer's spectrum before cutting the first, a second "
                           "pass over blocks a lazy run has already written out: with --lazy use allocation: "
                           "uniform (or energy / rank), or run it without --lazy")  # fmt: skip
-    if needs_calibration(config) and config.targets.lm_head:
+    if needs_calibration(config) and config.targets.head:
         raise SlimlmError(f"{type(config).__name__} of lm_head needs a forward of the whole factorized model: with "
                           "--lazy set lm_head: false, or run it without --lazy")  # fmt: skip
 

@@ -108,7 +108,7 @@ def model_info(model: nn.Module) -> ModelInfo:
     else:
         n_layers, heads = _generic_layout(config)
     in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = out_emb is not None and out_emb.weight is in_emb.weight
+    tied = out_emb is not None and getattr(out_emb, "weight", None) is in_emb.weight  # a quantized head has none
     kv_bytes = 2 * n_layers * heads.n_kv_heads * heads.head_dim * torch.empty((), dtype=dtype).element_size()
     n_params, size_bytes = measure_size_light(model)  # packed weights of compressed modules included
     kernels = kernel_report(model)  # runs a fast kernel's first-use check if it has not run yet

@@ -111,12 +111,18 @@ def measure_size(model: nn.Module, *, model_dir: str | Path | None = None) -> Si
 
 
 def bytes_read_per_token(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: every parameter once, except that
-    an untied input embedding table is only indexed (one row), not read whole."""
+    """Weight bytes one decode step reads: every parameter once and every packed weight (a quantized
+    lm_head's codes and scales), except that an input embedding table the head does not share is only
+    indexed (one row), not read whole."""
     total = sum(t.numel() * t.element_size() for t in unique_params(model)) + packed_storage(model)[1]
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and (head is None or head.weight.data_ptr() != emb.weight.data_ptr()):
+    if emb is not None and not _shares(head, emb.weight):
         w = emb.weight
         total -= w.numel() * w.element_size() - w.shape[-1] * w.element_size()
     return total
+
+
+def _shares(head: nn.Module | None, weight: torch.Tensor) -> bool:
+    """Whether ``head`` (a linear, a quantized linear, None) holds ``weight``'s storage among its parameters."""
+    return head is not None and any(p.data_ptr() == weight.data_ptr() for p in head.parameters())

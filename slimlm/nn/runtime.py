@@ -23,6 +23,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import parse_scheme, scheme_to_dict
+from slimlm.nn.tied import shared_embedding, untie_head
 from slimlm.validate import check_bool, check_pos_int
 
 _BASE_KEYS = ("type", "in_features", "out_features", "bias", "scheme")
@@ -81,7 +82,12 @@ class RuntimeModule(nn.Module):
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Swap the submodule at full name ``name`` (``model.layers.3.mlp.down_proj``) for ``new``."""
+    """Swap the submodule at full name ``name`` (``model.layers.3.mlp.down_proj``) for ``new``.
+
+    Swapping an output projection tied to the input embedding unties them (:mod:`slimlm.nn.tied`)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    emb = shared_embedding(model, getattr(parent, child, None), new)
     setattr(parent, child, new)
+    if emb is not None:
+        untie_head(model, name, emb, new)

@@ -28,7 +28,7 @@ from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme, quantize
 from slimlm.nn import QuantLinear, check_schemes, in_features_of, linear_weight
 from slimlm.quant.awq import awq_clip_quantize, awq_search_scale
 from slimlm.quant.fold import divide_outputs, fold_norm, producing_linear, scale_inputs
-from slimlm.targets import Targets, check_targets, replace_module, select_linears
+from slimlm.targets import Targets, check_targets, replace_module, scheme_plan
 from slimlm.validate import check_bool, check_calib, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
@@ -43,7 +43,9 @@ class AWQ:
     skipping ``clip_exclude`` globs (q/k, whose errors the attention product
     amplifies, as in the reference); ``n_sample_rows``: calibration tokens kept
     per linear to measure mean |x|; ``quantize=False`` folds the scales and
-    leaves the weights in float (for a later quantizer such as GPTQ).
+    leaves the weights in float (for a later quantizer such as GPTQ). The
+    head, outside the blocks, has no statistics: it is rounded plainly, in
+    ``targets.lm_head``'s scheme when it names one.
     """
 
     scheme: Scheme = IntScheme(bits=4, granularity=PerGroup(64))
@@ -59,7 +61,10 @@ class AWQ:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "clip_exclude", tuple(self.clip_exclude))
-        check_targets(self.targets)
+        check_targets(self.targets, head_scheme=True)
+        if self.targets.head_scheme is not None and not self.quantize:
+            raise SlimlmError("lm_head names a scheme but quantize is false (AWQ only folds scales): "
+                              "set quantize: true, or quantize lm_head in the later step")  # fmt: skip
         check_pos_int("grid", self.grid, "alphas tried, the paper uses 20")
         check_pos_int("n_sample_rows", self.n_sample_rows, "calibration tokens kept per linear, e.g. 4096")
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
@@ -146,8 +151,9 @@ def _quantize_block(ctx: BlockContext, plan: dict[str, nn.Module], config: AWQ, 
 def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.Module:
     """Search, fold, clip and quantize block by block on calibration token ids ``calib`` (N, L)."""
     calib = check_calib(calib, "AWQ", purpose="(or use RTN)")
-    plan = select_linears(model, config.targets)
-    check_schemes({name: (m, config.scheme) for name, m in plan.items()})  # refuses an already quantized layer
+    schemes = scheme_plan(model, config.targets, lambda name: config.scheme)
+    check_schemes(schemes)  # refuses an already quantized layer
+    plan = {name: m for name, (m, _) in schemes.items()}
     for module in plan.values():
         linear_weight(module)  # refuses an already compressed (e.g. pruned) layer in one line
     seen: set[str] = set()
@@ -165,5 +171,5 @@ def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.
     for name in plan.keys() - seen:  # outside the decoder blocks (lm_head): no statistics, plain rounding
         if config.quantize:
             log.info("AWQ: %s is outside the decoder blocks; quantized by plain rounding", name)
-            replace_module(model, name, QuantLinear.from_linear(plan[name], config.scheme))
+            replace_module(model, name, QuantLinear.from_linear(plan[name], schemes[name][1]))
     return model

@@ -19,7 +19,7 @@ from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
 from slimlm.nn import QuantLinear, SparseLinear, check_schemes, gptq_pruned, linear_weight
 from slimlm.quant.gptq import check_gptq_scheme, gptq_quantize
-from slimlm.targets import Targets, check_targets, match_override, replace_module, select_linears
+from slimlm.targets import Targets, check_targets, match_override, replace_module, scheme_plan
 from slimlm.validate import check_bool, check_calib, check_percdamp, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
@@ -33,7 +33,9 @@ class GPTQ:
     fixes group parameters from the float weights first (groups stay
     contiguous either way). ``percdamp`` is the dampening as a fraction of
     the mean Hessian diagonal; ``blocksize`` the lazy-update width;
-    ``batch_size`` the calibration mini-batch. ``overrides`` as in RTN.
+    ``batch_size`` the calibration mini-batch. ``overrides`` and a scheme
+    for ``targets.lm_head`` as in RTN (GPTQ solves the head too, from one
+    more forward of the whole quantized model: refused under ``--lazy``).
     """
 
     scheme: Scheme = IntScheme(bits=4, granularity=PerGroup(64))
@@ -48,9 +50,10 @@ class GPTQ:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "overrides", tuple((str(p), parse_scheme(s)) for p, s in self.overrides))
-        for s in (self.scheme, *(s for _, s in self.overrides)):
-            check_gptq_scheme(s)
-        check_targets(self.targets)
+        check_targets(self.targets, head_scheme=True)
+        for s in (self.scheme, *(s for _, s in self.overrides), self.targets.head_scheme):
+            if s is not None:
+                check_gptq_scheme(s)
         check_bool("act_order", self.act_order)
         check_bool("static_groups", self.static_groups)
         check_percdamp(self.percdamp)
@@ -77,7 +80,7 @@ def _quantize_into(model: nn.Module, name: str, module: nn.Module, scheme: Schem
 
 def apply_gptq(model: nn.Module, config: GPTQ, calib: Tensor | None = None) -> nn.Module:
     calib = check_calib(calib, "GPTQ")
-    plan = {name: (m, config.scheme_for(name)) for name, m in select_linears(model, config.targets).items()}
+    plan = scheme_plan(model, config.targets, config.scheme_for)
     check_schemes(plan)
 
     def quantize(name: str, stats: LinearStats) -> None:

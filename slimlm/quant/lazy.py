@@ -27,7 +27,7 @@ from slimlm.quant.awq_handler import apply_awq
 from slimlm.quant.gptq_handler import GPTQ, apply_gptq
 from slimlm.quant.mixed_handler import MixedPrecision, log_allocation, mixed_allocation
 from slimlm.quant.rtn import RTN
-from slimlm.targets import replace_module, select_linears
+from slimlm.targets import replace_module, scheme_plan, select_linears
 
 LazyRun = Callable[[nn.Module, Any, Tensor | None, Sink], None]
 
@@ -55,15 +55,15 @@ awq_lazy = walking(apply_awq)
 
 
 def check_gptq_lazy(config: GPTQ) -> None:
-    if config.targets.lm_head:
+    if config.targets.head:
         raise SlimlmError("GPTQ of lm_head needs a forward of the whole compressed model: with --lazy set "
                           "lm_head: false, or run it without --lazy")  # fmt: skip
 
 
 def rtn_lazy(model: nn.Module, config: RTN, calib: Tensor | None, sink: Sink) -> None:
-    linears = select_linears(model, config.targets)
-    plan = {name: (m, config.scheme_for(name)) for name, m in linears.items()}
+    plan = scheme_plan(model, config.targets, config.scheme_for)
     check_schemes(plan)
+    linears = {name: m for name, (m, _) in plan.items()}
     _lazy(model).sink = sink
     quantize_per_block(model, {name: scheme for name, (_, scheme) in plan.items()}, linears)
 

@@ -74,7 +74,7 @@ class MixedPrecision:
                               f"got {self.candidates!r}")  # fmt: skip
         object.__setattr__(self, "candidates", tuple(dict.fromkeys(parse_scheme(s) for s in self.candidates)))
         check_targets(self.targets)
-        if self.targets.lm_head:
+        if self.targets.head:
             raise SlimlmError("MixedPrecision allocates bits among decoder-block linears only; "
                               "quantize lm_head in a separate RTN step")  # fmt: skip
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
 from slimlm.nn import QuantLinear, SparseLinear, check_schemes, in_features_of, rtn_pruned
-from slimlm.targets import Targets, check_targets, match_override, replace_module, select_linears
+from slimlm.targets import Targets, check_targets, match_override, replace_module, scheme_plan
 
 __all__ = ["RTN", "apply_rtn"]
 
@@ -25,6 +25,8 @@ class RTN:
 
     ``overrides`` is a tuple of (glob, scheme): the first glob matching a
     module's full name picks its scheme (e.g. 8-bit for down_proj).
+    ``targets.lm_head`` may name the output projection's own scheme
+    (``Targets(lm_head="int8-channel-sym")``), which wins over overrides.
     """
 
     scheme: Scheme = IntScheme(bits=4, granularity=PerGroup(64))
@@ -34,14 +36,14 @@ class RTN:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "overrides", tuple((str(p), parse_scheme(s)) for p, s in self.overrides))
-        check_targets(self.targets)
+        check_targets(self.targets, head_scheme=True)
 
     def scheme_for(self, name: str) -> Scheme:
         return match_override(name, self.overrides) or self.scheme
 
 
 def apply_rtn(model: nn.Module, config: RTN, calib=None) -> nn.Module:
-    plan = {name: (m, config.scheme_for(name)) for name, m in select_linears(model, config.targets).items()}
+    plan = scheme_plan(model, config.targets, config.scheme_for)
     check_schemes(plan)
     for name, (module, scheme) in tqdm(plan.items(), desc="RTN", unit="linear", leave=False):
         if isinstance(module, SparseLinear):  # pruned earlier: keep its mask, round the survivors
