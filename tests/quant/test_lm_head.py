@@ -1,0 +1,154 @@
+"""A quantized lm_head on a tied model: its own scheme, the tie broken and recorded, the fast kernel, honest sizes."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from slimlm.api import apply, apply_all
+from slimlm.errors import SlimlmError
+from slimlm.formats import IntScheme, PerChannel, PerGroup, codec
+from slimlm.io import load_compressed, save_compressed
+from slimlm.kernels import require_fast, select_weight_kernel
+from slimlm.kernels.report import kernel_report
+from slimlm.models.size import bytes_read_per_token, measure_size_light
+from slimlm.models.tiny import tiny_model, tiny_tokenizer
+from slimlm.nn import QuantLinear
+from slimlm.prune import Magnitude
+from slimlm.quant import GPTQ, RTN
+from slimlm.quant.awq_handler import AWQ
+from slimlm.quant.lazy import check_gptq_lazy
+from slimlm.recipe import load_recipe, recipe_from_dict
+from slimlm.targets import Targets
+
+INT8_CHANNEL = IntScheme(8, symmetric=True, granularity=PerChannel())
+INT4_G64 = IntScheme(4, granularity=PerGroup(64))
+IDS = torch.arange(3, 35).reshape(1, 32)
+CALIB = torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+
+
+def _head8(model=None):
+    model = tiny_model("llama") if model is None else model  # tie_word_embeddings=True
+    apply_all(model, load_recipe("rtn-int4-g64-head8").steps)
+    return model
+
+
+def test_the_head_takes_its_own_scheme_from_the_tied_table_and_the_embedding_stays_float():
+    model = tiny_model("llama")
+    table = model.model.embed_tokens.weight.detach().clone()  # (V, d), also the head's weight
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    _head8(model)
+    head = model.lm_head
+    assert isinstance(head, QuantLinear) and head.scheme == INT8_CHANNEL
+    assert model.model.layers[0].mlp.down_proj.scheme == INT4_G64  # the step's scheme elsewhere
+    assert torch.equal(head.dequantized_weight(), codec.dequantize(codec.quantize(table, INT8_CHANNEL)))
+    emb = model.model.embed_tokens
+    assert type(emb) is nn.Embedding and emb.weight.dtype == torch.float32 and torch.equal(emb.weight, table)
+
+
+def _within_bf16_kernel_error(y, x, W):
+    """``y == x @ W^T`` up to the CPU int8 kernel's rounding: x and the float16 scales in bfloat16 (2^-9 each,
+    relative, so 2^-8 of ``|x| @ |W|^T``), float32 sums, the output rounded to bfloat16 (2^-8 of |y|)."""
+    ref = x.double() @ W.double().T
+    bound = 2.0**-8 * (x.double().abs() @ W.double().abs().T) + 2.0**-8 * ref.abs() + 1e-6
+    return bool(((y.double() - ref).abs() <= bound).all())
+
+
+def test_logits_are_the_dequantized_head_times_the_hidden_state():
+    model = _head8()
+    with torch.no_grad():
+        hidden = model.model(IDS).last_hidden_state[0]  # (T, d), after the final norm
+        logits = model(IDS).logits[0]  # (T, V)
+    assert _within_bf16_kernel_error(logits, hidden, model.lm_head.dequantized_weight())
+    assert not _within_bf16_kernel_error(logits, hidden, model.model.embed_tokens.weight.detach())  # not the float head
+
+
+def test_the_tie_is_broken_saved_and_reloaded_untied(tmp_path):
+    model = _head8()
+    assert model.config.tie_word_embeddings is False and "lm_head.weight" not in model.all_tied_weights_keys
+    model.tie_weights()  # re-reads the config: must not hang the embedding on the quantized head
+    assert isinstance(model.lm_head, QuantLinear) and not list(model.lm_head.parameters())
+    out = save_compressed(model, tiny_tokenizer(), tmp_path / "c")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded, _ = load_compressed(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+        x = torch.randn(2, 64)
+        before = loaded.lm_head(x)
+        loaded.model.embed_tokens.weight.add_(1.0)  # the head is its own tensor now
+        assert torch.equal(loaded.lm_head(x), before)
+    assert loaded.config.tie_word_embeddings is False
+
+
+def test_a_checkpoint_that_still_says_tied_reloads_untied(tmp_path):
+    """Checkpoints written before the tie was recorded: loading swaps the head shell in and unties then."""
+    model = _head8()
+    out = save_compressed(model, tiny_tokenizer(), tmp_path / "c")
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    loaded, _ = load_compressed(out)
+    assert loaded.config.tie_word_embeddings is False and not list(loaded.lm_head.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_bytes_read_per_token_counts_the_quantized_head_and_one_embedding_row():
+    plain = tiny_model("llama")
+    apply_all(plain, load_recipe("rtn-int4-g64").steps)  # head float, still the tied table
+    head8 = _head8()
+    V, d = 512, 64
+    table, row, head = V * d * 4, d * 4, V * d + V * 2  # float32 table; int8 codes + one float16 scale per row
+    assert head8.lm_head.weight_storage() == (V * d, head)
+    assert bytes_read_per_token(plain) - bytes_read_per_token(head8) == table - head - row
+    assert measure_size_light(head8)[1] - measure_size_light(plain)[1] == head  # stored once more
+
+
+def test_the_head_runs_the_fast_int8_kernel():
+    model = _head8()
+    layers = {layer.layer: layer for layer in kernel_report(model).layers}
+    assert layers["lm_head"].runs == "int8_weight_only_cpu" and layers["lm_head"].reason is None
+    require_fast(model)
+
+
+def test_the_fast_int8_kernel_takes_the_built_in_models_head_shape():
+    linear = nn.Linear(576, 49152, bias=False)  # SmolLM2-135M's vocabulary x hidden
+    assert select_weight_kernel(INT8_CHANNEL, (49152, 576), torch.device("cpu")).name == "int8_weight_only_cpu"
+    head = QuantLinear.from_linear(linear, INT8_CHANNEL)
+    x = torch.randn(1, 576)
+    with torch.no_grad():
+        assert _within_bf16_kernel_error(head(x), x, head.dequantized_weight())
+    assert kernel_report(nn.Sequential(head)).layers[0].reason is None
+
+
+def test_gptq_and_awq_quantize_the_head_in_its_scheme():
+    for config in (GPTQ(scheme="int4-g64", targets=Targets(lm_head="int8-channel-sym")),
+                   AWQ(scheme="int4-g64", targets=Targets(lm_head="int8-channel-sym"), grid=4)):  # fmt: skip
+        model = apply(tiny_model("llama"), config, CALIB)
+        assert model.lm_head.scheme == INT8_CHANNEL and model.model.layers[1].self_attn.q_proj.scheme == INT4_G64
+        assert model.config.tie_word_embeddings is False
+    load_recipe("gptq-int4-g64-head8")
+
+
+def test_lm_head_true_keeps_the_steps_scheme_and_the_head_scheme_wins_over_overrides():
+    model = apply(tiny_model("llama"), RTN(scheme="int4-g64", targets=Targets(lm_head=True)))
+    assert model.lm_head.scheme == INT4_G64
+    model = apply(tiny_model("llama"), RTN(scheme="int4-g64", overrides=(("lm_head", "int4-g32"),),
+                                           targets=Targets(lm_head="int8-channel-sym")))  # fmt: skip
+    assert model.lm_head.scheme == INT8_CHANNEL
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Targets(lm_head="int9-channel"), "lm_head must be true, false or a scheme"),
+    (lambda: Targets(lm_head=1), "lm_head must be true, false or a scheme"),
+    (lambda: Magnitude(targets=Targets(lm_head="int8-channel-sym")), "taken only by weight-only quantization"),
+    (lambda: recipe_from_dict({"steps": [{"method": "wanda", "lm_head": "int8-channel-sym"}]}),
+     "taken only by weight-only quantization"),
+    (lambda: GPTQ(targets=Targets(lm_head="nf4")), "GPTQ quantizes to IntScheme"),
+    (lambda: AWQ(quantize=False, targets=Targets(lm_head="int8-channel-sym")), "quantize is false"),
+    (lambda: check_gptq_lazy(GPTQ(targets=Targets(lm_head="int8-channel-sym"))), "with --lazy set lm_head: false"),
+])  # fmt: skip
+def test_bad_head_options_are_refused_in_one_line(make, message):
+    with pytest.raises(SlimlmError, match=message) as e:
+        make()
+    assert "\n" not in str(e.value)
