@@ -12,9 +12,11 @@ from slimlm.formats import IntScheme, PerChannel, PerGroup, codec
 from slimlm.io import load_compressed, save_compressed
 from slimlm.kernels import require_fast, select_weight_kernel
 from slimlm.kernels.report import kernel_report
+from slimlm.models import load_lazy, load_model
 from slimlm.models.size import bytes_read_per_token, measure_size_light
-from slimlm.models.tiny import tiny_model, tiny_tokenizer
+from slimlm.models.tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 from slimlm.nn import QuantLinear
+from slimlm.pipelines.lazy import compress_lazy
 from slimlm.prune import Magnitude
 from slimlm.quant import GPTQ, RTN
 from slimlm.quant.awq_handler import AWQ
@@ -91,6 +93,19 @@ def test_a_checkpoint_that_still_says_tied_reloads_untied(tmp_path):
     assert loaded.config.tie_word_embeddings is False and not list(loaded.lm_head.parameters())
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_lazy_rtn_of_the_head_is_bit_identical_and_untied(tmp_path):
+    src = save_tiny_model_dir(tmp_path / "m", "llama")
+    steps = list(load_recipe("rtn-int4-g64-head8").steps)
+    eager = _head8(load_model(src)[0])
+    model, tok = load_lazy(src)
+    out = compress_lazy(model, tok, steps, tmp_path / "lazy")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded, _ = load_compressed(out)
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.scheme == INT8_CHANNEL
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, eager(IDS).logits)
 
 
 def test_bytes_read_per_token_counts_the_quantized_head_and_one_embedding_row():
