@@ -13,7 +13,7 @@ from slimlm.io import load_compressed, save_compressed
 from slimlm.kernels import require_fast, select_weight_kernel
 from slimlm.kernels.int8 import CPU_LARGE_M
 from slimlm.kernels.report import kernel_report
-from slimlm.models import load_lazy, load_model
+from slimlm.models import format_info, load_lazy, load_model, model_info
 from slimlm.models.size import bytes_read_per_token, measure_size_light
 from slimlm.models.tiny import save_tiny_model_dir, tiny_model, tiny_tokenizer
 from slimlm.nn import QuantLinear
@@ -137,6 +137,14 @@ def test_the_head_runs_the_fast_int8_kernel():
     layers = {layer.layer: layer for layer in kernel_report(model).layers}
     assert layers["lm_head"].runs == "int8_weight_only_cpu" and layers["lm_head"].reason is None
     require_fast(model)
+
+
+def test_info_lists_the_quantized_head_with_its_kernel_and_the_untied_embedding():
+    info = model_info(_head8())
+    assert not info.tied_embeddings
+    assert ("lm_head", 64, 512, "int8-channel-sym") in info.linears
+    head_line = next(line for line in format_info(info).splitlines() if line.strip().startswith("lm_head"))
+    assert "int8-channel-sym" in head_line and "[int8_weight_only_cpu]" in head_line
 
 
 def test_the_fast_int8_kernel_takes_the_built_in_models_head_shape():
