@@ -6,8 +6,8 @@
 
 1. batch 1, per variant (base fp32; base cast to bf16; int8 = RTN int8 per channel, symmetric, the
    int8 weight-only kernel; int4 = recipe rtn-int4-g64; int4-head8 = rtn-int4-g64-head8, lm_head int8 per
-   channel on the int8 kernel, the embedding left a float lookup table): decode tokens/s of HF ``generate`` and of
-   slimlm's loop (eager, and compiled with --compile), as ratios from one run; engines interleaved run by
+   channel on the int8 kernel, the embedding left a float lookup table): decode tokens/s of HF ``generate``
+   and of slimlm's loop (eager, and compiled with --compile), as ratios from one run; engines interleaved run by
    run, medians reported. Decode tok/s = (N - 1) / (t(N) - t(1)) with t(n) the wall time to generate n
    tokens greedily from the same prompt, so prefill is taken out the same way for both engines. "GB/s" =
    weight bytes read per token (slimlm.models.size) x tok/s; "% peak" against the machine's ~35 GB/s.
@@ -49,7 +49,7 @@ MODEL = "smollm2-135m"
 MACHINE_GBPS = 35.0
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (on-CPU time; at 1 thread it ignores waits for a busy CPU)
 VARIANTS = ("base", "bf16", "int8", "int4", "int4-head8")
-FAST_VARIANTS = ("int8", "int4", "int4-head8")  # quantized variants whose every linear has a fast kernel on CPU and CUDA
+FAST_VARIANTS = ("int8", "int4", "int4-head8")  # every linear on a fast kernel on CPU and CUDA
 
 
 def build_variant(name: str):
