@@ -1,7 +1,7 @@
 """Decode speed of slimlm's generation loop vs HF generate, batch scaling and paged-cache memory.
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--prompt-tokens 64] [--new-tokens 64] [--runs 3]
-        [--variants base,bf16,int8,int4] [--batches 1,4,16] [--compile] [--clock wall|cpu]
+        [--variants base,bf16,int8,int4,int4-head8] [--batches 1,4,16] [--compile] [--clock wall|cpu]
         [--only speed,profile,batch,paged] [--allow-slow]
 
 1. batch 1, per variant (base fp32; base cast to bf16; int8 = RTN int8 per channel, symmetric, the
