@@ -205,7 +205,7 @@ class Tuner:
                  fingerprint: dict[str, str] | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.fingerprint = fingerprint or tune_cache.machine_fingerprint()
-        self.cache_file = cache_file or tune_cache.default_cache_file()
+        self.cache_file = cache_file or tune_cache.cache_file_for(self.fingerprint)
         self.timer = timer
         self.measurements = 0  # how many keys were timed in this process
         self._decisions: dict[Key, Decision] = {}

@@ -59,8 +59,9 @@ def fingerprint_id(fingerprint: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_cache_file() -> Path:
-    return cache_dir() / "kernels" / f"{fingerprint_id(machine_fingerprint())}.json"
+def cache_file_for(fingerprint: dict[str, str]) -> Path:
+    """``$SLIMLM_CACHE/kernels/<fingerprint id>.json``."""
+    return cache_dir() / "kernels" / f"{fingerprint_id(fingerprint)}.json"
 
 
 def _valid_entry(entry: Any) -> bool:
