@@ -9,10 +9,14 @@ import torch.nn.functional as F
 
 from slimlm.api import apply
 from slimlm.errors import SlimlmError
+from slimlm.generation.decoder import make_decoder
+from slimlm.generation.loop import GenerationConfig, generate
 from slimlm.kernels import dense, kernel_report, require_fast, tune, tune_cache
 from slimlm.kernels.int4 import Int4Grouped
 from slimlm.models import tiny_model
 from slimlm.quant import RTN
+from tests.generation.conftest import varied_tiny
+from tests.generation.test_loop import PROMPTS, _hf_greedy
 
 FP = {"cpu": "Test CPU 9000", "cores": "2", "torch": "9.9", "slimlm": "0.0"}
 KEY = tune.Key("dense", 200, 96, "float32", "1", 2, "cpu")
@@ -253,3 +257,13 @@ def test_the_report_says_why_each_layer_runs_its_path(tmp_path, text, runs, sour
     else:
         assert why.startswith(source) and "choices" in report.to_dict()
         assert "chose: int4 " in report.format()
+
+
+@needs_onednn
+def test_the_loop_with_measured_choices_equals_hf_generate(tmp_path):
+    """Real timings, tiny llama: whichever paths win, greedy tokens are HF generate's."""
+    model = varied_tiny("llama")
+    _tuner(tmp_path, "measure")
+    ours = generate(make_decoder(model), PROMPTS[:2], GenerationConfig(max_new_tokens=12))
+    assert any(d.key.op == "dense" and d.source == "measured" for d in tune.decisions())
+    assert ours == [_hf_greedy(model, p, 12) for p in PROMPTS[:2]]
