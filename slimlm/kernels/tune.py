@@ -70,17 +70,21 @@ Timer = Callable[[Runs], dict[str, float]]  # candidates -> median seconds per c
 
 
 class Key(NamedTuple):
+    """What a choice is made for. Fields hold torch's own objects (the lookup runs on every matmul); ``str``
+    spells them out for the cache file and the report."""
+
     op: str
     out_features: int
     in_features: int
-    dtype: str
+    dtype: torch.dtype
     rows: str  # bucket
     threads: int
-    device: str
+    device: torch.device
 
     def __str__(self) -> str:
-        return (f"{self.op} {self.out_features}x{self.in_features} {self.dtype} rows={self.rows} "
-                f"threads={self.threads} {self.device}")  # fmt: skip
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"{self.op} {self.out_features}x{self.in_features} {dtype} rows={self.rows} "
+                f"threads={self.threads} {_device_name(self.device)}")  # fmt: skip
 
 
 def rows_bucket(m: int) -> str:
@@ -88,12 +92,11 @@ def rows_bucket(m: int) -> str:
 
 
 def make_key(op: str, shape: tuple[int, int], dtype: torch.dtype, rows: int, device: torch.device) -> Key:
-    label = "cpu" if device.type == "cpu" else _device_name(device)
-    return Key(op, shape[0], shape[1], str(dtype).removeprefix("torch."), rows_bucket(rows), torch.get_num_threads(),
-               label)  # fmt: skip
+    return Key(op, shape[0], shape[1], dtype, rows_bucket(rows), torch.get_num_threads(), device)
 
 
 def _device_name(device: torch.device) -> str:
+    """``cpu`` (the CPU model is in the cache's fingerprint), or the accelerator's model name."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return device.type
@@ -266,7 +269,7 @@ class Tuner:
     def _timer(self, key: Key) -> Timer:
         if self.timer is not None:
             return self.timer
-        sync = torch.cuda.synchronize if key.device.startswith("cuda") else (lambda: None)
+        sync = torch.cuda.synchronize if key.device.type == "cuda" else (lambda: None)
         return lambda runs: time_candidates(runs, sync=sync)
 
 

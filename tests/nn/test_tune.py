@@ -19,7 +19,7 @@ from tests.generation.conftest import varied_tiny
 from tests.generation.test_loop import PROMPTS, _hf_greedy
 
 FP = {"cpu": "Test CPU 9000", "cores": "2", "torch": "9.9", "slimlm": "0.0"}
-KEY = tune.Key("dense", 200, 96, "float32", "1", 2, "cpu")
+KEY = tune.Key("dense", 200, 96, torch.float32, "1", 2, torch.device("cpu"))
 needs_onednn = pytest.mark.skipif(not dense.onednn_available(), reason="this torch build has no oneDNN linear")
 
 
