@@ -44,7 +44,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -144,9 +144,6 @@ class Decision:
     source: str  # "measured", "cached", "forced" or "fixed"
     why: str
     times_us: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"key": str(self.key), "path": self.path, "source": self.source, "why": self.why}
 
     def format(self) -> str:
         return f"{self.key}: {self.path} ({self.why})"

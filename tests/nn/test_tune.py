@@ -11,7 +11,7 @@ from slimlm.api import apply
 from slimlm.errors import SlimlmError
 from slimlm.generation.decoder import make_decoder
 from slimlm.generation.loop import GenerationConfig, generate
-from slimlm.kernels import dense, kernel_report, require_fast, tune, tune_cache
+from slimlm.kernels import dense, format_kernels, kernel_report, kernel_summary, require_fast, tune, tune_cache
 from slimlm.kernels.int4 import Int4Grouped
 from slimlm.models import tiny_model
 from slimlm.quant import RTN
@@ -267,3 +267,18 @@ def test_the_loop_with_measured_choices_equals_hf_generate(tmp_path):
     ours = generate(make_decoder(model), PROMPTS[:2], GenerationConfig(max_new_tokens=12))
     assert any(d.key.op == "dense" and d.source == "measured" for d in tune.decisions())
     assert ours == [_hf_greedy(model, p, 12) for p in PROMPTS[:2]]
+
+
+@needs_onednn
+def test_a_float_model_with_measured_choices_reports_them(tmp_path):
+    """The eval JSON's ``kernels`` of an uncompressed model: absent under the fixed rule, the choices otherwise."""
+    model = tiny_model("llama")
+    assert kernel_summary(model) is None
+    _tuner(tmp_path, timer=FakeTimer(f_linear=2.0, onednn=1.0))
+    with torch.no_grad():
+        dense.linear(torch.randn(1, 96), torch.randn(200, 96))
+    summary = kernel_summary(model)
+    assert summary == {"counts": {}, "fallbacks": {},
+                       "choices": {str(KEY._replace(threads=torch.get_num_threads())):
+                                   "onednn (measured 2.00x over f_linear at 1 row)"}}  # fmt: skip
+    assert "  chose: dense 200x96 float32 rows=1" in format_kernels(summary)
