@@ -63,6 +63,7 @@ ALIASES = {"mkl": "f_linear"}  # ATen's float32 CPU F.linear is MKL's GEMV/GEMM
 TIE_MARGIN = 0.05  # a less simple path must be > 5% faster to win
 REPEATS = 7  # interleaved samples per candidate; the median is kept
 SAMPLE_S = 2e-3  # each sample repeats the call until it lasts about this long
+SLOW_CUTOFF = 4.0  # a path this many times slower than the fastest on one call is not sampled further
 UNMEASURED = "17+"  # the rows bucket that keeps the fixed rule
 
 Runs = dict[str, Callable[[], Tensor]]
@@ -152,17 +153,23 @@ class Decision:
 def time_candidates(runs: Runs, *, sync: Callable[[], None] = lambda: None,
                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:  # fmt: skip
     """Median seconds per call of each candidate: warmed up, each sample ~SAMPLE_S, candidates interleaved."""
-    loops = {}
+    loops, first = {}, {}
     for name, fn in runs.items():
         fn()  # warm-up: first-call allocations, oneDNN primitive creation
         sync()
         t0 = clock()
         fn()
         sync()
-        loops[name] = max(1, min(1000, int(SAMPLE_S / max(clock() - t0, 1e-7))))
-    samples: dict[str, list[float]] = {name: [] for name in runs}
+        first[name] = clock() - t0
+        loops[name] = max(1, min(1000, int(SAMPLE_S / max(first[name], 1e-7))))
+    # A path SLOW_CUTOFF x slower than the fastest on its timed call cannot win: keep that time (a dequantizing
+    # reference of a 49152-row lm_head would otherwise cost a second of samples).
+    floor = min(first.values())
+    samples: dict[str, list[float]] = {name: [t] for name, t in first.items() if t > SLOW_CUTOFF * floor}
+    timed = {name: fn for name, fn in runs.items() if name not in samples}
+    samples.update({name: [] for name in timed})
     for _ in range(REPEATS):  # interleaved: a load change hits every candidate alike
-        for name, fn in runs.items():
+        for name, fn in timed.items():
             t0 = clock()
             for _ in range(loops[name]):
                 fn()

@@ -184,6 +184,17 @@ def test_time_candidates_interleaves_and_takes_the_median():
     assert timed[:3] == ["a", "a", "b"] and timed[-1] == "b"  # a sample of a (2 calls), then of b (1 call), ...
 
 
+def test_time_candidates_stops_sampling_a_path_far_slower_than_the_fastest():
+    now, calls = [0.0], {"a": 0, "slow": 0}
+
+    def fn(name, cost):
+        return lambda: (calls.__setitem__(name, calls[name] + 1), now.__setitem__(0, now[0] + cost))
+
+    times = tune.time_candidates({"a": fn("a", 1e-3), "slow": fn("slow", 5e-3)}, clock=lambda: now[0])
+    assert times == pytest.approx({"a": 1e-3, "slow": 5e-3})
+    assert calls["slow"] == 2 and calls["a"] == 2 + 2 * tune.REPEATS  # warm-up and one timed call only
+
+
 # -- the real paths --------------------------------------------------------------------------------
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 3, 8, 40])
