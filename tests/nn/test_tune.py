@@ -184,6 +184,19 @@ def test_time_candidates_interleaves_and_takes_the_median():
     assert timed[:3] == ["a", "a", "b"] and timed[-1] == "b"  # a sample of a (2 calls), then of b (1 call), ...
 
 
+def test_time_candidates_takes_the_median_past_a_spike():
+    now, n = [0.0], [0]
+
+    def a():  # 1 ms a call, but its 5th call (inside the second sample) stalls for a second
+        n[0] += 1
+        now[0] += 1.0 if n[0] == 5 else 1e-3
+
+    def b():
+        now[0] += 1.5e-3
+
+    assert tune.time_candidates({"a": a, "b": b}, clock=lambda: now[0]) == pytest.approx({"a": 1e-3, "b": 1.5e-3})
+
+
 def test_time_candidates_stops_sampling_a_path_far_slower_than_the_fastest():
     now, calls = [0.0], {"a": 0, "slow": 0}
 
