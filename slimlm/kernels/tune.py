@@ -199,7 +199,7 @@ def _measured_why(times: dict[str, float], winner: str, order: tuple[str, ...], 
     return f"measured: {rival} {times[winner] / times[rival]:.2f}x of {winner}'s speed {at}, kept the simpler path"
 
 
-def _fixed_why(op: str, rows: str) -> str:
+def _fixed_why(rows: str) -> str:
     if rows == UNMEASURED:
         return "fixed rule: prefill-sized inputs (17+ rows) are not measured"
     return f"fixed rule ({ENV}=fixed)"
@@ -248,7 +248,7 @@ class Tuner:
                 return Decision(key, forced, "forced", f"forced by {ENV}={key.op}:{forced}")
             return Decision(key, fixed, "fixed", f"forced {forced} disagrees with the reference here; fixed rule")
         if self.settings.mode == "fixed" or key.rows == UNMEASURED:
-            return Decision(key, fixed, "fixed", _fixed_why(key.op, key.rows))
+            return Decision(key, fixed, "fixed", _fixed_why(key.rows))
         if self.settings.mode == "auto":
             if self._cached is None:
                 self._cached = tune_cache.read_choices(self.cache_file, self.fingerprint)
