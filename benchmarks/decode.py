@@ -21,6 +21,10 @@
    a newline / EOS or the budget): bytes per token from ``model_info`` (what ``slimlm info`` prints).
 
 Machines here are shared: compare ratios within one run; the thread count is printed with every table.
+
+Kernel paths are chosen by ``SLIMLM_KERNELS`` (slimlm.kernels.tune): unset = auto (timed once per shape on
+this machine, cached in $SLIMLM_CACHE/kernels/), ``fixed`` = the hand-set rules, ``measure`` = re-time.
+After each variant and the profile, the choices made (path and why per shape/rows/threads) are printed.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from slimlm.api import apply
 from slimlm.data import protocol_texts
 from slimlm.models.size import bytes_read_per_token
 from slimlm.formats import parse_scheme
-from slimlm.kernels import dense
+from slimlm.kernels import dense, kernel_report, tune
 from slimlm.generation import GenerationConfig, PagedKVCache, generate, make_decoder
 from slimlm.generation.loop import compile_step, decode_steps
 from slimlm.models import load_model
@@ -139,8 +143,18 @@ def speed_table(args) -> str:
         row += [f"{gbps:.1f}", f"{gbps / MACHINE_GBPS:.0%}", "yes" if toks["slimlm"] == toks["hf"] else "NO"]
         lines.append(" | ".join(row))
         print(lines[-1], flush=True)
+        print(_choices(model), flush=True)
         del model, dec, engines
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + tune.format_decisions()
+
+
+def _choices(model) -> str:
+    """Each quantized layer's one-row path and why (measured, cached, forced, fixed), grouped."""
+    whys: dict[str, int] = {}
+    for layer in kernel_report(model).layers:
+        what = f"{layer.runs}: {layer.why or layer.reason}"
+        whys[what] = whys.get(what, 0) + 1
+    return "\n".join(f"    {n} quantized layers run {what}" for what, n in whys.items())
 
 
 def _overhead_model(model):
@@ -160,6 +174,8 @@ def _matvec_floor_ms(model, linear, reps: int = 5) -> float:
     xs = [torch.ones(1, w.shape[1], dtype=w.dtype) for w in weights]
     times = []
     with torch.no_grad():
+        for w, x in zip(weights, xs):  # warm-up (and, for dense.linear, its kernel choice per shape)
+            linear(x, w)
         for _ in range(reps):
             t0 = CLOCK()
             for w, x in zip(weights, xs):
@@ -183,14 +199,16 @@ def profile_table(args) -> str:
         rows[name] = (1e3 / hf, 1e3 / sl)
     floor = _matvec_floor_ms(model, torch.nn.functional.linear)
     rows["weights read once (F.linear, MKL, over every weight)"] = (floor, floor)
+    floor = _matvec_floor_ms(model, lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    rows["weights read once (oneDNN inner product, every weight)"] = (floor, floor)
     floor = _matvec_floor_ms(model, dense.linear)
-    rows["weights read once (oneDNN inner product, slimlm's path)"] = (floor, floor)
+    rows["weights read once (dense.linear: slimlm's chosen path, see the choices below)"] = (floor, floor)
     bound = bytes_read_per_token(model) / (MACHINE_GBPS * 1e9) * 1e3
     rows[f"bandwidth bound ({MACHINE_GBPS:.0f} GB/s)"] = (bound, bound)
     head = ("component", "HF generate ms/token", "slimlm ms/token")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     lines += [" | ".join([k, f"{a:.1f}", f"{b:.1f}"]) for k, (a, b) in rows.items()]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + tune.format_decisions()
 
 
 def mixed_prompts(tok, n: int, lo: int, hi: int) -> list[list[int]]:

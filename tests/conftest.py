@@ -9,6 +9,7 @@ is skipped once, before it runs, with the fix in the reason.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -16,6 +17,10 @@ from slimlm.errors import SlimlmError
 from slimlm.models import builtin
 
 REAL_MODEL = builtin.DEFAULT_BUILTIN
+
+# Kernel choices by the fixed rules, not by timing (slimlm.kernels.tune): a test's path must not depend on the
+# machine's load. Tests of the tuner install their own settings; a caller may still export another mode.
+os.environ.setdefault("SLIMLM_KERNELS", "fixed")
 
 
 def real_model_missing() -> str | None:

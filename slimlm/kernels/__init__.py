@@ -13,9 +13,12 @@ W8A8 (int8 sym per channel weights)    ``torch._int_mm``                  ``torc
 everything else                        reference                          reference
 =====================================  =================================  ==========================
 
-Plain float32 weights at decode sizes (<= 16 rows) go through oneDNN's inner
+Plain float32 weights at decode sizes (<= 16 rows) may go through oneDNN's inner
 product on CPU (:func:`slimlm.kernels.dense.linear`), which uses every intra-op
-thread where ATen's GEMV uses one.
+thread where ATen's GEMV may use one. Whether it does, and whether an int8/int4
+kernel beats its own reference path, is measured once per shape, rows bucket
+and thread count on the machine at hand and cached (:mod:`slimlm.kernels.tune`,
+``SLIMLM_KERNELS=auto|measure|fixed``, ``op:path`` forces).
 
 :func:`kernel_report` says which path each layer of a model runs (and why a
 fast kernel fell back); :func:`require_fast` makes that an error.

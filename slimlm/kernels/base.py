@@ -27,6 +27,7 @@ from torch import Tensor
 
 from slimlm.formats import codec
 from slimlm.formats.scheme import Scheme
+from slimlm.kernels import tune
 
 log = logging.getLogger("slimlm.kernels")
 
@@ -49,6 +50,7 @@ class WeightKernel:
 
     name = "reference"
     is_reference = True
+    tune_op: str | None = None  # the op of slimlm.kernels.tune.CANDIDATES this kernel is timed as, if any
 
     def supports(self, scheme: Scheme, shape: Shape, device: torch.device) -> bool:
         return True
@@ -122,9 +124,29 @@ def weight_matmul(kernel: WeightKernel, x: Tensor, tensors: Tensors, scheme: Sch
     state = _CHECKED.get(key)
     if state is None:
         return _first_use(kernel, key, x, tensors, scheme, shape)
-    if state:
+    if state and not _measured_reference(kernel, x, tensors, scheme, shape):
         return kernel.matmul(x, tensors, scheme, shape)
     return kernel.reference_matmul(x, tensors, scheme, shape)
+
+
+def _measured_reference(kernel: WeightKernel, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> bool:
+    """Whether the tuner chose the reference path over ``kernel`` for this input (False: keep the kernel)."""
+    op = kernel.tune_op
+    t = tune.tuner()
+    if op is None or t.uses_rule(op) or torch.compiler.is_compiling():
+        return False
+    key = tune.make_key(op, shape, x.dtype, x.shape[0], x.device)
+    d = t.decision(key)  # the hot path: one dict lookup
+    if d is not None:
+        return d.path == "reference"
+    tol = SELF_CHECK_TOL.get(kernel.compute_dtype(x.dtype), 1e-4)
+
+    def runs() -> tune.Runs:
+        return {"reference": lambda: kernel.reference_matmul(x, tensors, scheme, shape),
+                "fast": lambda: kernel.matmul(x, tensors, scheme, shape)}  # fmt: skip
+
+    path = t.choose(key, fixed="fast", candidates=runs, agree=lambda y, ref: relative_error(y, ref) <= tol)
+    return path == "reference"
 
 
 def check_state(name: str, device_type: str, dtype: torch.dtype) -> bool | None:

@@ -14,9 +14,16 @@ outweighs the second thread.
 Under ``torch.compile`` the plain ``F.linear`` is traced (inductor cannot lower
 this op on an unpacked weight and picks its own GEMM).
 
+Those numbers hold for one machine: on another 2-core machine MKL's
+``F.linear`` read every weight in 20.2 ms per token and oneDNN in 33.8 ms. So
+the two thresholds below are only the *fixed* rule (``SLIMLM_KERNELS=fixed``);
+by default each (shape, rows bucket, threads) up to 16 rows is timed once on
+the machine at hand and the faster path kept (:mod:`slimlm.kernels.tune`).
+
 The op is private to torch, so it is checked once against ``F.linear`` and
-left unused when missing or wrong; results differ from ``F.linear`` only in the
-order of float additions (about 1e-7 relative).
+left unused when missing or wrong, and again on the operands of each measured
+shape before it may win; results differ from ``F.linear`` only in the order of
+float additions (about 1e-7 relative).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from slimlm.kernels import tune
+from slimlm.kernels.base import SELF_CHECK_TOL, relative_error
 
 log = logging.getLogger("slimlm.kernels")
 
@@ -51,17 +61,50 @@ def onednn_available() -> bool:
     return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
 
 
-def use_onednn(x: Tensor, w: Tensor) -> bool:
-    """Whether :func:`linear` takes the oneDNN path for this input and weight."""
+def _in_domain(x: Tensor, w: Tensor) -> bool:
+    """Where oneDNN's inner product can stand in for ``F.linear`` at all (float32 CPU, no autograd, eager)."""
     return (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
-            and w.device.type == "cpu" and x.numel() <= MAX_ROWS * x.shape[-1] and w.numel() >= MIN_WEIGHT
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and onednn_available())
+            and w.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and onednn_available())  # fmt: skip
+
+
+def _onednn(rows: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``rows (M, in) -> (M, out)`` through oneDNN's inner product on the plain weight."""
+    return torch.ops.mkldnn._linear_pointwise(rows, w.contiguous(), b, "none", [], "")
+
+
+def _agree(y: Tensor, ref: Tensor) -> bool:
+    return relative_error(y, ref) <= SELF_CHECK_TOL[torch.float32]
+
+
+def _choose_onednn(rows: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether the ``(M, in)`` input ``rows`` goes through oneDNN: the fixed rule, a force or a measurement."""
+    m = rows.shape[0]
+    rule = m <= MAX_ROWS and w.numel() >= MIN_WEIGHT
+    t = tune.tuner()
+    if t.uses_rule("dense"):
+        return rule
+    key = tune.make_key("dense", tuple(w.shape), w.dtype, m, rows.device)
+    d = t.decision(key)  # the hot path: one dict lookup
+    if d is not None:
+        return d.path == "onednn"
+
+    def runs() -> tune.Runs:
+        return {"f_linear": lambda: F.linear(rows, w, b), "onednn": lambda: _onednn(rows, w, b)}
+
+    return t.choose(key, fixed="onednn" if rule else "f_linear", candidates=runs, agree=_agree) == "onednn"
+
+
+def use_onednn(x: Tensor, w: Tensor, b: Tensor | None = None) -> bool:
+    """Whether :func:`linear` takes the oneDNN path for this input and weight (may measure, see module doc)."""
+    return _in_domain(x, w) and _choose_onednn(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """``F.linear(x, w, b)``; float32 on CPU with at most ``MAX_ROWS`` rows goes through oneDNN."""
-    if not use_onednn(x, w):
+    """``F.linear(x, w, b)``; float32 on CPU at decode sizes may go through oneDNN (see the module doc)."""
+    if not _in_domain(x, w):
         return F.linear(x, w, b)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(rows, w.contiguous(), b, "none", [], "")
-    return y.view(*x.shape[:-1], w.shape[0])
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+    if not _choose_onednn(rows, w, b):
+        return F.linear(x, w, b)
+    return _onednn(rows, w, b).view(*x.shape[:-1], w.shape[0])

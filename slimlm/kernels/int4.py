@@ -76,6 +76,7 @@ class Int4Grouped(WeightKernel):
     """Layout: the portable ``codes``/``scale``/``zero``, plus ``int4pack`` and ``scale_zeros``."""
 
     is_reference = False
+    tune_op = "int4"  # timed against the reference per shape (slimlm.kernels.tune)
 
     def __init__(self, *, cpu: bool) -> None:
         self.cpu = cpu

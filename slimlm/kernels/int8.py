@@ -39,6 +39,7 @@ class Int8WeightOnly(WeightKernel):
     """Layout: ``qweight`` int8 (out, in) and the stored float16 ``scale`` (R, 1)."""
 
     is_reference = False
+    tune_op = "int8"  # timed against the reference per shape (slimlm.kernels.tune)
 
     def __init__(self, *, cpu: bool) -> None:
         self.cpu = cpu

@@ -8,8 +8,15 @@ report reads both facts back per layer, so a benchmark or an evaluation that
 ran on the slow path says so: ``slimlm info`` prints it, the eval Result JSON
 records it, and :func:`require_fast` turns it into an error.
 
+It also says why each path was taken: the kernel choices made by measuring
+(:mod:`slimlm.kernels.tune`: "measured 1.9x over f_linear at 1 row, cached",
+"forced by SLIMLM_KERNELS=int4:reference", a fixed rule) are listed per key,
+dense float matmuls included, and each layer carries the reason for its own
+one-row (decode) path in ``LayerKernel.why``.
+
 A layer is any module whose ``kernel`` has a ``name`` and ``is_reference``
-and that exposes ``compute_dtype``, ``weight_device`` and ``in_features``.
+and that exposes ``compute_dtype``, ``weight_device``, ``in_features`` and
+``out_features``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.kernels import tune
 from slimlm.kernels.base import check_state, fallback_reason
 
 REFERENCE_PATH = "reference"  # what a layer runs when its fast kernel fell back
@@ -30,7 +38,8 @@ class LayerKernel(NamedTuple):
     layer: str  # full module name
     selected: str  # the kernel chosen for the layer's device
     runs: str  # the path that runs: ``selected``, or "reference" after a fallback
-    reason: str | None  # why it runs a reference path (fallback or no fast kernel); None on a fast path
+    reason: str | None  # why it runs a reference path (fallback, no fast kernel, measured slower); None on a fast path
+    why: str | None = None  # how its one-row path was chosen: measured / cached / forced / fixed rule
 
 
 def _kernel_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -47,25 +56,47 @@ def _probe(module: nn.Module) -> None:
     module(x.to(device=module.weight_device, dtype=module.compute_dtype))
 
 
+FIXED_ORDER = "fixed rule: the first kernel in the table that supports it"
+
+
+def _decode_key(module: nn.Module) -> tune.Key | None:
+    """The tuner's key for one row through ``module`` (None when its kernel is not timed)."""
+    op = getattr(module.kernel, "tune_op", None)  # sparse kernels have none
+    if op is None or tune.tuner().uses_rule(op):
+        return None
+    return tune.make_key(op, (module.out_features, module.in_features), module.compute_dtype, 1, module.weight_device)
+
+
 def layer_kernel(name: str, module: nn.Module, *, probe: bool = True) -> LayerKernel:
-    """What layer ``name`` runs; ``probe`` runs its first-use check if it has not run yet."""
+    """What layer ``name`` runs; ``probe`` runs its first-use check (and its one-row choice) if not done yet."""
     kernel, device, dtype = module.kernel, module.weight_device, module.compute_dtype
     if kernel.is_reference:
         what = getattr(module, "scheme", None) or getattr(module, "sparsity_label", None) or type(module).__name__
         reason = f"no fast kernel for {what} {module.out_features}x{module.in_features} on {device.type}"
         return LayerKernel(name, kernel.name, kernel.name, reason)
+    key = _decode_key(module)
     if probe and check_state(kernel.name, device.type, dtype) is None:
         _probe(module)
+    passed = check_state(kernel.name, device.type, dtype)
+    if probe and passed and key is not None and tune.tuner().decision(key) is None:
+        _probe(module)  # a call after the first-use check makes the one-row choice (weight_matmul times it)
     if check_state(kernel.name, device.type, dtype) is False:
         why = fallback_reason(kernel.name, device.type, dtype)
         reason = f"{kernel.name} {why} on {device.type}/{str(dtype).removeprefix('torch.')}"
         return LayerKernel(name, kernel.name, REFERENCE_PATH, reason)
-    return LayerKernel(name, kernel.name, kernel.name, None)
+    choice = tune.tuner().decision(key) if key is not None else None
+    if choice is None:
+        return LayerKernel(name, kernel.name, kernel.name, None, FIXED_ORDER if key is None else None)
+    if choice.path == "reference":
+        reason = f"{kernel.name} set aside for the reference path: {choice.why}"
+        return LayerKernel(name, kernel.name, REFERENCE_PATH, reason, choice.why)
+    return LayerKernel(name, kernel.name, kernel.name, None, choice.why)
 
 
 @dataclass(frozen=True)
 class KernelReport:
     layers: tuple[LayerKernel, ...]
+    choices: tuple[tune.Decision, ...] = ()  # every kernel choice made in this process, dense matmuls included
 
     @property
     def counts(self) -> dict[str, int]:
@@ -81,11 +112,15 @@ class KernelReport:
         return tuple(layer for layer in self.layers if layer.runs != layer.selected)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form: ``{"counts": {path: layers}, "fallbacks": {layer: reason}}``."""
-        return {"counts": self.counts, "fallbacks": {f.layer: f.reason for f in self.fallbacks}}
+        """JSON form: ``{"counts": {path: layers}, "fallbacks": {layer: reason}}``, plus
+        ``"choices": {key: "path (why)"}`` when any choice was measured, cached or forced."""
+        d: dict[str, Any] = {"counts": self.counts, "fallbacks": {f.layer: f.reason for f in self.fallbacks}}
+        if self.choices:
+            d["choices"] = {str(c.key): f"{c.path} ({c.why})" for c in self.choices}
+        return d
 
     def format(self) -> str:
-        """One line of counts, then one line per layer that fell back."""
+        """One line of counts, then one line per layer that fell back, then one per kernel choice."""
         return format_kernels(self.to_dict())
 
 
@@ -94,6 +129,7 @@ def format_kernels(d: dict[str, Any]) -> str:
     counts = ", ".join(f"{path} x{n}" for path, n in d["counts"].items()) or "none (no runtime linears)"
     lines = [counts]
     lines += [f"  fell back: {layer}: {reason}" for layer, reason in d.get("fallbacks", {}).items()]
+    lines += [f"  chose: {key}: {what}" for key, what in d.get("choices", {}).items()]
     return "\n".join(lines)
 
 
@@ -102,13 +138,15 @@ def kernel_report(model: nn.Module, *, probe: bool = True) -> KernelReport:
 
     ``probe`` runs the first-use check of a fast kernel that has not run yet
     on a one-row input, so the report says what a forward pass would run."""
-    return KernelReport(tuple(layer_kernel(name, m, probe=probe) for name, m in _kernel_layers(model)))
+    layers = tuple(layer_kernel(name, m, probe=probe) for name, m in _kernel_layers(model))
+    return KernelReport(layers, tune.decisions())
 
 
 def kernel_summary(model: nn.Module) -> dict[str, Any] | None:
-    """``kernel_report(model).to_dict()``, or None for a model without runtime linears (a Result's ``kernels``)."""
+    """``kernel_report(model).to_dict()``, or None for a model without runtime linears whose matmuls made no
+    measured or forced kernel choice (a Result's ``kernels``)."""
     report = kernel_report(model)
-    return report.to_dict() if report.layers else None
+    return report.to_dict() if report.layers or report.choices else None
 
 
 def require_fast(model: nn.Module, *, probe: bool = True) -> KernelReport:

@@ -123,7 +123,7 @@ def model_info(model: nn.Module) -> ModelInfo:
         kv_bytes_per_token=kv_bytes,
         tied_embeddings=tied,
         linears=list_linears(model),
-        kernels=kernels if kernels.layers else None,
+        kernels=kernels if kernels.layers or kernels.choices else None,
     )
 
 
