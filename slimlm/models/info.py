@@ -101,7 +101,6 @@ def _generic_layout(config) -> tuple[int, HeadLayout]:
 def model_info(model: nn.Module) -> ModelInfo:
     config = model.config
     params = list(model.parameters())  # deduplicated: a tied weight appears once
-    buffers = list(model.buffers())
     dtype = getattr(model, "dtype", None) or next(p.dtype for p in params if p.is_floating_point())
     if config.model_type in ADAPTERS:
         n_layers, heads = num_layers(config), head_layout(config)

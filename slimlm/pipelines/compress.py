@@ -32,7 +32,7 @@ from slimlm.models import load_model
 from slimlm.models.identity import model_dir, model_id
 from slimlm.models.lazy import load_lazy
 from slimlm.pipelines.lazy import check_lazy, compress_lazy
-from slimlm.pipelines.training import TrainingSetup, prepare_training
+from slimlm.pipelines.training import prepare_training
 from slimlm.recipe import Recipe, load_recipe
 from slimlm.validate import check_pos_int
 

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
-from slimlm.nn import QuantLinear, SparseLinear, check_schemes, in_features_of, rtn_pruned
+from slimlm.nn import QuantLinear, SparseLinear, check_schemes, rtn_pruned
 from slimlm.targets import Targets, check_targets, match_override, replace_module, scheme_plan
 
 __all__ = ["RTN", "apply_rtn"]
