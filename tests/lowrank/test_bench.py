@@ -17,17 +17,19 @@ import lowrank as bench  # noqa: E402
 
 
 @pytest.mark.parametrize("row,want", [
-    ("svd-20", ("svd", 0.2, "uniform")),
-    ("asvd-40", ("asvd", 0.4, "uniform")),
-    ("svd-llm-20:spectrum", ("svd-llm", 0.2, "spectrum")),
-    ("width-20", ("width", 0.2, "uniform")),
+    ("svd-20", ("svd", 0.2, "uniform", False)),
+    ("asvd-40", ("asvd", 0.4, "uniform", False)),
+    ("svd-llm-20:spectrum", ("svd-llm", 0.2, "spectrum", False)),
+    ("svd-llm-20:spectrum:update", ("svd-llm", 0.2, "spectrum", True)),
+    ("svd-llm-40:update", ("svd-llm", 0.4, "uniform", True)),
+    ("width-20", ("width", 0.2, "uniform", False)),
 ])  # fmt: skip
 def test_parse_row(row, want):
     assert bench.parse_row(row) == want
 
 
 @pytest.mark.parametrize("row", ["svd", "svd-0", "svd-100", "lora-20", "svd-llm-20:greedy", "width-20:spectrum",
-                                 "svd-2x"])  # fmt: skip
+                                 "svd-2x", "svd-20:update", "width-20:update", "svd-llm-20:update:x"])  # fmt: skip
 def test_bad_rows_are_refused(row):
     with pytest.raises(SystemExit, match="bad row"):
         bench.parse_row(row)
@@ -38,6 +40,7 @@ def test_row_configs_and_the_structured_row_matches_the_weights_removed():
     assert bench.row_config("svd-20", **kw) == SVD(params=0.2)
     assert bench.row_config("asvd-40", **kw) == ASVD(params=0.4)
     assert bench.row_config("svd-llm-20:spectrum", **kw) == SVDLLM(params=0.2, allocation="spectrum")
+    assert bench.row_config("svd-llm-20:update", **kw) == SVDLLM(params=0.2, update=True)
     cfg = bench.row_config("width-20", **kw)
     assert isinstance(cfg, Structured) and cfg.mode == "width" and cfg.params == pytest.approx(0.16)
 
