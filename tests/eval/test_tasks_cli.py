@@ -10,6 +10,7 @@ from slimlm.eval.lm_eval_cli import with_local_tasks
 from slimlm.eval.result import Result
 from slimlm.eval.tasks import TASKS_DIR
 from slimlm.models.tiny import save_tiny_model_dir
+from tests.cli_errors import one_line_error
 
 FAST = ["--protocol", "pydoc-v1", "--tokens", "512", "--no-speed"]
 
@@ -23,12 +24,6 @@ def _cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return str(save_tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny", family="llama", add_bos=True))
-
-
-def _one_line_error(capsys, code, pattern):
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and "Traceback" not in err and len(errors) == 1 and pattern in errors[0], err
 
 
 def test_eval_tasks_prints_and_stores_accuracy(capsys, tiny_dir, tmp_path):
@@ -65,12 +60,12 @@ def _a_result() -> Result:
     (["--task-limit", "3"], "--task-limit is for --tasks"),
 ])
 def test_bad_task_options_get_one_line_and_exit_2(capsys, tiny_dir, argv, pattern):
-    _one_line_error(capsys, main(["eval", tiny_dir, *FAST, *argv]), pattern)
+    one_line_error(capsys, main(["eval", tiny_dir, *FAST, *argv]), pattern)
 
 
 def test_an_unknown_task_is_refused_before_the_model_loads(capsys):
     """Checked against lm-eval's whole index (seconds); the model named does not even exist."""
-    _one_line_error(capsys, main(["eval", "/no/such/model", "--tasks", "slimlm_pydoc_choice,no_such_task_xyz"]),
+    one_line_error(capsys, main(["eval", "/no/such/model", "--tasks", "slimlm_pydoc_choice,no_such_task_xyz"]),
                     "unknown task 'no_such_task_xyz': neither slimlm's")  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from slimlm.models.tiny import save_tiny_model_dir
 from slimlm.recipe import load_recipe, recipe_from_dict
 from slimlm.sweep import Settings, expand, job_id, parse_grid
 from slimlm.sweep.jobs import JOB_SCHEMA, check_folder, read_job
+from tests.cli_errors import one_line_error
 
 SETTINGS = Settings(protocol="pydoc-v1", tokens=512)
 FAST = ["--protocol", "pydoc-v1", "--tokens", "512", "--no-speed"]
@@ -20,13 +21,6 @@ FAST = ["--protocol", "pydoc-v1", "--tokens", "512", "--no-speed"]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return str(save_tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny", family="llama"))
-
-
-def _one_line_error(capsys, code, pattern):
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2 and "Traceback" not in err and len(errors) == 1 and pattern in errors[0], err
-    return errors[0]
 
 
 # ---------------------------------------------------------------- the grid
@@ -156,14 +150,14 @@ def test_bad_input_is_one_line_before_any_work(capsys, tiny_dir, tmp_path, monke
         (["--recipes", "rtn-int4-g64", "--ray-address", "nocolon", "--out", str(out)], "is not host:port"),
     ]
     for args, pattern in cases:
-        _one_line_error(capsys, main([*sweep, *args]), pattern)
+        one_line_error(capsys, main([*sweep, *args]), pattern)
         assert not out.exists(), args  # nothing written
     afile = tmp_path / "file.txt"
     afile.write_text("x")
-    _one_line_error(capsys, main([*sweep, "--recipes", "rtn-int4-g64", "--out", str(afile / "run")]),
+    one_line_error(capsys, main([*sweep, "--recipes", "rtn-int4-g64", "--out", str(afile / "run")]),
                     "cannot write to --out")
-    _one_line_error(capsys, main([*sweep, "--recipes", "rtn-int4-g64", "--out", str(afile)]), "is a file")
-    _one_line_error(capsys, main(["sweep", "--model", str(tmp_path / "none"), "--recipes", "rtn-int4-g64",
+    one_line_error(capsys, main([*sweep, "--recipes", "rtn-int4-g64", "--out", str(afile)]), "is a file")
+    one_line_error(capsys, main(["sweep", "--model", str(tmp_path / "none"), "--recipes", "rtn-int4-g64",
                                   "--out", str(out), *FAST]), "does not exist")
 
 
@@ -177,7 +171,7 @@ def test_a_corrupt_job_file_in_the_folder_is_refused_and_kept(capsys, tiny_dir, 
     (out / "jobs" / job.id / "job.json").write_text("garbage")
     doc = {"schema": "slimlm.sweep/1", "model": tiny_dir, "protocol": "pydoc-v1", "created": "x", "jobs": []}
     (out / "sweep.json").write_text(json.dumps(doc))
-    line = _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out",
+    line = one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out",
                                          str(out), *FAST]), f"jobs/{job.id}/job.json is unreadable or corrupt")
     assert f"delete {out}/jobs/{job.id}" in line
     assert (out / "jobs" / job.id / "job.json").read_text() == "garbage"
@@ -197,7 +191,7 @@ def test_a_rerun_with_other_settings_is_refused(capsys, tiny_dir, tmp_path, monk
     doc = {"schema": "slimlm.sweep/1", "model": tiny_dir, "protocol": "pydoc-v1", "created": "x", "jobs": [],
            "settings": {"protocol": "pydoc-v1", "tokens": 1024, "full": False, "calib_samples": None}}
     (out / "sweep.json").write_text(json.dumps(doc))
-    _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out", str(out),
+    one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out", str(out),
                                   *FAST]), "rerun with the same --tokens/--calib-samples")
     assert json.loads((out / "sweep.json").read_text()) == doc
 
@@ -208,7 +202,7 @@ def test_ray_flags_without_ray_installed_are_one_line(capsys, tiny_dir, tmp_path
     monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     out = tmp_path / "run"
-    _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--ray", "--out",
+    one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--ray", "--out",
                                   str(out), *FAST]), "pip install 'slimlm[sweep]'")
     with pytest.raises(SystemExit) as exit_:  # argparse: one usage line
         main(["sweep", "--recipes", "rtn-int4-g64", "--ray", "--ray-address", "auto", "--out", str(out)])
@@ -223,5 +217,5 @@ def test_a_corrupt_base_result_is_refused_by_name(capsys, tiny_dir, tmp_path, mo
     (out / "base" / "result.json").write_text('{"schema": "slimlm.result/1"}')
     doc = {"schema": "slimlm.sweep/1", "model": tiny_dir, "protocol": "pydoc-v1", "created": "x", "jobs": []}
     (out / "sweep.json").write_text(json.dumps(doc))
-    _one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out", str(out),
+    one_line_error(capsys, main(["sweep", "--model", tiny_dir, "--recipes", "rtn-int4-g64", "--out", str(out),
                                   *FAST]), f"base/result.json is corrupt or not a slimlm result; delete {out}/base")
