@@ -2,8 +2,8 @@
 
 Weight-only kernels are tried in :data:`WEIGHT_ONLY_KERNELS` order; the first
 that supports the scheme, weight shape and device wins, else the reference
-path (dequantize per call, then ``F.linear``) -- which is what 2/3/5..7-bit
-int, int8 asymmetric or per group, NF4, k-means, ternary and binary weights
+path (dequantize per call, then ``F.linear``) -- which is what 2/5..7-bit
+int, per-channel 3/4-bit, int8 asymmetric or per group, NF4, k-means, ternary and binary weights
 use on every device.
 """
 
