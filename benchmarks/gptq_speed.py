@@ -65,7 +65,7 @@ def instrument() -> None:
     wrap(stats_mod, "add_gram", "hessian")
     wrap(gptq_mod, "prepare", "solve: prepare (perm, Cholesky)")
     wrap(gptq_mod, "column_grid", "solve: grid params")
-    wrap(gptq_mod, "obs_solve", "solve: column loop")
+    wrap(gptq_mod, "grid_solve" if hasattr(gptq_mod, "grid_solve") else "obs_solve", "solve: column loop")
     wrap(handler, "gptq_quantize", "solve total")
     wrap(handler, "replace_module", "swap")
     fl = handler.QuantLinear.from_linear
@@ -89,6 +89,11 @@ def _timed_call(key, fn, *a, **k):
         return fn(*a, **k)
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def build(layers: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **SMOLLM2)).eval()
@@ -106,6 +111,9 @@ def table(total: float, scale_tok: float, scale_blocks: float) -> dict[str, floa
     walk = total - t["capture"]
     t["rerun forward"] = walk - t["pass1 forward"] - t["hessian"] - on_block
     proj = {k: v * (scale_tok if k in PER_TOKEN else 1.0) * scale_blocks for k, v in t.items()}
+    if hasattr(runner, "_walk_block"):  # this checkout re-runs every block but the last
+        layers = round(30 / scale_blocks)
+        proj["rerun forward"] = t["rerun forward"] * scale_tok * 29 / max(layers - 1, 1)
     return {"measured": t, "projected": proj}
 
 
@@ -118,26 +126,32 @@ def main() -> None:
     p.add_argument("--scale-samples", type=int, default=128)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: CPU seconds of this process (steadier on a shared machine; with 1 thread)")
+    p.add_argument("--calib-dtype", default=None, help="GPTQ(calib_dtype=...), e.g. bfloat16 (default: the config's)")
     p.add_argument("--json", default=None)
     p.add_argument("--codes", default=None, help="save every layer's codes/scales here (torch.save)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    rss_start = _rss_mb()  # torch, transformers and slimlm imported, no model yet
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     instrument()
     model = build(args.layers)
+    rss_model = _rss_mb()
     calib = torch.randint(0, SMOLLM2["vocab_size"], (args.samples, args.seq_len),
                           generator=torch.Generator().manual_seed(1))  # fmt: skip
     t0, w0 = CLOCK(), time.perf_counter()
-    apply_gptq(model, GPTQ(scheme="int4-g64", act_order=True), calib)
+    extra = {"calib_dtype": args.calib_dtype} if args.calib_dtype else {}  # absent in older checkouts
+    apply_gptq(model, GPTQ(scheme="int4-g64", act_order=True, **extra), calib)
     total, wall = CLOCK() - t0, time.perf_counter() - w0
     res = table(total, args.scale_samples / args.samples, 30 / args.layers)
     res.update(total=total, wall=wall, projected_total=sum(res["projected"].values()),
-               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_start_mb=rss_start,
+               rss_model_built_mb=rss_model,
                float_model_mb=sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6,
                args=vars(args))  # fmt: skip
     print(f"total {total:.1f} s measured ({args.clock}; wall {wall:.1f} s); projected {res['projected_total']:.0f} s for {args.scale_samples} x "
-          f"{args.seq_len}, 30 blocks; peak RSS {res['peak_rss_mb']:.0f} MB")
+          f"{args.seq_len}, 30 blocks; RSS: {rss_start:.0f} MB after imports, {rss_model:.0f} MB with the model "
+          f"({res['float_model_mb']:.0f} MB of tensors), peak {res['peak_rss_mb']:.0f} MB")
     for k, v in sorted(res["projected"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:34s} {res['measured'][k]:8.2f} s  -> {v:7.1f} s  {100 * v / res['projected_total']:5.1f}%")
     if args.json:
