@@ -55,7 +55,7 @@ def test_bfloat16_calibration_is_close_to_float32_and_not_equal():
                               CALIB))  # fmt: skip
     codes = [k for k in f32 if k.endswith(".codes")]
     agree = sum(int((f32[k] == bf16[k]).sum()) for k in codes) / sum(f32[k].numel() for k in codes)
-    assert 0.5 < agree < 1.0, agree
+    assert 0.8 < agree < 1.0, agree  # 94% of the packed bytes on this model
 
 
 def test_calib_dtype_refusal():
