@@ -34,8 +34,8 @@ from slimlm.nn.quant_embedding import tied_input_embedding
 from slimlm.nn.quant_linear import linear_weight
 from slimlm.nn.runtime import replace_module
 
-__all__ = ["EMBEDDING_MODES", "Targets", "candidate_linears", "check_targets", "match_override", "replace_module", "scheme_plan",
-           "select_linears", "shared_head"]
+__all__ = ["EMBEDDING_MODES", "Targets", "candidate_linears", "check_targets", "match_override", "replace_module",
+           "scheme_plan", "select_linears", "shared_head"]
 
 
 # What becomes of an input embedding tied to a quantized head: a float table beside the head ("float", the

@@ -18,7 +18,8 @@ IDS = torch.tensor([[5, 0, 63, 5], [17, 17, 2, 40]])  # repeats, both ends of th
 SCHEMES = [("int8-channel-sym", "int8_weight_only_cpu"), ("int8-tensor-sym", "int8_weight_only_cpu"),
            ("int4-g32", "int4_grouped_cpu"), ("int4-g32-sym", "int4_grouped_cpu"), ("int3-g32", "int4_grouped_cpu"),
            ("int4-g16", "reference"), ("int2-channel", "reference"), ("int6-tensor", "reference"),
-           ({"format": "kmeans", "bits": 3}, "reference"), ({"format": "kmeans", "bits": 3, "per_row": False}, "reference"),
+           ({"format": "kmeans", "bits": 3}, "reference"),
+           ({"format": "kmeans", "bits": 3, "per_row": False}, "reference"),
            ({"format": "ternary"}, "reference"), ({"format": "binary"}, "reference")]  # fmt: skip
 
 
