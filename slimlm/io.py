@@ -28,6 +28,7 @@ from slimlm.models.adapters import get_adapter
 from slimlm.models.checkpoint import (FORMAT, INDEX, MANIFEST, WEIGHTS, compressed_modules, is_compressed_dir,
                                       load_compressed, read_manifest)  # fmt: skip
 from slimlm.models.integrity import MANIFEST_SHA256, SHA256, file_sha256, manifest_sha256
+from slimlm.nn.quant_embedding import float_embeddings
 from slimlm.nn.runtime import replace_module
 
 __all__ = ["FORMAT", "INDEX", "MANIFEST", "WEIGHTS", "ShardWriter", "compressed_modules", "dequantized_copy",
@@ -153,6 +154,7 @@ class ShardWriter:
 
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """Replace every compressed module by a plain float linear of its dequantized weight (in place)."""
+    float_embeddings(model)  # an embedding reading the quantized head's table: that table, dequantized
     conv1d = get_adapter(model).linear_kind == "conv1d"
     for name, m in compressed_modules(model).items():
         W = m.dequantized_weight().to(model.dtype)  # (out, in)
@@ -168,6 +170,22 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     return model
 
 
+def retie(model: nn.Module) -> None:
+    """Tie the (float) output projection to the input embedding again, as the config says (the inverse of
+    :func:`slimlm.nn.tied.untie_head`); their tables must be equal."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not torch.equal(emb.weight, head.weight):
+        raise SlimlmError("the embedding and lm_head tables differ; they cannot be tied (a slimlm bug)")
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = True
+    head.weight = emb.weight
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        emb_name = next(n for n, m in model.named_modules() if m is emb)
+        tied[f"{head_name}.weight"] = f"{emb_name}.weight"
+
+
 def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a dequantized plain HF directory that stock transformers loads."""
     model, tokenizer = load_compressed(path)
@@ -176,7 +194,10 @@ def export_hf(path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite:
         log.warning("export hf: %d low-rank linears written dense (B @ A), so the factorization's size and speed "
                     "saving is lost in this export (first: %s); keep the slimlm checkpoint to keep it",
                     len(factorized), factorized[0])  # fmt: skip
+    shared = [n for n, m in compressed_modules(model).items() if isinstance(getattr(m, "reads", None), str)]
     dequantized_copy(model)
+    if shared:  # the embedding and the head were one quantized table: one float table again, tied
+        retie(model)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -29,7 +29,7 @@ from slimlm.methods import METHODS
 from slimlm.prune.patterns import parse_pattern
 from slimlm.targets import Targets
 
-_TARGET_KEYS = ("include", "exclude", "lm_head")
+_TARGET_KEYS = ("include", "exclude", "lm_head", "embedding")
 # Scheme fields a step may give inline instead of ``scheme:`` (see formats.parse_scheme).
 _SCHEME_KEYS = ("format", "bits", "group_size", "symmetric", "clip_search", "block_size", "double_quant",
                 "per_row", "iters", "init", "threshold", "pack_base3")  # fmt: skip

@@ -11,7 +11,10 @@ scheme, whatever the step's): weight-only quantization steps (rtn, gptq,
 awq) take a scheme; every other step refuses one. Quantizing the head of a
 model whose head shares the embedding table unties the two
 (:func:`slimlm.nn.runtime.replace_module`): the embedding stays a float
-lookup table, the head is stored once more in its quantized form.
+lookup table, the head is stored once more in its quantized form. With
+``embedding="shared"`` (those same steps) the embedding instead reads its
+rows from the quantized head (:class:`slimlm.nn.SharedQuantEmbedding`): one
+quantized table, as llama.cpp's ``token_embd``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,17 @@ from slimlm.errors import SlimlmError
 from slimlm.formats import Scheme, parse_scheme, scheme_to_dict
 from slimlm.formats.scheme import SCHEME_TYPES
 from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
+from slimlm.nn.quant_embedding import tied_input_embedding
 from slimlm.nn.quant_linear import linear_weight
 from slimlm.nn.runtime import replace_module
 
-__all__ = ["Targets", "candidate_linears", "check_targets", "match_override", "replace_module", "scheme_plan",
-           "select_linears"]
+__all__ = ["EMBEDDING_MODES", "Targets", "candidate_linears", "check_targets", "match_override", "replace_module",
+           "scheme_plan", "select_linears", "shared_head"]
+
+
+# What becomes of an input embedding tied to a quantized head: a float table beside the head ("float", the
+# default), or a lookup into the head's quantized table ("shared").
+EMBEDDING_MODES = ("float", "shared")
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class Targets:
     include: tuple[str, ...] = ()  # globs on full names; empty = every decoder-block linear
     exclude: tuple[str, ...] = ()
     lm_head: bool | Scheme = False  # a scheme: the head's own (YAML shorthand parsed here, once)
+    embedding: str = "float"  # "shared": a tied embedding reads the quantized head's table (EMBEDDING_MODES)
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):
@@ -47,6 +57,11 @@ class Targets:
                 raise SlimlmError(f"{name} must be a list of glob patterns like '*.mlp.down_proj', got {value!r}")
         if not isinstance(self.lm_head, bool):
             object.__setattr__(self, "lm_head", _head_scheme(self.lm_head))
+        if self.embedding not in EMBEDDING_MODES:
+            raise SlimlmError(f"embedding must be one of {', '.join(EMBEDDING_MODES)}, got {self.embedding!r}")
+        if self.embedding == "shared" and not self.head:
+            raise SlimlmError("embedding: shared reads the quantized lm_head's table: set lm_head too (e.g. "
+                              "lm_head: int8-channel-sym)")  # fmt: skip
 
     @property
     def head(self) -> bool:
@@ -74,6 +89,9 @@ def check_targets(targets: object, *, head_scheme: bool = False) -> None:
     if targets.head_scheme is not None and not head_scheme:
         raise SlimlmError(f"lm_head: {scheme_to_dict(targets.head_scheme)} (a scheme) is taken only by weight-only "
                           "quantization steps (rtn, gptq, awq); write lm_head: true or false in this step")
+    if targets.embedding == "shared" and not head_scheme:
+        raise SlimlmError("embedding: shared is taken only by weight-only quantization steps (rtn, gptq, awq); "
+                          "drop it from this step")  # fmt: skip
 
 
 def candidate_linears(model: nn.Module, *, lm_head: bool = False) -> dict[str, nn.Module]:
@@ -114,6 +132,19 @@ def scheme_plan(model: nn.Module, targets: Targets,
     head = get_adapter(model).lm_head
     return {name: (m, targets.head_scheme if name == head and targets.head_scheme is not None else scheme_for(name))
             for name, m in select_linears(model, targets).items()}  # fmt: skip
+
+
+def shared_head(model: nn.Module, targets: Targets,
+                plan: dict[str, tuple[nn.Module, Scheme]]) -> tuple[str, nn.Embedding] | None:  # fmt: skip
+    """With ``embedding="shared"``: (the head's name, the float embedding tied to it), refused in one line
+    before anything changes when the plan leaves the head out or the model cannot share; else None.
+    After the head is quantized, ``nn.share_embedding(model, *shared)`` makes the swap."""
+    if targets.embedding != "shared":
+        return None
+    head = get_adapter(model).lm_head
+    if head not in plan:
+        raise SlimlmError(f"embedding: shared reads the quantized {head}, which this step's exclude leaves out")
+    return head, tied_input_embedding(model, head, plan[head][1])
 
 
 def match_override(name: str, overrides: tuple[tuple[str, object], ...]) -> object | None:

@@ -60,7 +60,7 @@ from slimlm.formats.scheme import IntScheme, QuantizedWeight
 from slimlm.fsutil import atomic_dir
 from slimlm.io import compressed_modules, load_compressed
 from slimlm.models.adapters import get_adapter
-from slimlm.nn import PackedLinear, QuantLinear, SparseLinear, SparseQuantLinear, W8A8Linear
+from slimlm.nn import PackedLinear, QuantLinear, SparseLinear, SparseQuantLinear, W8A8Linear, float_embeddings
 
 log = logging.getLogger("slimlm.export")
 
@@ -260,6 +260,9 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, out: str | os.PathL
     if get_adapter(model).linear_kind == "conv1d":
         raise SlimlmError(f"{model.config.model_type} stores its linears as Conv1D, which compressed-tensors does "
                           "not quantize; export it with --format hf or gguf")  # fmt: skip
+    # compressed-tensors quantizes linears only: an embedding reading the quantized head's table goes out as
+    # that table dequantized (float), beside the quantized head, untied
+    float_embeddings(model)
     plan = plan_export(model, scale_dtype=_scale_dtype(model))
     if not plan.groups():
         raise SlimlmError(f"{checkpoint} has no quantized linears to export as compressed-tensors; "

@@ -17,7 +17,10 @@ What goes where (llama architecture; names as llama.cpp's ``convert_hf_to_gguf.p
   as the converter's ``--outtype f16``; ``q8_0`` falls back to F16 for rows not a multiple of
   32); norms always F32, as the converter writes them.
 * q/k projections get llama.cpp's row permutation (:func:`gguf_blocks.permute_heads`); a tied
-  lm_head is not written (llama.cpp reuses ``token_embd``).
+  lm_head is not written (llama.cpp reuses ``token_embd``). An embedding reading the quantized
+  head's table (``embedding: shared``) goes out as one ``token_embd`` in the head's exact type and
+  no ``output.weight``; where no type holds the head exactly, ``token_embd`` is the table in float
+  and ``output.weight`` the head (refused or re-rounded as above).
 
 The file is written beside ``out`` under a temporary name and renamed into place; nothing is
 left behind on a refusal.

@@ -16,6 +16,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
+from slimlm.export.gguf_blocks import exact_type
+from slimlm.nn import QuantLinear
 
 SUPPORTED = "llama (LlamaForCausalLM) and mistral without sliding window (MistralForCausalLM)"
 # HF block-relative names -> GGUF tensor names (llama.cpp's tensor_mapping for LLM_ARCH_LLAMA)
@@ -103,6 +105,14 @@ def _checked(source: str, obj: nn.Module | Tensor, expected: tuple[int, ...]) ->
     return obj
 
 
+def _one_quantized_table(embed: nn.Module, head: nn.Module) -> bool:
+    """Whether ``embed`` reads the quantized ``head``'s table and a GGUF type holds that table code for code."""
+    if getattr(embed, "reads", None) is None or type(head) is not QuantLinear or head.bias is not None:
+        return False
+    return exact_type(head.scheme, head.shape)[0] is not None and set(head.portable_tensors()) <= {
+        "codes", "scale", "zero"}  # fmt: skip
+
+
 def gguf_tensors(model: nn.Module, shape: LlamaShape) -> Iterator[tuple[str, str, nn.Module | Tensor, int | None]]:
     """``(GGUF name, slimlm name, module or parameter, heads to permute rows by or None)`` in file order.
 
@@ -110,9 +120,14 @@ def gguf_tensors(model: nn.Module, shape: LlamaShape) -> Iterator[tuple[str, str
     lm_head is left out when it is the embedding's own parameter (tied).
     """
     base = model.model
-    embed = base.embed_tokens.weight
-    yield "token_embd.weight", "model.embed_tokens", _checked("model.embed_tokens", embed,
-                                                              (shape.vocab_size, shape.hidden)), None  # fmt: skip
+    head = model.lm_head
+    one_table = _one_quantized_table(base.embed_tokens, head)
+    # a float table, or for an embedding reading the quantized head's table (embedding: shared) either that
+    # table as the head's exact GGUF type (llama.cpp reads rows of it and, with no output.weight, multiplies by
+    # it) or, where no GGUF type holds the head code for code, the table dequantized (output.weight follows)
+    embed = head if one_table else base.embed_tokens.weight
+    source = "lm_head" if one_table else "model.embed_tokens"
+    yield "token_embd.weight", source, _checked(source, embed, (shape.vocab_size, shape.hidden)), None
     if len(base.layers) != shape.n_layers:
         raise SlimlmError(f"the model has {len(base.layers)} layers but its config says {shape.n_layers}; "
                           "the checkpoint is damaged")  # fmt: skip
@@ -127,6 +142,5 @@ def gguf_tensors(model: nn.Module, shape: LlamaShape) -> Iterator[tuple[str, str
             yield f"blk.{i}.{gg}.weight", source, _checked(source, layer.get_submodule(hf),
                                                            shape.linear_shape(hf)), heads.get(hf)  # fmt: skip
     yield "output_norm.weight", "model.norm", _checked("model.norm", base.norm.weight, (shape.hidden,)), None
-    head = model.lm_head
-    if not (isinstance(head, nn.Linear) and head.weight is embed):
+    if not one_table and not (isinstance(head, nn.Linear) and head.weight is embed):
         yield "output.weight", "lm_head", _checked("lm_head", head, (shape.vocab_size, shape.hidden)), None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slimlm.formats import codec
+from slimlm.formats.rows import rows_of
 from slimlm.formats.scheme import Scheme
 from slimlm.kernels import tune
 
@@ -70,6 +71,12 @@ class WeightKernel:
     def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         """The float32 weight ``(out, in)`` the tensors stand for."""
         return codec.dequantize(codec.unpack(self.portable(tensors, scheme, shape), scheme, shape))
+
+    def dequantize_rows(self, tensors: Tensors, scheme: Scheme, shape: Shape, ids: Tensor) -> Tensor:
+        """Rows ``ids`` (1-D int64) of :meth:`dequantize`'s weight, ``(len(ids), in)`` float32, bit for bit,
+        from those rows' stored tensors alone (a table lookup: :mod:`slimlm.formats.rows`)."""
+        packed = rows_of(self.portable(tensors, scheme, shape), scheme, ids)
+        return codec.dequantize(codec.unpack(packed, scheme, (ids.numel(), shape[1])))
 
     def reference_matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         """``x (M, in) -> (M, out)`` by dequantize-then-matmul in ``x.dtype``."""

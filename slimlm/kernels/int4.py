@@ -32,6 +32,7 @@ from torch import Tensor
 
 from slimlm.formats.granularity import PerGroup
 from slimlm.formats.packing import unpack_bits
+from slimlm.formats.rows import rows_of
 from slimlm.formats.scheme import IntScheme, Scheme
 from slimlm.kernels.base import Shape, Tensors, WeightKernel
 from slimlm.kernels.device import has_aten_op, is_cpu, is_cuda_sm80
@@ -130,6 +131,10 @@ class Int4Grouped(WeightKernel):
         else:
             u = u - 2.0 ** (scheme.bits - 1)  # symmetric codes are stored offset by 2^(bits-1)
         return (u * tensors["scale"].float().unsqueeze(-1)).reshape(n, k)  # (N, K)
+
+    def dequantize_rows(self, tensors: Tensors, scheme: Scheme, shape: Shape, ids: Tensor) -> Tensor:
+        rows = rows_of(self.portable(tensors, scheme, shape), scheme, ids)  # codes, scale, zero of rows ids
+        return self.dequantize(rows, scheme, (ids.numel(), shape[1]))
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16 if self.cpu and dtype == torch.float32 else dtype

@@ -63,6 +63,11 @@ class Int8WeightOnly(WeightKernel):
     def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         return tensors["qweight"].float() * tensors["scale"].float()  # (out, in) * (R, 1)
 
+    def dequantize_rows(self, tensors: Tensors, scheme: Scheme, shape: Shape, ids: Tensor) -> Tensor:
+        s = tensors["scale"]  # (R, 1): one per row, or one for the tensor
+        s = s if s.shape[0] == 1 else s.index_select(0, ids)
+        return tensors["qweight"].index_select(0, ids).float() * s.float()  # (n, in) * (n or 1, 1)
+
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16 if self.cpu and dtype == torch.float32 else dtype
 

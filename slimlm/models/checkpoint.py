@@ -116,6 +116,8 @@ def load_compressed(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, entry in manifest["modules"].items():
         replace_module(model, name, _shell(model, name, entry, dtype))
+    for m in compressed_modules(model).values():  # modules that read others (a shared embedding: its head)
+        m.link(model)
     if sharded:
         weights = path / INDEX
         missing, unexpected = _load_shards(model, path, shards)

@@ -35,6 +35,7 @@ class ModelInfo:
     tied_embeddings: bool
     linears: tuple[LinearInfo, ...]  # every Linear / Conv1D / linear-like module, lm_head included
     kernels: KernelReport | None = None  # which kernel the runtime linears run; None when there are none
+    shared_table: str | None = None  # "model.embed_tokens reads lm_head" when the lookup reads the quantized head
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -53,6 +54,8 @@ def scheme_label(scheme) -> str:
 
 
 def _linear_info(name: str, module: nn.Module) -> LinearInfo | None:
+    if isinstance(getattr(module, "reads", None), str):  # a lookup into another module's table: not a linear
+        return None
     weight = getattr(module, "weight", None)
     dtype = _dtype_name(weight.dtype) if isinstance(weight, torch.Tensor) else "unknown"
     if getattr(module, "scheme", None) is not None:  # a compressed runtime module: show its format
@@ -107,7 +110,10 @@ def model_info(model: nn.Module) -> ModelInfo:
     else:
         n_layers, heads = _generic_layout(config)
     in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = out_emb is not None and getattr(out_emb, "weight", None) is in_emb.weight  # a quantized head has none
+    in_weight = dict(in_emb.named_parameters(recurse=False)).get("weight")  # None: a lookup into the head's table
+    tied = out_emb is not None and in_weight is not None and getattr(out_emb, "weight", None) is in_weight
+    reads = getattr(in_emb, "reads", None)  # a SharedQuantEmbedding names the quantized head it reads
+    shared = None if reads is None else f"{_name_of(model, in_emb)} reads {reads}"
     kv_bytes = 2 * n_layers * heads.n_kv_heads * heads.head_dim * torch.empty((), dtype=dtype).element_size()
     n_params, size_bytes = measure_size_light(model)  # packed weights of compressed modules included
     kernels = kernel_report(model)  # runs a fast kernel's first-use check if it has not run yet
@@ -120,10 +126,15 @@ def model_info(model: nn.Module) -> ModelInfo:
         n_layers=n_layers,
         heads=heads,
         kv_bytes_per_token=kv_bytes,
-        tied_embeddings=tied,
+        tied_embeddings=tied or shared is not None,
+        shared_table=shared,
         linears=list_linears(model),
         kernels=kernels if kernels.layers or kernels.choices else None,
     )
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _human(n: float, unit: str, *, binary: bool = False) -> str:
@@ -147,7 +158,8 @@ def format_info(info: ModelInfo, *, linears: bool = True) -> str:
         ("decoder layers", str(info.n_layers)),
         ("heads", f"{h.n_heads} query, {h.n_kv_heads} kv, head dim {h.head_dim}"),
         ("KV cache / token", f"{_human(kv, 'B', binary=True)} ({kv:,} bytes)"),
-        ("tied embeddings", "yes" if info.tied_embeddings else "no"),
+        ("tied embeddings", (f"yes, one quantized table ({info.shared_table})" if info.shared_table
+                             else "yes" if info.tied_embeddings else "no")),  # fmt: skip
         ("linears", str(len(info.linears))),
     ]
     if info.kernels is not None:

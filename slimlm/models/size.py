@@ -117,8 +117,10 @@ def bytes_read_per_token(model: nn.Module) -> int:
     total = sum(t.numel() * t.element_size() for t in unique_params(model)) + packed_storage(model)[1]
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and not _shares(head, emb.weight):
-        w = emb.weight
+    # an embedding reading the quantized head's table (SharedQuantEmbedding) has no weight parameter: the
+    # head's packed table is counted once above
+    w = None if emb is None else dict(emb.named_parameters(recurse=False)).get("weight")
+    if w is not None and not _shares(head, w):
         total -= w.numel() * w.element_size() - w.shape[-1] * w.element_size()
     return total
 

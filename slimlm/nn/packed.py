@@ -157,6 +157,11 @@ class PackedLinear(RuntimeModule):
         """The float32 weight ``(out, in)`` the packed tensors stand for."""
         return self.kernel.dequantize(self._weight, self.scheme, self.shape)
 
+    def dequantized_rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` (1-D int64, on the weight's device) of :meth:`dequantized_weight`, ``(n, in)``
+        float32, bit for bit, read from those rows alone (a tied embedding's lookup)."""
+        return self.kernel.dequantize_rows(self._weight, self.scheme, self.shape, ids)
+
     def weight_storage(self) -> tuple[int, int]:
         """``(number of weights, bytes)`` of the stored form: codes, scales, zeros,
         codebooks and extras such as a smoothing vector -- not the bias, not the

@@ -60,6 +60,10 @@ class RuntimeModule(nn.Module):
             raise SlimlmError(f"{type(self).__name__}.manifest_extra may not redefine {sorted(clash)}")
         return {**entry, **self.manifest_extra()}
 
+    def link(self, model: nn.Module) -> None:
+        """Find the modules of ``model`` this one reads (a shared embedding's head), once a checkpoint's
+        shells are all in place; most modules read none."""
+
     @classmethod
     def from_manifest(cls, entry: dict[str, Any], *, dtype: torch.dtype,
                       table: Mapping[str, type[RuntimeModule]] | None = None) -> RuntimeModule:  # fmt: skip

@@ -35,7 +35,7 @@ def shared_embedding(model: nn.Module, old: nn.Module | None, new: nn.Module) ->
         emb, head = get_in(), get_out()
     except NotImplementedError:  # a transformers model without one of the two
         return None
-    weight = getattr(emb, "weight", None)
+    weight = dict(emb.named_parameters(recurse=False)).get("weight")  # a table read from elsewhere has none
     if old is not head or weight is None or getattr(old, "weight", None) is not weight:
         return None
     if any(p is weight for p in new.parameters()):  # a wrapper that keeps the shared weight inside

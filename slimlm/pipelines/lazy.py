@@ -54,6 +54,9 @@ def check_lazy(configs: list[Any]) -> None:
                           f"lazy methods: {names}; run it without --lazy")  # fmt: skip
     if method.lazy_check is not None:
         method.lazy_check(configs[0])
+    if getattr(getattr(configs[0], "targets", None), "embedding", "float") == "shared":
+        raise SlimlmError("embedding: shared swaps the input embedding, which lazy compression writes before the "
+                          "head is quantized: run it without --lazy, or drop embedding: shared")  # fmt: skip
 
 
 def compress_lazy(model: nn.Module, tokenizer: Any, configs: list[Any], out_dir: str | os.PathLike, *,

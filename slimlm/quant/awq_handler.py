@@ -25,10 +25,10 @@ from slimlm.calib.runner import BlockContext, Group, calibrate_blocks
 from slimlm.calib.stats import StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme, quantize
-from slimlm.nn import QuantLinear, check_schemes, in_features_of, linear_weight
+from slimlm.nn import QuantLinear, check_schemes, in_features_of, linear_weight, share_embedding
 from slimlm.quant.awq import awq_clip_quantize, awq_search_scale
 from slimlm.quant.fold import divide_outputs, fold_norm, producing_linear, scale_inputs
-from slimlm.targets import Targets, check_targets, replace_module, scheme_plan
+from slimlm.targets import Targets, check_targets, replace_module, scheme_plan, shared_head
 from slimlm.validate import check_bool, check_calib, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
@@ -62,9 +62,9 @@ class AWQ:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
         object.__setattr__(self, "clip_exclude", tuple(self.clip_exclude))
         check_targets(self.targets, head_scheme=True)
-        if self.targets.head_scheme is not None and not self.quantize:
-            raise SlimlmError("lm_head names a scheme but quantize is false (AWQ only folds scales): "
-                              "set quantize: true, or quantize lm_head in the later step")  # fmt: skip
+        if (self.targets.head_scheme is not None or self.targets.embedding == "shared") and not self.quantize:
+            raise SlimlmError("lm_head names a scheme or embedding: shared is set but quantize is false (AWQ only "
+                              "folds scales): set quantize: true, or quantize lm_head in the later step")  # fmt: skip
         check_pos_int("grid", self.grid, "alphas tried, the paper uses 20")
         check_pos_int("n_sample_rows", self.n_sample_rows, "calibration tokens kept per linear, e.g. 4096")
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
@@ -156,6 +156,7 @@ def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.
     plan = {name: m for name, (m, _) in schemes.items()}
     for module in plan.values():
         linear_weight(module)  # refuses an already compressed (e.g. pruned) layer in one line
+    shared = shared_head(model, config.targets, schemes)
     seen: set[str] = set()
 
     def on_block(ctx: BlockContext) -> bool:
@@ -172,4 +173,6 @@ def apply_awq(model: nn.Module, config: AWQ, calib: Tensor | None = None) -> nn.
         if config.quantize:
             log.info("AWQ: %s is outside the decoder blocks; quantized by plain rounding", name)
             replace_module(model, name, QuantLinear.from_linear(plan[name], schemes[name][1]))
+    if shared is not None:
+        share_embedding(model, *shared)
     return model

@@ -19,9 +19,9 @@ from slimlm.calib.runner import calibrate_linears
 from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
-from slimlm.nn import QuantLinear, SparseLinear, check_schemes, gptq_pruned, linear_weight
+from slimlm.nn import QuantLinear, SparseLinear, check_schemes, gptq_pruned, linear_weight, share_embedding
 from slimlm.quant.gptq import check_gptq_scheme, gptq_quantize
-from slimlm.targets import Targets, check_targets, match_override, replace_module, scheme_plan
+from slimlm.targets import Targets, check_targets, match_override, replace_module, scheme_plan, shared_head
 from slimlm.validate import check_bool, check_calib, check_percdamp, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
@@ -94,6 +94,7 @@ def apply_gptq(model: nn.Module, config: GPTQ, calib: Tensor | None = None) -> n
     calib = check_calib(calib, "GPTQ")
     plan = scheme_plan(model, config.targets, config.scheme_for)
     check_schemes(plan)
+    shared = shared_head(model, config.targets, plan)
 
     def quantize(name: str, stats: LinearStats) -> None:
         module, scheme = plan[name]
@@ -101,4 +102,6 @@ def apply_gptq(model: nn.Module, config: GPTQ, calib: Tensor | None = None) -> n
 
     calibrate_linears(model, calib, plan, quantize, spec=StatsSpec(hessian=True), batch_size=config.batch_size,
                       desc="GPTQ", autocast=CALIB_DTYPES[config.calib_dtype])  # fmt: skip
+    if shared is not None:
+        share_embedding(model, *shared)
     return model

@@ -13,8 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
-from slimlm.nn import QuantLinear, SparseLinear, check_schemes, rtn_pruned
-from slimlm.targets import Targets, check_targets, match_override, replace_module, scheme_plan
+from slimlm.nn import QuantLinear, SparseLinear, check_schemes, rtn_pruned, share_embedding
+from slimlm.targets import Targets, check_targets, match_override, replace_module, scheme_plan, shared_head
 
 __all__ = ["RTN", "apply_rtn"]
 
@@ -45,9 +45,12 @@ class RTN:
 def apply_rtn(model: nn.Module, config: RTN, calib=None) -> nn.Module:
     plan = scheme_plan(model, config.targets, config.scheme_for)
     check_schemes(plan)
+    shared = shared_head(model, config.targets, plan)
     for name, (module, scheme) in tqdm(plan.items(), desc="RTN", unit="linear", leave=False):
         if isinstance(module, SparseLinear):  # pruned earlier: keep its mask, round the survivors
             replace_module(model, name, rtn_pruned(module, scheme))
             continue
         replace_module(model, name, QuantLinear.from_linear(module, scheme))
+    if shared is not None:
+        share_embedding(model, *shared)
     return model
