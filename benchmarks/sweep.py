@@ -62,8 +62,8 @@ def main() -> None:
     if args.ray_check:
         run(args, args.ray_check, ray=True)
         local, on_ray = quality(args.out), quality(args.ray_check)
-        differ = [name for name in local if local[name] != on_ray.get(name)]
-        print(f"Ray vs local: {len(local) - len(differ)} of {len(local)} jobs identical" +
+        differ = [name for name in on_ray if on_ray[name] != local.get(name)]
+        print(f"Ray vs local: {len(on_ray) - len(differ)} of {len(on_ray)} jobs identical" +
               (f"; differ: {', '.join(differ)}" if differ else ""))
         sys.exit(1 if differ else 0)
 
