@@ -31,7 +31,6 @@ from torch import Tensor
 from slimlm.kernels import tune
 from slimlm.kernels.base import SELF_CHECK_TOL, Shape, relative_error
 
-PATHS = tune.CANDIDATES["prefill"]  # ("f32", "bf16")
 
 
 @functools.cache
