@@ -20,7 +20,7 @@ from tests.nn.test_tune import FP, FakeTimer, _tuner
 INT8_GROUPED = [IntScheme(8, granularity=PerGroup(64)), IntScheme(8, symmetric=True, granularity=PerGroup(32)),
                 IntScheme(8, granularity=PerChannel()), IntScheme(8, granularity=PerTensor())]  # fmt: skip
 SHAPES = [(192, 576), (96, 128)]
-ROWS = [1, 17, 300, 600]
+ROWS = [1, 17, PREFILL_M, 300, 600]  # PREFILL_M: the first row count on the prefill path
 
 
 @pytest.fixture(autouse=True)
