@@ -1,7 +1,7 @@
 """Kernel speed table: float GEMM/GEMV vs slimlm's quantized fast paths and their references.
 
     .venv/bin/python benchmarks/kernels.py [--device cpu] [--threads N]
-    .venv/bin/python benchmarks/kernels.py --prefill [--rounds 9] [--lm-head] [--model-prefill]
+    .venv/bin/python benchmarks/kernels.py --prefill [--rounds 9] [--lm-head]
 
 Milliseconds per call, median of repeats after warm-up, all from one run.
 Quantized weight-only kernels take bfloat16 activations (what a served model
@@ -13,9 +13,7 @@ reference under the kernel's name.
 
 ``--prefill`` times float32 activations instead, old path against new, on
 the built-in model's shapes at 1 and 512 rows (:mod:`benchmarks._prefill`),
-interleaved; ``--model-prefill`` adds a 512-token prefill of a randomly
-initialised SmolLM2-135M-shaped model (no download): float32 against
-int4-g64 and int8-g64.
+interleaved.
 """
 
 from __future__ import annotations
@@ -108,12 +106,11 @@ def main() -> None:
     parser.add_argument("--prefill", action="store_true", help="float32 prefill: old path vs new (CPU)")
     parser.add_argument("--rounds", type=int, default=9, help="--prefill: interleaved rounds per table row")
     parser.add_argument("--lm-head", action="store_true", help="--prefill: also the 49152x576 head")
-    parser.add_argument("--model-prefill", action="store_true", help="--prefill: also a SmolLM2-shaped model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.prefill:
-        run_prefill(rounds=args.rounds, lm_head=args.lm_head, model=args.model_prefill)
+        run_prefill(rounds=args.rounds, lm_head=args.lm_head)
         return
     rows = {shape: bench_shape(*shape, args.device) for shape in SHAPES}
     cols = list(next(iter(rows.values())))
