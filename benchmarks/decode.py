@@ -1,12 +1,13 @@
 """Decode speed of slimlm's generation loop vs HF generate, batch scaling and paged-cache memory.
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--prompt-tokens 64] [--new-tokens 64] [--runs 3]
-        [--variants base,bf16,int8,int4,int4-head8] [--batches 1,4,16] [--compile] [--clock wall|cpu]
+        [--variants base,bf16,int8,int4,int4-head8,int3] [--batches 1,4,16] [--compile] [--clock wall|cpu]
         [--only speed,profile,batch,paged] [--allow-slow]
 
 1. batch 1, per variant (base fp32; base cast to bf16; int8 = RTN int8 per channel, symmetric, the
    int8 weight-only kernel; int4 = recipe rtn-int4-g64; int4-head8 = rtn-int4-g64-head8, lm_head int8 per
-   channel on the int8 kernel, the embedding left a float lookup table): decode tokens/s of HF ``generate``
+   channel on the int8 kernel, the embedding left a float lookup table; int3 = rtn-int3-g64, 3-bit codes on
+   the int4 kernel): decode tokens/s of HF ``generate``
    and of slimlm's loop (eager, and compiled with --compile), as ratios from one run; engines interleaved run by
    run, medians reported. Decode tok/s = (N - 1) / (t(N) - t(1)) with t(n) the wall time to generate n
    tokens greedily from the same prompt, so prefill is taken out the same way for both engines. "GB/s" =
@@ -52,8 +53,11 @@ from _fast import expect_fast  # benchmarks/ is on sys.path when a script runs
 MODEL = "smollm2-135m"
 MACHINE_GBPS = 35.0
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (on-CPU time; at 1 thread it ignores waits for a busy CPU)
-VARIANTS = ("base", "bf16", "int8", "int4", "int4-head8")
-FAST_VARIANTS = ("int8", "int4", "int4-head8")  # every linear on a fast kernel on CPU and CUDA
+VARIANTS = ("base", "bf16", "int8", "int4", "int4-head8", "int3")
+FAST_VARIANTS = ("int8", "int4", "int4-head8", "int3")  # every linear on a fast kernel on CPU and CUDA
+
+# int3: 3-bit codes on the int4 kernel (it reads 4 bits a weight; "MB read" counts the 3.5 stored)
+RECIPES = {"int4": "rtn-int4-g64", "int4-head8": "rtn-int4-g64-head8", "int3": "rtn-int3-g64"}
 
 
 def build_variant(name: str):
@@ -62,8 +66,8 @@ def build_variant(name: str):
         model = model.to(torch.bfloat16)
     elif name == "int8":
         apply(model, RTN(scheme=parse_scheme("int8-channel-sym")))
-    elif name in ("int4", "int4-head8"):  # int4-head8: lm_head int8 per channel too (untied from the embedding)
-        for cfg in load_recipe("rtn-int4-g64" if name == "int4" else "rtn-int4-g64-head8").steps:
+    elif name in RECIPES:  # int4-head8: lm_head int8 per channel too (untied from the embedding)
+        for cfg in load_recipe(RECIPES[name]).steps:
             apply(model, cfg)
     elif name != "base":
         raise SystemExit(f"unknown variant {name!r}; valid: {', '.join(VARIANTS)}")
@@ -144,7 +148,7 @@ def speed_table(args) -> str:
         lines.append(" | ".join(row))
         print(lines[-1], flush=True)
         print(_choices(model), flush=True)
-        del model, dec, engines
+        model = dec = engines = None  # free before the next variant loads
     return "\n".join(lines) + "\n\n" + tune.format_decisions()
 
 

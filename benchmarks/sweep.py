@@ -1,12 +1,14 @@
 """The 12-job sweep of the built-in model (RTN/GPTQ/AWQ at 3/4/8 bits, pruning, structured), locally and on Ray.
 
     .venv/bin/python benchmarks/sweep.py --out runs/builtin-12 [--calib-samples 32] [--tokens 4096]
-    .venv/bin/python benchmarks/sweep.py --out runs/builtin-12 --ray-check runs/builtin-12-ray
+    .venv/bin/python benchmarks/sweep.py --out runs/builtin-12 --ray-check runs/builtin-12-ray \
+        [--ray-recipes rtn-int4-g64,gptq-int4-g64,wanda-50]
 
 Runs ``slimlm.sweep.sweep`` (Ctrl-C it and run the same command again: finished jobs are skipped) and
-prints the comparison table. With ``--ray-check DIR`` it then runs the same jobs as Ray tasks on a local
-runtime into DIR and checks that every job's quality numbers equal the local ones. The same jobs from the
-command line:
+prints the comparison table. With ``--ray-check DIR`` it then runs the same jobs (or those of
+``--ray-recipes``, with the same grid) as Ray tasks on a local runtime into DIR, without the speed
+measurement (the check compares quality), and checks that every job's quality numbers equal the local
+ones. The same jobs from the command line:
 
     slimlm sweep --recipes rtn-int4-g64,gptq-int4-g64,awq-int4-g64,wanda-50,sparsegpt-2of4,structured-width-25 \
         --grid bits=3,4,8 --calib-samples 32 --out runs/builtin-12
@@ -27,9 +29,11 @@ OTHER = ["wanda-50", "sparsegpt-2of4", "structured-width-25"]
 
 
 def run(args: argparse.Namespace, out: str, *, ray: bool) -> None:
-    kw = dict(protocol=args.protocol, tokens=args.tokens, calib_samples=args.calib_samples, speed=not args.no_speed,
-              ray=ray, jobs=args.jobs, on_job=lambda outcome, n: print(outcome.line(), flush=True))
-    report = sweep(args.model, QUANT + OTHER, grid={"bits": [3, 4, 8]}, out=out, **kw)  # bits: where a step has it
+    kw = dict(protocol=args.protocol, tokens=args.tokens, calib_samples=args.calib_samples,
+              speed=not (args.no_speed or ray), ray=ray, jobs=args.jobs,
+              on_job=lambda outcome, n: print(outcome.line(), flush=True))
+    recipes = args.ray_recipes.split(",") if ray and args.ray_recipes else QUANT + OTHER
+    report = sweep(args.model, recipes, grid={"bits": [3, 4, 8]}, out=out, **kw)  # bits: where a step has it
     print(report.table())
     if report.failed:
         sys.exit(1)
@@ -46,6 +50,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", required=True)
     p.add_argument("--ray-check", default=None, metavar="DIR", help="rerun the jobs on Ray into DIR and compare")
+    p.add_argument("--ray-recipes", default=None, help="comma list: the recipes of the Ray check (default: all)")
     p.add_argument("--protocol", default="wiki-v1")
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--calib-samples", type=int, default=32)

@@ -23,6 +23,7 @@ need one more forward of the model compressed so far.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -66,6 +67,7 @@ class BlockContext:
     inputs: list[Tensor]  # block inputs, one (B, L, hidden) tensor per mini-batch
     kwargs: list[dict[str, Any]]  # the block's keyword arguments per mini-batch
     device: torch.device
+    autocast: torch.dtype | None = None  # run the block under torch.autocast in this dtype (None: as it is)
 
     @property
     def linears(self) -> dict[str, nn.Module]:
@@ -73,8 +75,14 @@ class BlockContext:
 
     def run(self, x: Tensor, i: int) -> Tensor:
         """The block's output for mini-batch ``i`` given input ``x``."""
-        out = self.block(x.to(self.device), **self.kwargs[i])
+        with _autocast(self.device, self.autocast):
+            out = self.block(x.to(self.device), **self.kwargs[i])
         return out[0] if isinstance(out, tuple) else out
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Matmuls and attention in ``dtype`` (norms, softmax and the residual stream stay float32); None: a no-op."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -159,25 +167,63 @@ def capture_block_inputs(model: nn.Module, calib: Tensor, *, batch_size: int) ->
     return inputs, kwargs
 
 
-def _collect(ctx: BlockContext, spec: StatsSpec) -> list[Tensor]:
+def _collect(ctx: BlockContext, spec: StatsSpec, *, stop_early: bool = False) -> list[Tensor] | None:
     """Run the block on every mini-batch with hooks that feed the statistics; return its outputs.
 
     The linears of a group read the same input, so they share one
     :class:`LinearStats` (one ``X^T X`` for q, k and v, not three); methods
-    read statistics and never write them (GPTQ and SparseGPT clone H)."""
-    handles = []
-    for group in ctx.groups:
+    read statistics and never write them (GPTQ and SparseGPT clone H).
+    With ``stop_early`` each forward stops as soon as every group has seen its
+    input (down_proj's matmul and what follows it are skipped) and None is
+    returned: for a block whose outputs will be recomputed anyway."""
+    handles, pending, hooked = [], set(), []
+
+    def hook(stats: LinearStats, g: int, x: Tensor) -> None:
+        stats.add(x)
+        pending.discard(g)
+        if stop_early and not pending:
+            raise _Stop
+
+    for g, group in enumerate(ctx.groups):
         first = next(iter(group.linears.values()), None)
         if first is None:
             continue
         stats = LinearStats(in_features=in_features_of(first), spec=spec)
         ctx.stats.update(dict.fromkeys(group.linears, stats))
-        handles.append(first.register_forward_pre_hook(lambda _m, args, s=stats: s.add(args[0])))
+        hooked.append(g)
+        handles.append(first.register_forward_pre_hook(lambda _m, args, s=stats, g=g: hook(s, g, args[0])))
     try:
-        return [ctx.run(x, i).to(x.device) for i, x in enumerate(ctx.inputs)]
+        if not stop_early:
+            return [ctx.run(x, i).to(x.device) for i, x in enumerate(ctx.inputs)]
+        for i, x in enumerate(ctx.inputs):
+            pending.update(hooked)
+            try:
+                ctx.run(x, i)
+            except _Stop:
+                pass
+        return None
     finally:
         for h in handles:
             h.remove()
+
+
+def _walk_block(ctx: BlockContext, spec: StatsSpec, on_block: Callable[[BlockContext], bool], *,
+                last: bool, rewrites: Callable[[BlockContext], bool] | None) -> list[Tensor] | None:
+    """Statistics pass, ``on_block``, and the re-run that gives the next block's inputs (None after the last block).
+
+    Both shortcuts leave every statistic and every next input as they were:
+    a block that ``rewrites`` says will change gets its statistics from a
+    pass that stops once all groups have seen their inputs (its outputs are
+    recomputed after the rewrite anyway), and the last block is not re-run
+    (nothing reads its outputs; ``lm_head`` statistics take a forward of their own)."""
+    stop_early = rewrites is not None and rewrites(ctx)
+    outputs = _collect(ctx, spec, stop_early=stop_early)
+    changed = on_block(ctx)
+    if last:
+        return None
+    if changed or outputs is None:
+        outputs = [ctx.run(x, j).to(x.device) for j, x in enumerate(ctx.inputs)]
+    return outputs
 
 
 @torch.no_grad()
@@ -191,6 +237,8 @@ def calibrate_blocks(
     device: str | torch.device | None = None,
     offload: bool = False,
     desc: str = "calibrate",
+    rewrites: Callable[[BlockContext], bool] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> CalibReport:
     """Walk the decoder blocks with calibration token ids ``calib`` (N, L).
 
@@ -199,6 +247,11 @@ def calibrate_blocks(
     so the next block sees the compressed model's activations). On a lazily
     loaded model each block is read from disk before it runs and released
     (to the model's sink, see :class:`slimlm.models.lazy.LazyBlocks`) after.
+    ``rewrites(ctx)``, if given, says before the statistics pass whether
+    ``on_block`` will change that block (that pass then skips what follows the
+    last statistics hook). ``autocast`` runs every block forward under
+    ``torch.autocast`` in that dtype (e.g. ``torch.bfloat16``: faster on CPUs
+    with bf16 matmuls, and not exact: the statistics and the next inputs change).
     """
     adapter = get_adapter(model)
     blocks = decoder_blocks(model)
@@ -218,10 +271,9 @@ def calibrate_blocks(
             home = next(block.parameters()).device
             block.to(dev)
         prefix = f"{adapter.blocks}.{i}"
-        ctx = BlockContext(i, prefix, block, adapter, _groups(block, prefix, adapter), {}, inputs, kwargs, dev)
-        outputs = _collect(ctx, spec)
-        if on_block(ctx):
-            outputs = [ctx.run(x, j).to(x.device) for j, x in enumerate(inputs)]
+        ctx = BlockContext(i, prefix, block, adapter, _groups(block, prefix, adapter), {}, inputs, kwargs, dev,
+                           autocast=autocast)  # fmt: skip
+        outputs = _walk_block(ctx, spec, on_block, last=i == len(blocks) - 1, rewrites=rewrites)
         tracked = max(tracked, resident_bytes(model) + act_bytes + _stats_bytes(ctx.stats))
         ctx.stats.clear()
         if lazy is not None:
@@ -239,14 +291,16 @@ def calibrate_blocks(
 
 
 @torch.no_grad()
-def head_stats(model: nn.Module, head: nn.Module, calib: Tensor, spec: StatsSpec, batch_size: int) -> LinearStats:
+def head_stats(model: nn.Module, head: nn.Module, calib: Tensor, spec: StatsSpec, batch_size: int, *,
+               autocast: torch.dtype | None = None) -> LinearStats:  # fmt: skip
     """Statistics of ``head``'s inputs (lm_head lies outside the blocks): one more forward over ``calib``."""
     stats = LinearStats(in_features=in_features_of(head), spec=spec)
     handle = head.register_forward_pre_hook(lambda _m, args: stats.add(args[0]))
     device = model.get_input_embeddings().weight.device  # where the token ids go
     try:
-        for start in range(0, calib.shape[0], batch_size):
-            model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+        with _autocast(device, autocast):
+            for start in range(0, calib.shape[0], batch_size):
+                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
     finally:
         handle.remove()
     return stats
@@ -261,13 +315,15 @@ def calibrate_linears(
     spec: StatsSpec,
     batch_size: int = 8,
     desc: str = "calibrate",
+    autocast: torch.dtype | None = None,
 ) -> CalibReport:
     """Call ``fix(name, stats)`` once for every full linear name in ``names``, with that linear's input statistics.
 
     Inside the decoder blocks ``fix`` runs as each block is reached (the block
     is then re-run, so later blocks calibrate on the rewritten model); the
     names left over (``lm_head``) get theirs afterwards from one more forward
-    of the rewritten model, in the order of ``names``.
+    of the rewritten model, in the order of ``names``. ``autocast``: as in
+    :func:`calibrate_blocks` (the ``lm_head`` pass too).
     """
     done: set[str] = set()
 
@@ -278,7 +334,8 @@ def calibrate_linears(
             done.add(name)
         return bool(mine)
 
-    report = calibrate_blocks(model, calib, on_block=on_block, spec=spec, batch_size=batch_size, desc=desc)
+    report = calibrate_blocks(model, calib, on_block=on_block, spec=spec, batch_size=batch_size, desc=desc,
+                              rewrites=lambda ctx: any(n in names for n in ctx.linears), autocast=autocast)
     for name in [n for n in names if n not in done]:  # outside the blocks: lm_head
-        fix(name, head_stats(model, model.get_submodule(name), calib, spec, batch_size))
+        fix(name, head_stats(model, model.get_submodule(name), calib, spec, batch_size, autocast=autocast))
     return report

@@ -3,9 +3,12 @@
 ``FastDecoder`` walks the HF model's own modules (read through the adapter
 table): norms and embeddings are called as modules, every linear that is not
 a plain float ``nn.Linear`` (QuantLinear, W8A8Linear, sparse or pruned
-replacements) is called as a module too, and plain float q/k/v and gate/up
-linears are fused into one matmul each (float32 decode-sized matmuls go
-through oneDNN, see ``slimlm.kernels.dense``). Head counts are read per layer from
+replacements) is called as a module too, and q/k/v and gate/up linears are
+fused into one matmul each when they are all plain float (float32
+decode-sized matmuls go through oneDNN, see ``slimlm.kernels.dense``) or all
+``QuantLinear`` of one per-row/per-group int scheme and kernel (one quantized
+matmul, the weights shared with the model: ``slimlm.nn.fused_quant``).
+``fuse=False`` calls every linear on its own. Head counts are read per layer from
 the linears' shapes, so structurally pruned models (fewer heads, neurons or
 layers) run as they are. The attention goes through a :class:`KVCache`.
 
@@ -31,12 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
-from slimlm.kernels import dense
+from slimlm.kernels import KernelReport, dense, kernel_layers, report_layers
 from slimlm.generation.kv.hf import HFCache
 from slimlm.generation.kv.protocol import CacheSpec, KVCache, KVView
 from slimlm.generation.kv.static import StaticKVCache
 from slimlm.generation.rope import Rope, apply_rotary_signed
 from slimlm.models.adapters import ADAPTERS, Adapter, decoder_blocks, fast_decoder_families, head_layout, text_config
+from slimlm.nn.fused_quant import FusedQuantLinear, fusable
 
 log = logging.getLogger("slimlm.generation")
 
@@ -55,13 +59,16 @@ def _linear_fn(m: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def _cat_fn(mods: list[nn.Module], fuse: bool) -> Callable[[Tensor], Tensor]:
-    """x -> the outputs of linears reading x, concatenated on the last dim; one matmul when fusable."""
+    """x -> the outputs of linears reading x, concatenated on the last dim; one matmul when fusable
+    (all plain float, or all QuantLinear of one row-wise int scheme and kernel: ``nn.fused_quant``)."""
     if fuse and all(_plain(m) for m in mods) and len({m.weight.dtype for m in mods}) == 1:
         w = torch.cat([m.weight.detach() for m in mods])  # (sum out, in)
         has_bias = any(m.bias is not None for m in mods)
         b = torch.cat([m.bias.detach() if m.bias is not None else w.new_zeros(m.out_features) for m in mods]) \
             if has_bias else None
         return lambda x: dense.linear(x, w, b)
+    if fuse and fusable(mods) is None:  # quantized parts of one int scheme: one quantized matmul
+        return FusedQuantLinear(mods)
     fns = [_linear_fn(m) for m in mods]
     return lambda x: torch.cat([f(x) for f in fns], dim=-1)
 
@@ -144,6 +151,12 @@ def _fast_refusal(model: nn.Module) -> str | None:
     return None
 
 
+def _group_name(names: list[str]) -> str:
+    """['a.b.q_proj', 'a.b.k_proj'] -> 'a.b.q_proj+k_proj (fused)'."""
+    prefix = names[0].rpartition(".")[0]
+    return f"{prefix}.{'+'.join(n.rpartition('.')[2] for n in names)} (fused)"
+
+
 class FastDecoder(nn.Module):
     """Lean forward of a llama-like HF model (``FAST_FAMILIES``); see the module docstring."""
 
@@ -160,6 +173,7 @@ class FastDecoder(nn.Module):
         self.embed = model.get_submodule(adapter.embeddings[0])
         self.final_norm = _norm_fn(model.get_submodule(adapter.final_norm), adapter)
         self.lm_head = _linear_fn(model.get_submodule(adapter.lm_head))
+        self._fused: list[tuple[FusedQuantLinear, list[nn.Module]]] = []  # each with the linears it stands for
         self.layers = [self._layer(block, fuse) for block in decoder_blocks(model)]
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.device = next(model.parameters()).device
@@ -184,13 +198,16 @@ class FastDecoder(nn.Module):
             raise SlimlmError(f"a layer has {n_q} query heads and {n_kv} KV heads; the query heads must be a "
                               "multiple of the KV heads")
         adapter = self.adapter
+        qkv, gate_up = _cat_fn([q, k, v], fuse), _cat_fn([mlp.gate_proj, mlp.up_proj], fuse)
+        self._fused += [(f, parts) for f, parts in ((qkv, [q, k, v]), (gate_up, [mlp.gate_proj, mlp.up_proj]))
+                        if isinstance(f, FusedQuantLinear)]  # fmt: skip
         return _Layer(
             in_norm=_norm_fn(block.input_layernorm, adapter),
-            qkv=_cat_fn([q, k, v], fuse),
+            qkv=qkv,
             qk_norm=_qk_norm_fn(attn, n_q, n_kv, adapter.norm_kind),
             o_proj=_linear_fn(attn.o_proj),
             mlp_norm=_norm_fn(block.post_attention_layernorm, adapter),
-            gate_up=_cat_fn([mlp.gate_proj, mlp.up_proj], fuse),
+            gate_up=gate_up,
             act=_act_fn(mlp.act_fn),
             down=_linear_fn(mlp.down_proj),
             n_q=n_q,
@@ -198,6 +215,16 @@ class FastDecoder(nn.Module):
             n_ff=_out_features(mlp.gate_proj),
             scale=float(getattr(attn, "scaling", self.head_dim**-0.5)),
         )
+
+    def kernel_report(self, *, probe: bool = True) -> KernelReport:
+        """Which kernel each quantized matmul of a decode step runs: a fused group is one entry, named
+        ``...self_attn.q_proj+k_proj+v_proj (fused)``; the model's other runtime linears as in
+        :func:`slimlm.kernels.kernel_report`."""
+        names = {id(m): name for name, m in self.model.named_modules()}
+        in_fused = {id(p) for _, parts in self._fused for p in parts}
+        fused = [(_group_name([names[id(p)] for p in parts]), f) for f, parts in self._fused]
+        rest = [(n, m) for n, m in kernel_layers(self.model) if id(m) not in in_fused]
+        return report_layers(fused + rest, probe=probe)
 
     def cache_spec(self) -> CacheSpec:
         return CacheSpec(kv_heads=tuple(layer.n_kv for layer in self.layers), head_dim=self.head_dim,

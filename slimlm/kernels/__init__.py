@@ -41,8 +41,10 @@ from slimlm.kernels.report import (
     KernelReport,
     LayerKernel,
     format_kernels,
+    kernel_layers,
     kernel_report,
     kernel_summary,
+    report_layers,
     require_fast,
 )
 from slimlm.kernels.select import (
@@ -65,9 +67,11 @@ __all__ = [
     "fallback_reason",
     "format_kernels",
     "get_kernel",
+    "kernel_layers",
     "kernel_report",
     "kernel_summary",
     "relative_error",
+    "report_layers",
     "require_fast",
     "reset_checks",
     "select_w8a8_kernel",

@@ -31,12 +31,14 @@ import torch
 from torch import Tensor
 
 from slimlm.formats.granularity import PerGroup
+from slimlm.formats.packing import unpack_bits
 from slimlm.formats.scheme import IntScheme, Scheme
 from slimlm.kernels import prefill
 from slimlm.kernels.base import Shape, Tensors, WeightKernel
 from slimlm.kernels.device import has_aten_op, is_cpu, is_cuda_sm80
 
 GROUP_SIZES = (32, 64, 128, 256)
+BITS = (3, 4)  # codes the int4 kernel reads within bfloat16's error (module docstring)
 # The CPU int4 kernel's time grows linearly with the rows M (a GEMV per row,
 # roughly); dequantizing once (a fixed cost per weight) and running the dtype's
 # GEMM wins from about M = 64 on 576x1536 and M = 512 on 4096x4096 (1 thread,
@@ -47,7 +49,8 @@ _PORTABLE_KEYS = ("codes", "scale", "zero")
 
 
 def is_int4_grouped(scheme: Scheme) -> bool:
-    return (isinstance(scheme, IntScheme) and scheme.bits == 4 and isinstance(scheme.granularity, PerGroup)
+    """int 3/4-bit with groups of 32..256 along the input: codes the int4 kernel reads exactly."""
+    return (isinstance(scheme, IntScheme) and scheme.bits in BITS and isinstance(scheme.granularity, PerGroup)
             and scheme.granularity.size in GROUP_SIZES)  # fmt: skip
 
 
@@ -66,11 +69,19 @@ def unpack_int4(codes: Tensor, in_features: int) -> Tensor:
     return pairs.reshape(codes.shape[0], in_features)  # (N, K)
 
 
-def scale_zeros(tensors: Tensors, dtype: torch.dtype) -> Tensor:
-    """``(in // G, out, 2)`` pairs ``(s, (8 - z) * s)`` in ``dtype`` (see the module docstring)."""
+def unpack_codes(codes: Tensor, bits: int, in_features: int) -> Tensor:
+    """Portable ``bits``-bit codes -> ``(N, K)`` uint8 (the 4-bit fast path, else the generic unpacker)."""
+    return unpack_int4(codes, in_features) if bits == 4 else unpack_bits(codes, bits, in_features)
+
+
+def scale_zeros(tensors: Tensors, dtype: torch.dtype, *, bits: int = 4) -> Tensor:
+    """``(in // G, out, 2)`` pairs ``(s, (8 - z) * s)`` in ``dtype`` (see the module docstring).
+
+    Symmetric ``bits``-bit codes (no ``zero`` tensor) sit at ``z = 2^(bits-1)``."""
     s = tensors["scale"].float()  # (N, g)
     zero = tensors.get("zero")
-    t = torch.zeros_like(s) if zero is None else (8.0 - zero.float()) * s  # (N, g)
+    z = torch.full_like(s, 2.0 ** (bits - 1)) if zero is None else zero.float()
+    t = (8.0 - z) * s  # (N, g); 0 for symmetric int4
     return torch.stack([s, t], dim=-1).transpose(0, 1).contiguous().to(dtype)  # (g, N, 2)
 
 
@@ -95,7 +106,7 @@ class Int4Grouped(WeightKernel):
         return is_cuda_sm80(device) and ops and out_features % 8 == 0 and inner_k_tiles(in_features) is not None
 
     def prepare(self, packed: Tensors, scheme: Scheme, shape: Shape, *, dtype: torch.dtype) -> Tensors:
-        u = unpack_int4(packed["codes"], shape[1])  # (N, K) uint8 in [0, 15]
+        u = unpack_codes(packed["codes"], scheme.bits, shape[1])  # (N, K) uint8 in [0, 2^bits - 1]
         if self.cpu:
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 2)
         else:
@@ -104,7 +115,7 @@ class Int4Grouped(WeightKernel):
             dtype = torch.bfloat16
         out = self.portable(packed, scheme, shape)
         out["int4pack"] = w
-        out["scale_zeros"] = scale_zeros(packed, dtype)
+        out["scale_zeros"] = scale_zeros(packed, dtype, bits=scheme.bits)
         return out
 
     def portable(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensors:
@@ -114,12 +125,12 @@ class Int4Grouped(WeightKernel):
         """``(u - z) * s`` in float32 (equal to the codec's dequantize), from uint8 unpacking."""
         n, k = shape
         g = k // scheme.granularity.size
-        u = unpack_int4(tensors["codes"], k).float().reshape(n, g, -1)  # (N, g, G)
+        u = unpack_codes(tensors["codes"], scheme.bits, k).float().reshape(n, g, -1)  # (N, g, G)
         zero = tensors.get("zero")
         if zero is not None:
             u = u - zero.float().unsqueeze(-1)
         else:
-            u = u - 8.0  # symmetric codes are stored offset by 8
+            u = u - 2.0 ** (scheme.bits - 1)  # symmetric codes are stored offset by 2^(bits-1)
         return (u * tensors["scale"].float().unsqueeze(-1)).reshape(n, k)  # (N, K)
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
@@ -140,6 +151,6 @@ class Int4Grouped(WeightKernel):
         if sz.dtype != x.dtype:
             # Activations in another dtype than prepared for: re-derive the small
             # (in // G, out, 2) table once and keep it (a one-entry cache).
-            sz = tensors["scale_zeros"] = scale_zeros(tensors, x.dtype)
+            sz = tensors["scale_zeros"] = scale_zeros(tensors, x.dtype, bits=scheme.bits)
         op = torch.ops.aten._weight_int4pack_mm_for_cpu if self.cpu else torch.ops.aten._weight_int4pack_mm
         return op(x.contiguous(), tensors["int4pack"], group, sz)

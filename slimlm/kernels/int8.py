@@ -76,7 +76,8 @@ class Int8WeightOnly(WeightKernel):
             # bfloat16 (0.74 vs 0.06 ms for 1x576x1536 on this machine): multiply in bf16.
             return self.matmul(x.to(torch.bfloat16), tensors, scheme, shape).float()
         if self.cpu and x.shape[0] < CPU_LARGE_M:
-            scales = s.to(x.dtype).expand(n, 1).reshape(n)  # (N,)
+            # contiguous: the op reads N scales from memory and ignores a stride-0 (per-tensor) view
+            scales = s.to(x.dtype).expand(n, 1).reshape(n).contiguous()  # (N,)
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scales)
         if x.dtype == torch.float16:
             return self.reference_matmul(x, tensors, scheme, shape)

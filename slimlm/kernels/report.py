@@ -22,7 +22,7 @@ and that exposes ``compute_dtype``, ``weight_device``, ``in_features`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -42,7 +42,8 @@ class LayerKernel(NamedTuple):
     why: str | None = None  # how its one-row path was chosen: measured / cached / forced / fixed rule
 
 
-def _kernel_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def kernel_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every layer of ``model`` that runs a weight kernel (see the module docstring)."""
     for name, module in model.named_modules():
         kernel = getattr(module, "kernel", None)
         if hasattr(kernel, "is_reference") and hasattr(module, "weight_device"):
@@ -138,8 +139,13 @@ def kernel_report(model: nn.Module, *, probe: bool = True) -> KernelReport:
 
     ``probe`` runs the first-use check of a fast kernel that has not run yet
     on a one-row input, so the report says what a forward pass would run."""
-    layers = tuple(layer_kernel(name, m, probe=probe) for name, m in _kernel_layers(model))
-    return KernelReport(layers, tune.decisions())
+    return report_layers(kernel_layers(model), probe=probe)
+
+
+def report_layers(layers: Iterable[tuple[str, Any]], *, probe: bool = True) -> KernelReport:
+    """The report over given ``(name, layer)`` pairs, e.g. a fast decoder's fused matmuls beside the model's
+    other runtime linears (``FastDecoder.kernel_report``)."""
+    return KernelReport(tuple(layer_kernel(name, m, probe=probe) for name, m in layers), tune.decisions())
 
 
 def kernel_summary(model: nn.Module) -> dict[str, Any] | None:

@@ -2,8 +2,9 @@
 
 Weight-only kernels are tried in :data:`WEIGHT_ONLY_KERNELS` order; the first
 that supports the scheme, weight shape and device wins, else the reference
-path (dequantize per call, then ``F.linear``) -- which is what 2/3/5..7-bit
-int, NF4, k-means, ternary and binary weights use on every device.
+path (dequantize per call, then ``F.linear``) -- which is what 2/5..7-bit
+int, per-channel 3/4-bit, NF4, k-means, ternary and binary weights use on
+every device.
 """
 
 from __future__ import annotations

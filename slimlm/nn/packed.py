@@ -31,6 +31,12 @@ def _nbytes(tensors: Tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _whole(t: Tensor) -> Tensor:
+    """``t``, or a copy when it is a view into a larger storage (a fused copy's rows, see ``adopt_views``):
+    safetensors refuses to save a view that does not cover its storage."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
 class PackedLinear(RuntimeModule):
     """Base of :class:`QuantLinear` and :class:`W8A8Linear` (not used directly)."""
 
@@ -78,6 +84,19 @@ class PackedLinear(RuntimeModule):
         packed = self.kernel.portable(self._weight, self.scheme, self.shape)
         self._install(packed, kernel=kernel)
 
+    def adopt_views(self, views: Tensors) -> list[str]:
+        """Replace each layout tensor equal (shape, dtype, values) to ``views[key]`` by it; the adopted keys.
+
+        For a fused copy of several layers (``slimlm.nn.fused_quant``): the weight is then held once,
+        in the fused tensors, and this layer's results are unchanged because the values are."""
+        adopted = []
+        for key, view in views.items():
+            own = self._weight.get(key)
+            if own is not None and own.shape == view.shape and own.dtype == view.dtype and torch.equal(own, view):
+                self._weight[key] = view
+                adopted.append(key)
+        return adopted
+
     def portable_tensors(self) -> Tensors:
         """The checkpoint content besides the bias: portable packed weight and extras."""
         return {**self.kernel.portable(self._weight, self.scheme, self.shape), **self._extra}
@@ -98,7 +117,7 @@ class PackedLinear(RuntimeModule):
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 -- torch's signature
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, t in self.portable_tensors().items():
-            destination[prefix + name] = t if keep_vars else t.detach()
+            destination[prefix + name] = _whole(t if keep_vars else t.detach())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # noqa: ANN001 -- torch's signature  # fmt: skip

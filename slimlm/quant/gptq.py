@@ -21,7 +21,7 @@ from torch import Tensor
 
 from slimlm.formats import IntScheme, PerGroup, QuantizedWeight, Scheme
 from slimlm.formats.granularity import check_group_size
-from slimlm.solvers import GPTQ_SCHEMES, check_gptq_scheme, check_layer, column_grid, obs_solve, prepare
+from slimlm.solvers import GPTQ_SCHEMES, check_gptq_scheme, check_layer, column_grid, grid_solve, prepare
 
 __all__ = ["GPTQ_SCHEMES", "check_gptq_scheme", "gptq_quantize"]
 
@@ -50,5 +50,5 @@ def gptq_quantize(
         check_group_size(W.shape[1], scheme.granularity.size)
     prob = prepare(W, H, percdamp=percdamp, act_order=act_order)
     grid = column_grid(prob.W, scheme, prob.perm, static_groups=static_groups)
-    _, losses = obs_solve(prob.W[:, prob.perm], prob.Hinv, grid, on_block=grid.on_block, blocksize=blocksize)
+    losses = grid_solve(grid, prob.W[:, prob.perm], prob.Hinv, blocksize=blocksize)
     return grid.result(tuple(prob.W.shape)), prob.stats(losses)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from slimlm.calib.runner import calibrate_linears
 from slimlm.calib.stats import LinearStats, StatsSpec
+from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerGroup, Scheme, parse_scheme
 from slimlm.nn import QuantLinear, SparseLinear, check_schemes, gptq_pruned, linear_weight
 from slimlm.quant.gptq import check_gptq_scheme, gptq_quantize
@@ -23,6 +25,9 @@ from slimlm.targets import Targets, check_targets, match_override, replace_modul
 from slimlm.validate import check_bool, check_calib, check_percdamp, check_pos_int
 
 log = logging.getLogger("slimlm.quant")
+
+# calib_dtype -> the autocast dtype of the calibration forwards (None: the model's own, float32)
+CALIB_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,11 @@ class GPTQ:
     fixes group parameters from the float weights first (groups stay
     contiguous either way). ``percdamp`` is the dampening as a fraction of
     the mean Hessian diagonal; ``blocksize`` the lazy-update width;
-    ``batch_size`` the calibration mini-batch. ``overrides`` and a scheme
+    ``batch_size`` the calibration mini-batch. ``calib_dtype="bfloat16"``
+    runs the calibration forwards' matmuls and attention in bfloat16
+    (autocast; Hessians, solves and the residual stream stay float32):
+    several times faster on CPUs with bf16 matmuls, not exact (the Hessians
+    and so the codes change a little). ``overrides`` and a scheme
     for ``targets.lm_head`` as in RTN (GPTQ solves the head too, from one
     more forward of the whole quantized model: refused under ``--lazy``).
     """
@@ -46,6 +55,7 @@ class GPTQ:
     percdamp: float = 0.01
     blocksize: int = 128
     batch_size: int = 8
+    calib_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
@@ -59,6 +69,8 @@ class GPTQ:
         check_percdamp(self.percdamp)
         check_pos_int("blocksize", self.blocksize, "lazy-update width, e.g. 128")
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise SlimlmError(f"calib_dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}")
 
     def scheme_for(self, name: str) -> Scheme:
         return match_override(name, self.overrides) or self.scheme
@@ -88,5 +100,5 @@ def apply_gptq(model: nn.Module, config: GPTQ, calib: Tensor | None = None) -> n
         _quantize_into(model, name, module, scheme, stats.H, config)
 
     calibrate_linears(model, calib, plan, quantize, spec=StatsSpec(hessian=True), batch_size=config.batch_size,
-                      desc="GPTQ")  # fmt: skip
+                      desc="GPTQ", autocast=CALIB_DTYPES[config.calib_dtype])  # fmt: skip
     return model

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerChannel, PerGroup, QuantizedWeight, Scheme, TernaryScheme
-from slimlm.formats.affine import affine_dequantize, affine_params, affine_quantize
+from slimlm.formats.affine import affine_dequantize, affine_params, affine_qrange, affine_quantize
 from slimlm.formats.ternary import ternary_quantize
-from slimlm.solvers.obs import LazyBlock
+from slimlm.solvers.affine_loop import obs_solve_affine
+from slimlm.solvers.obs import LazyBlock, obs_solve
 
 GPTQ_SCHEMES = (IntScheme, TernaryScheme)
 
@@ -83,6 +84,17 @@ class _IntGrid:
         zero = None if self.s.symmetric else self.zero
         return QuantizedWeight(self.s, shape, self.codes, scale=self.scale, zero=zero)
 
+    def solve_order_params(self) -> tuple[Tensor, Tensor | None] | None:
+        """Every column's ``(scale, zero)`` ``(out, in)`` in solve order (zero None when symmetric); None if dynamic."""
+        if self.dynamic:
+            return None
+        groups = torch.zeros_like(self.perm) if self.one_column else self.perm // self.G  # (in,) solve -> group
+        groups = groups.to(self.scale.device)
+        n_out = self.codes.shape[0]
+        scale = self.scale[:, groups].expand(n_out, -1).contiguous()  # (out, in); a (1, 1) per-tensor scale too
+        zero = None if self.s.symmetric else self.zero[:, groups].expand(n_out, -1).contiguous()
+        return scale, zero
+
 
 class _TernaryGrid:
     """Ternary ``{-a, 0, a}``: the row scale ``a`` from W (TWN), columns rounded to the nearest level."""
@@ -104,6 +116,22 @@ class _TernaryGrid:
 
 
 ColumnGrid = _IntGrid | _TernaryGrid
+
+
+def grid_solve(grid: ColumnGrid, W: Tensor, Hinv: Tensor, *, blocksize: int) -> Tensor:
+    """Run the OBS loop on ``W (out, in)`` (solve order) rounding with ``grid``; the codes land in the grid.
+
+    Fixed affine parameters take :func:`obs_solve_affine` (same codes, bit
+    for bit, at a fraction of the per-column work); dynamic groups and
+    ternary take the generic :func:`obs_solve`. Returns the column losses ``(in,)``.
+    """
+    fixed = grid.solve_order_params() if isinstance(grid, _IntGrid) else None
+    if fixed is None:
+        return obs_solve(W, Hinv, grid, on_block=grid.on_block, blocksize=blocksize)[1]
+    qmin, qmax = affine_qrange(grid.s.bits, grid.s.symmetric)
+    codes, _, losses = obs_solve_affine(W, Hinv, *fixed, qmin=qmin, qmax=qmax, blocksize=blocksize)
+    grid.codes[:, grid.perm.to(codes.device)] = codes.to(grid.codes.dtype)  # solve order -> original columns
+    return losses
 
 
 def column_grid(W: Tensor, scheme: Scheme, perm: Tensor, *, static_groups: bool = True) -> ColumnGrid:

@@ -18,6 +18,7 @@ from slimlm.formats import codec
 from slimlm.io import compressed_modules
 from slimlm.models.tiny import tiny_model
 from slimlm.nn import SparseLinear, SparseQuantLinear
+from slimlm.nn.packed import PackedLinear
 from slimlm.prune import Magnitude
 from slimlm.prune.structured_config import PruneDepth, PruneWidth
 from slimlm.prune.structured_handler import apply_prune_depth, apply_prune_width
@@ -40,7 +41,10 @@ def _rtn(scheme, **kw):
 def _check_logits(model, out, *, dequantize):
     got = logits(load_hf(out, dequantize=dequantize))
     assert torch.equal(got, dequantized_logits(model))  # code for code: slimlm's weights, bit for bit
-    torch.testing.assert_close(got, logits(model), rtol=1e-4, atol=1e-5)  # and slimlm's own kernels
+    # the int4 kernel (also 3-bit codes) multiplies in bfloat16 at these few rows; the others in float32 here
+    bf16 = any(m.kernel.name.startswith("int4_grouped") for m in model.modules() if isinstance(m, PackedLinear))
+    tol = 2e-2 if bf16 else 1e-4
+    torch.testing.assert_close(got, logits(model), rtol=tol, atol=tol / (2 if bf16 else 10))  # and slimlm's own kernels
 
 
 @pytest.mark.parametrize("scheme,dequantize", WEIGHT_ONLY)

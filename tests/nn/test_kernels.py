@@ -8,7 +8,7 @@ from slimlm.formats.granularity import PerChannel, PerGroup, PerTensor
 from slimlm.formats.scheme import IntScheme, NF4Scheme
 from slimlm.kernels import REFERENCE, WeightKernel, relative_error, select_w8a8_kernel, select_weight_kernel
 from slimlm.kernels import weight_matmul
-from slimlm.kernels.int4 import scale_zeros
+from slimlm.kernels.int4 import scale_zeros, unpack_codes
 
 # Kernel vs reference: the same codes, so only accumulation order and the
 # activation dtype's rounding differ.
@@ -45,8 +45,9 @@ def test_int8_weight_only_matches_reference(device, dtype, m):
     ((64, 512), 256, False), ((32, 576), 64, True),
 ])  # fmt: skip
 @pytest.mark.parametrize("m", [5, 300])  # decode-sized and prefill-sized batches take different paths
-def test_int4_grouped_matches_reference(device, dtype, shape, group, symmetric, m):
-    scheme = IntScheme(4, symmetric=symmetric, granularity=PerGroup(group))
+@pytest.mark.parametrize("bits", [4, 3])  # 3-bit codes run on the int4 kernel
+def test_int4_grouped_matches_reference(device, dtype, shape, group, symmetric, m, bits):
+    scheme = IntScheme(bits, symmetric=symmetric, granularity=PerGroup(group))
     kernel, t, packed = _prepared(scheme, shape, device, dtype)
     if device == "cpu":
         assert kernel.name == "int4_grouped_cpu"
@@ -57,14 +58,17 @@ def test_int4_grouped_matches_reference(device, dtype, shape, group, symmetric, 
     assert torch.equal(kernel.dequantize(t, scheme, shape), codec.dequantize(codec.unpack(packed, scheme, shape)))
 
 
-def test_int4_zero_convention_is_exact():
-    """torch's (u - 8) * s + t equals slimlm's (u - z) * s for every code u."""
-    scheme, shape = IntScheme(4, granularity=PerGroup(64)), (16, 128)
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_zero_convention_is_exact(bits, symmetric):
+    """torch's (u - 8) * s + t equals slimlm's (u - z) * s for every stored code u (2, 3 and 4 bits)."""
+    scheme, shape = IntScheme(bits, symmetric=symmetric, granularity=PerGroup(64)), (16, 128)
     _, t, packed = _prepared(scheme, shape, "cpu", torch.float32)
     qw = codec.unpack(packed, scheme, shape)
-    sz = scale_zeros(packed, torch.float32)  # (g, N, 2)
+    sz = scale_zeros(packed, torch.float32, bits=bits)  # (g, N, 2)
     s, off = sz[..., 0].t(), sz[..., 1].t()  # (N, g)
-    u = qw.codes.float().reshape(16, 2, 64)  # (N, g, G)
+    u = unpack_codes(packed["codes"], bits, 128).float().reshape(16, 2, 64)  # (N, g, G) stored codes
+    assert u.max() <= 2**bits - 1
     torch_w = ((u - 8) * s.unsqueeze(-1) + off.unsqueeze(-1)).reshape(shape)
     assert torch.equal(torch_w, codec.dequantize(qw))
 
@@ -73,6 +77,8 @@ def test_portable_round_trip_is_exact(device):
     for scheme, shape in [(IntScheme(8, symmetric=True, granularity=PerChannel()), (48, 64)),
                           (IntScheme(8, symmetric=True, granularity=PerTensor()), (48, 64)),
                           (IntScheme(4, granularity=PerGroup(64)), (1536, 576)),
+                          (IntScheme(3, granularity=PerGroup(64)), (64, 576)),
+                          (IntScheme(3, symmetric=True, granularity=PerGroup(32)), (64, 576)),
                           (NF4Scheme(), (48, 64))]:  # fmt: skip
         kernel, t, packed = _prepared(scheme, shape, device, torch.float32)
         back = kernel.portable(t, scheme, shape)
@@ -85,7 +91,10 @@ def test_selection_falls_back_where_the_kernel_cannot_run():
     assert select_weight_kernel(IntScheme(4, granularity=PerGroup(64)), (1536, 576), cpu).name == "int4_grouped_cpu"
     assert select_weight_kernel(IntScheme(4, granularity=PerGroup(96)), (1536, 576), cpu) is REFERENCE
     assert select_weight_kernel(IntScheme(4, granularity=PerGroup(64)), (40, 576), cpu) is REFERENCE  # N % 16
-    assert select_weight_kernel(IntScheme(3, granularity=PerGroup(64)), (64, 576), cpu) is REFERENCE
+    assert select_weight_kernel(IntScheme(3, granularity=PerGroup(64)), (64, 576), cpu).name == "int4_grouped_cpu"
+    assert select_weight_kernel(IntScheme(5, granularity=PerGroup(64)), (64, 576), cpu) is REFERENCE
+    assert select_weight_kernel(IntScheme(2, granularity=PerGroup(64)), (64, 576), cpu) is REFERENCE  # bf16 error
+    assert select_weight_kernel(IntScheme(3, granularity=PerChannel()), (64, 576), cpu) is REFERENCE
     assert select_weight_kernel(IntScheme(8, granularity=PerChannel()), (64, 576), cpu).name == "int8_grouped"  # asym
     assert select_weight_kernel(IntScheme(8, symmetric=True, granularity=PerGroup(64)), (64, 576), cpu).name == (
         "int8_grouped")  # fmt: skip
