@@ -1,6 +1,7 @@
 """Kernel speed table: float GEMM/GEMV vs slimlm's quantized fast paths and their references.
 
     .venv/bin/python benchmarks/kernels.py [--device cpu] [--threads N]
+    .venv/bin/python benchmarks/kernels.py --prefill [--rounds 9] [--lm-head]
 
 Milliseconds per call, median of repeats after warm-up, all from one run.
 Quantized weight-only kernels take bfloat16 activations (what a served model
@@ -9,6 +10,10 @@ then ``F.linear``). W8A8 quantizes the activations per token inside the call.
 A column whose fast kernel is not available here, or fails its first-use
 check against the reference, stops the run (exit 1) rather than time the
 reference under the kernel's name.
+
+``--prefill`` times float32 activations instead, old path against new, on
+the built-in model's shapes at 1 and 512 rows (:mod:`benchmarks._prefill`),
+interleaved.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from slimlm.formats.granularity import PerChannel, PerGroup
 from slimlm.formats.scheme import IntScheme
 from slimlm.kernels import REFERENCE, W8A8_REFERENCE, select_w8a8_kernel, select_weight_kernel
 from _fast import expect_fast_kernel  # benchmarks/ is on sys.path when a script runs
+from _prefill import run as run_prefill
 
 SHAPES = [(1, 4096, 4096), (1, 576, 1536), (512, 576, 1536), (512, 4096, 4096)]  # (M, K, N)
 INT8 = IntScheme(8, symmetric=True, granularity=PerChannel())
@@ -97,9 +103,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prefill", action="store_true", help="float32 prefill: old path vs new (CPU)")
+    parser.add_argument("--rounds", type=int, default=9, help="--prefill: interleaved rounds per table row")
+    parser.add_argument("--lm-head", action="store_true", help="--prefill: also the 49152x576 head")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prefill:
+        run_prefill(rounds=args.rounds, lm_head=args.lm_head)
+        return
     rows = {shape: bench_shape(*shape, args.device) for shape in SHAPES}
     cols = list(next(iter(rows.values())))
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}  (ms, median)")

@@ -34,6 +34,7 @@ from slimlm.formats.granularity import PerGroup
 from slimlm.formats.packing import unpack_bits
 from slimlm.formats.rows import rows_of
 from slimlm.formats.scheme import IntScheme, Scheme
+from slimlm.kernels import prefill
 from slimlm.kernels.base import Shape, Tensors, WeightKernel
 from slimlm.kernels.device import has_aten_op, is_cpu, is_cuda_sm80
 
@@ -42,7 +43,8 @@ BITS = (3, 4)  # codes the int4 kernel reads within bfloat16's error (module doc
 # The CPU int4 kernel's time grows linearly with the rows M (a GEMV per row,
 # roughly); dequantizing once (a fixed cost per weight) and running the dtype's
 # GEMM wins from about M = 64 on 576x1536 and M = 512 on 4096x4096 (1 thread,
-# benchmarks/kernels.py). Prefill-sized batches take that path.
+# benchmarks/kernels.py). Prefill-sized batches take that path, multiplying in
+# float32 or bfloat16 as measured (slimlm.kernels.prefill).
 CPU_LARGE_M = 256
 _PORTABLE_KEYS = ("codes", "scale", "zero")
 
@@ -141,11 +143,14 @@ class Int4Grouped(WeightKernel):
 
     def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         group = scheme.granularity.size
-        if self.cpu and x.dtype == torch.float32 and x.shape[0] < CPU_LARGE_M:
+        if self.cpu and x.shape[0] >= CPU_LARGE_M:
+            # Prefill: dequantize once, one GEMM in float32 or bfloat16 (slimlm.kernels.prefill).
+            return prefill.dequantized_matmul(x, shape, lambda: self.dequantize(tensors, scheme, shape))
+        if self.cpu and x.dtype == torch.float32:
             # torch's CPU int4 kernel is ~25x slower with float32 activations than with
             # bfloat16 (1.5 vs 0.056 ms for 1x576x1536 on this machine): multiply in bf16.
             return self.matmul(x.to(torch.bfloat16), tensors, scheme, shape).float()
-        if (not self.cpu and x.dtype != torch.bfloat16) or (self.cpu and x.shape[0] >= CPU_LARGE_M):
+        if not self.cpu and x.dtype != torch.bfloat16:
             return self.reference_matmul(x, tensors, scheme, shape)
         sz = tensors["scale_zeros"]
         if sz.dtype != x.dtype:

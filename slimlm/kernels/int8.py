@@ -8,7 +8,8 @@ builds a float weight.
   (scales in ``x.dtype``; float32, bfloat16 and float16 activations), which
   reads one byte per weight instead of two or four. Its time grows linearly
   with the rows M; from :data:`CPU_LARGE_M` rows on (prefill) the generic
-  form below is faster (crossover measured at M = 16..64).
+  form below is faster (crossover measured at M = 16..64), with the GEMM in
+  float32 or bfloat16 as measured (:mod:`slimlm.kernels.prefill`).
 * other devices: ``F.linear(x, q.to(x.dtype)) * s`` -- one cast of the codes
   per call, no multiply over the weight. float16 activations use the
   reference path instead: an unscaled sum of codes up to 127 may overflow it.
@@ -23,6 +24,7 @@ from torch import Tensor
 from slimlm.formats import codec
 from slimlm.formats.granularity import PerChannel, PerTensor
 from slimlm.formats.scheme import IntScheme, QuantizedWeight, Scheme
+from slimlm.kernels import prefill
 from slimlm.kernels.base import Shape, Tensors, WeightKernel
 from slimlm.kernels.device import has_aten_op, is_cpu
 
@@ -84,4 +86,21 @@ class Int8WeightOnly(WeightKernel):
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scales)
         if x.dtype == torch.float16:
             return self.reference_matmul(x, tensors, scheme, shape)
+        if self.cpu and prefill.has_choice(x):
+            return _prefill(x, q, s, shape)
         return F.linear(x, q.to(x.dtype)) * s.to(x.dtype).reshape(1, -1)  # (M, N) * (1, R)
+
+
+def _prefill(x: Tensor, q: Tensor, s: Tensor, shape: Shape) -> Tensor:
+    """Many float32 rows: the unscaled sum in a float32 or a bfloat16 GEMM (slimlm.kernels.prefill), then the scale.
+
+    Codes up to 127 are exact in bfloat16; the bf16 GEMM rounds its output to 8 bits before the scale."""
+    scale = s.float().reshape(1, -1)  # (1, R)
+
+    def f32() -> Tensor:
+        return F.linear(x, q.float()) * scale
+
+    def bf16() -> Tensor:
+        return prefill.linear_bf16(x, q) * scale
+
+    return bf16() if prefill.use_bf16(x, shape, f32=f32, bf16=bf16) else f32()

@@ -3,8 +3,8 @@
 Weight-only kernels are tried in :data:`WEIGHT_ONLY_KERNELS` order; the first
 that supports the scheme, weight shape and device wins, else the reference
 path (dequantize per call, then ``F.linear``) -- which is what 2/5..7-bit
-int, per-channel 3/4-bit, int8 asymmetric or per group, NF4, k-means, ternary and binary weights
-use on every device.
+int, per-channel 3/4-bit, NF4, k-means, ternary and binary weights use on
+every device.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from slimlm.formats.scheme import Scheme
 from slimlm.kernels.base import REFERENCE, Shape, WeightKernel
 from slimlm.kernels.int4 import Int4Grouped
 from slimlm.kernels.int8 import Int8WeightOnly
+from slimlm.kernels.int8_grouped import Int8Grouped
 from slimlm.kernels.w8a8 import W8A8
 
 WEIGHT_ONLY_KERNELS: tuple[WeightKernel, ...] = (
@@ -23,6 +24,7 @@ WEIGHT_ONLY_KERNELS: tuple[WeightKernel, ...] = (
     Int8WeightOnly(cpu=False),
     Int4Grouped(cpu=True),
     Int4Grouped(cpu=False),
+    Int8Grouped(),
 )
 W8A8_KERNELS: tuple[WeightKernel, ...] = (W8A8(fast=True),)
 W8A8_REFERENCE = W8A8(fast=False)

@@ -19,7 +19,10 @@ fastest; the choice is stored in the machine's cache file
   operands is compared with the simplest candidate's (the caller's tolerance,
   the first-use check's); one that disagrees or raises cannot win.
 * Prefill-sized inputs (17+ rows) keep the fixed rule: timing one call there
-  costs up to a second per shape.
+  costs up to a second per shape. The exception is the ``prefill`` op
+  (:data:`MEASURED_AT_PREFILL`): whether a quantized weight-only kernel
+  multiplies prefill-sized float32 inputs in float32 or in bfloat16 is a
+  question about many rows only (:mod:`slimlm.kernels.prefill`).
 
 ``SLIMLM_KERNELS`` (comma-separated) sets the mode and per-op forces:
 
@@ -58,7 +61,11 @@ ENV = "SLIMLM_KERNELS"
 MODES = ("auto", "measure", "fixed")
 # op -> its paths, simplest first (the order ties are broken in)
 CANDIDATES: dict[str, tuple[str, ...]] = {"dense": ("f_linear", "onednn"), "int8": ("reference", "fast"),
-                                          "int4": ("reference", "fast")}  # fmt: skip
+                                          "int4": ("reference", "fast"), "int8_group": ("reference", "fast"),
+                                          "prefill": ("f32", "bf16")}  # fmt: skip
+# Ops measured at prefill sizes too: the choice is about many rows (slimlm.kernels.prefill), and a sample
+# there costs a few ms per shape (a 49152-row lm_head: about 2 s, once per machine).
+MEASURED_AT_PREFILL = frozenset({"prefill"})
 ALIASES = {"mkl": "f_linear"}  # ATen's float32 CPU F.linear is MKL's GEMV/GEMM
 TIE_MARGIN = 0.05  # a less simple path must be > 5% faster to win
 REPEATS = 7  # interleaved samples per candidate; the median is kept
@@ -247,7 +254,7 @@ class Tuner:
             if forced in _agreeing(key, candidates(), agree)[0]:
                 return Decision(key, forced, "forced", f"forced by {ENV}={key.op}:{forced}")
             return Decision(key, fixed, "fixed", f"forced {forced} disagrees with the reference here; fixed rule")
-        if self.settings.mode == "fixed" or key.rows == UNMEASURED:
+        if self.settings.mode == "fixed" or (key.rows == UNMEASURED and key.op not in MEASURED_AT_PREFILL):
             return Decision(key, fixed, "fixed", _fixed_why(key.rows))
         if self.settings.mode == "auto":
             if self._cached is None:

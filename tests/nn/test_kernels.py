@@ -95,7 +95,9 @@ def test_selection_falls_back_where_the_kernel_cannot_run():
     assert select_weight_kernel(IntScheme(5, granularity=PerGroup(64)), (64, 576), cpu) is REFERENCE
     assert select_weight_kernel(IntScheme(2, granularity=PerGroup(64)), (64, 576), cpu) is REFERENCE  # bf16 error
     assert select_weight_kernel(IntScheme(3, granularity=PerChannel()), (64, 576), cpu) is REFERENCE
-    assert select_weight_kernel(IntScheme(8, granularity=PerChannel()), (64, 576), cpu) is REFERENCE  # asym
+    assert select_weight_kernel(IntScheme(8, granularity=PerChannel()), (64, 576), cpu).name == "int8_grouped"  # asym
+    assert select_weight_kernel(IntScheme(8, symmetric=True, granularity=PerGroup(64)), (64, 576), cpu).name == (
+        "int8_grouped")  # fmt: skip
     assert select_weight_kernel(NF4Scheme(), (64, 576), cpu) is REFERENCE
     assert select_weight_kernel(IntScheme(4, granularity=PerGroup(64)), (1536, 576), cpu, fast=False) is REFERENCE
 

@@ -10,7 +10,7 @@ from slimlm.api import apply, apply_all
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerChannel, PerGroup, codec
 from slimlm.io import load_compressed, save_compressed
-from slimlm.kernels import require_fast, select_weight_kernel
+from slimlm.kernels import prefill, require_fast, select_weight_kernel
 from slimlm.kernels.int8 import CPU_LARGE_M
 from slimlm.kernels.report import kernel_report
 from slimlm.models import format_info, load_lazy, load_model, model_info
@@ -54,13 +54,16 @@ def _kernel_error(y, x, head, W=None):
     """Largest error of ``y`` against ``x @ W^T`` computed as the CPU int8 kernel does (``W``: the head's
     codes times scales unless given), in units of its rounding: below CPU_LARGE_M rows x and the scales in
     bfloat16, float32 sums, the output rounded to bfloat16 (2^-9 of |y|, and 2^-9 for the scale product);
-    from CPU_LARGE_M rows float32 throughout (2^-20). Above 1: not what the kernel computes."""
+    from CPU_LARGE_M rows (prefill) the same with float32 scales where the fixed rule (the suite's) multiplies
+    in bfloat16 (slimlm.kernels.prefill), else float32 throughout (2^-20). Above 1: not what the kernel computes."""
     qw = codec.unpack(head.portable_tensors(), head.scheme, head.shape)
     codes, scale = qw.codes.double(), qw.scale.double().reshape(1, -1)  # (V, d), (1, V)
     if W is not None:
         codes, scale = W.double(), torch.ones_like(scale)
     if x.shape[0] < CPU_LARGE_M:
         xd, scale, unit = x.to(torch.bfloat16).double(), scale.to(torch.bfloat16).double(), 2.0**-8
+    elif prefill.bf16_supported():
+        xd, unit = x.to(torch.bfloat16).double(), 2.0**-8
     else:
         xd, unit = x.double(), 2.0**-20
     ref = (xd @ codes.T) * scale  # (T, V)

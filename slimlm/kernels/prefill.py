@@ -1,0 +1,85 @@
+"""Prefill-sized float32 inputs to quantized weight-only kernels: multiply in float32 or in bfloat16.
+
+With many rows (a 512-token prompt) a weight-only kernel dequantizes the
+weight once per call and runs a GEMM; the GEMM is then most of the time.
+Where the CPU multiplies bfloat16 natively (avx512_bf16, AMX), oneDNN's bf16
+GEMM runs about 3.5x faster than float32's (576x576x512 at 2 threads: 0.59
+vs 2.0 ms), so the ``bf16`` path (weight dequantized in float32 and rounded
+once to bfloat16, activations rounded to bfloat16, output cast back) makes
+quantized prefill faster than the float32 model's, where the float32 path
+(dequantize, float32 GEMM) is slower than it (0.79x measured on SmolLM2).
+Decode paths already multiply in bfloat16 (``int4.py``, ``int8.py``), so the
+numbers are those of the compute dtype the kernels declare.
+
+Where bfloat16 is emulated the float32 path is the faster one, so which path
+runs is the ``prefill`` op of :mod:`slimlm.kernels.tune`: measured once per
+(shape, threads) on the machine at hand and cached, forced with
+``SLIMLM_KERNELS=prefill:f32`` (or ``:bf16``), and under ``fixed`` the rule
+"bf16 where oneDNN reports bfloat16 support". Only float32 activations on
+CPU have a choice; other dtypes multiply in their own.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from slimlm.kernels import tune
+from slimlm.kernels.base import SELF_CHECK_TOL, Shape, relative_error
+
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether oneDNN says this CPU runs bfloat16 GEMMs (the fixed rule's answer)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
+
+
+def _agree(y: Tensor, ref: Tensor) -> bool:
+    return relative_error(y, ref) <= SELF_CHECK_TOL[torch.bfloat16]
+
+
+def has_choice(x: Tensor) -> bool:
+    """Whether ``x`` may take the bf16 path at all: float32 activations on CPU."""
+    return x.dtype is torch.float32 and x.device.type == "cpu"
+
+
+def use_bf16(x: Tensor, shape: Shape, *, f32: Callable[[], Tensor], bf16: Callable[[], Tensor]) -> bool:
+    """Whether the prefill-sized ``x (M, in)`` multiplies in bfloat16; ``f32``/``bf16`` run each path on ``x``
+    (timed and compared only when the choice for this shape is made)."""
+    if not has_choice(x):
+        return False
+    t = tune.tuner()
+    rule = "bf16" if bf16_supported() else "f32"
+    if t.uses_rule("prefill") or torch.compiler.is_compiling():
+        return rule == "bf16"
+    key = tune.make_key("prefill", shape, x.dtype, x.shape[0], x.device)
+    d = t.decision(key)  # the hot path: one dict lookup
+    if d is not None:
+        return d.path == "bf16"
+    return t.choose(key, fixed=rule, candidates=lambda: {"f32": f32, "bf16": bf16}, agree=_agree) == "bf16"
+
+
+def linear_bf16(x: Tensor, w: Tensor) -> Tensor:
+    """``x (M, in) float32 @ w (out, in)^T`` with both rounded to bfloat16 once; float32 ``(M, out)``."""
+    return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).float()
+
+
+def dequantized_matmul(x: Tensor, shape: Shape, weight: Callable[[], Tensor]) -> Tensor:
+    """``x (M, in) -> (M, out)`` for a prefill-sized ``x``: ``weight()`` is the float32 ``(out, in)`` weight,
+    dequantized once per call; the GEMM runs in float32 or bfloat16 (see :func:`use_bf16`)."""
+    if not has_choice(x):
+        return F.linear(x, weight().to(x.dtype))
+
+    def f32() -> Tensor:
+        return F.linear(x, weight())
+
+    def bf16() -> Tensor:
+        return linear_bf16(x, weight())
+
+    return bf16() if use_bf16(x, shape, f32=f32, bf16=bf16) else f32()
