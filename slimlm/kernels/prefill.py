@@ -11,11 +11,12 @@ quantized prefill faster than the float32 model's, where the float32 path
 Decode paths already multiply in bfloat16 (``int4.py``, ``int8.py``), so the
 numbers are those of the compute dtype the kernels declare.
 
-Where bfloat16 is emulated the float32 path is the faster one, so which path
-runs is the ``prefill`` op of :mod:`slimlm.kernels.tune`: measured once per
-(shape, threads) on the machine at hand and cached, forced with
-``SLIMLM_KERNELS=prefill:f32`` (or ``:bf16``), and under ``fixed`` the rule
-"bf16 where oneDNN reports bfloat16 support". Only float32 activations on
+The float32 path is the default everywhere: bfloat16 activations change the
+numbers of every prompt and every evaluation window (perplexity, KLD), which
+a speed tuner must not do behind the protocol's back. ``SLIMLM_KERNELS=
+prefill:bf16`` asks for it (checked against float32 on first use, recorded
+as a ``prefill`` choice of :mod:`slimlm.kernels.tune`); where bfloat16 is
+emulated (no oneDNN support) it stays float32. Only float32 activations on
 CPU have a choice; other dtypes multiply in their own.
 """
 
@@ -50,19 +51,22 @@ def has_choice(x: Tensor) -> bool:
 
 
 def use_bf16(x: Tensor, shape: Shape, *, f32: Callable[[], Tensor], bf16: Callable[[], Tensor]) -> bool:
-    """Whether the prefill-sized ``x (M, in)`` multiplies in bfloat16; ``f32``/``bf16`` run each path on ``x``
-    (timed and compared only when the choice for this shape is made)."""
+    """Whether the prefill-sized ``x (M, in)`` multiplies in bfloat16; ``f32``/``bf16`` run each path on ``x``.
+
+    Only when asked (``SLIMLM_KERNELS=prefill:bf16``, checked against float32 on first use): rounding the
+    activations to bfloat16 changes every number a prompt or an evaluation window produces, so it is
+    not a speed choice the tuner may make on its own (perplexity and KLD stay float32 by default).
+    """
     if not has_choice(x):
         return False
     t = tune.tuner()
-    rule = "bf16" if bf16_supported() else "f32"
-    if t.uses_rule("prefill") or torch.compiler.is_compiling():
-        return rule == "bf16"
+    if t.settings.force("prefill") != "bf16" or not bf16_supported() or torch.compiler.is_compiling():
+        return False
     key = tune.make_key("prefill", shape, x.dtype, x.shape[0], x.device)
     d = t.decision(key)  # the hot path: one dict lookup
     if d is not None:
         return d.path == "bf16"
-    return t.choose(key, fixed=rule, candidates=lambda: {"f32": f32, "bf16": bf16}, agree=_agree) == "bf16"
+    return t.choose(key, fixed="f32", candidates=lambda: {"f32": f32, "bf16": bf16}, agree=_agree) == "bf16"
 
 
 def linear_bf16(x: Tensor, w: Tensor) -> Tensor:
