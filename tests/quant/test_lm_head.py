@@ -10,7 +10,6 @@ from slimlm.api import apply, apply_all
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerChannel, PerGroup, codec
 from slimlm.io import load_compressed, save_compressed
-from slimlm.kernels import prefill, require_fast, select_weight_kernel
 from slimlm.kernels.int8 import CPU_LARGE_M
 from slimlm.kernels.report import kernel_report
 from slimlm.models import format_info, load_lazy, load_model, model_info
@@ -62,8 +61,6 @@ def _kernel_error(y, x, head, W=None):
         codes, scale = W.double(), torch.ones_like(scale)
     if x.shape[0] < CPU_LARGE_M:
         xd, scale, unit = x.to(torch.bfloat16).double(), scale.to(torch.bfloat16).double(), 2.0**-8
-    elif prefill.bf16_supported():
-        xd, unit = x.to(torch.bfloat16).double(), 2.0**-8
     else:
         xd, unit = x.double(), 2.0**-20
     ref = (xd @ codes.T) * scale  # (T, V)
