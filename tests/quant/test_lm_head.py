@@ -10,6 +10,7 @@ from slimlm.api import apply, apply_all
 from slimlm.errors import SlimlmError
 from slimlm.formats import IntScheme, PerChannel, PerGroup, codec
 from slimlm.io import load_compressed, save_compressed
+from slimlm.kernels import require_fast, select_weight_kernel
 from slimlm.kernels.int8 import CPU_LARGE_M
 from slimlm.kernels.report import kernel_report
 from slimlm.models import format_info, load_lazy, load_model, model_info
