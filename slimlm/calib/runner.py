@@ -249,9 +249,8 @@ def calibrate_blocks(
     (to the model's sink, see :class:`slimlm.models.lazy.LazyBlocks`) after.
     ``rewrites(ctx)``, if given, says before the statistics pass whether
     ``on_block`` will change that block (that pass then skips what follows the
-    last statistics hook). ``autocast`` runs every block forward under
-    ``torch.autocast`` in that dtype (e.g. ``torch.bfloat16``: faster on CPUs
-    with bf16 matmuls, and not exact: the statistics and the next inputs change).
+    last statistics hook). ``autocast``: every block forward under
+    ``torch.autocast`` in that dtype (bfloat16: faster, not exact).
     """
     adapter = get_adapter(model)
     blocks = decoder_blocks(model)
