@@ -31,7 +31,8 @@ from torch import Tensor
 from slimlm.errors import SlimlmError
 from slimlm.formats.granularity import PerChannel, PerGroup
 from slimlm.formats.scheme import IntScheme
-from slimlm.kernels import Tensors, weight_matmul
+from slimlm.kernels import Tensors
+from slimlm.nn.packed import PackedLayout
 from slimlm.nn.quant_linear import QuantLinear
 
 
@@ -56,7 +57,7 @@ def fusable(mods: list) -> str | None:
     return None
 
 
-class FusedQuantLinear:
+class FusedQuantLinear(PackedLayout):
     """``x (..., in) -> (..., sum out)``: the parts' outputs concatenated, by one kernel call.
 
     Not a module of the model (nothing is saved); it quacks like a runtime linear
@@ -81,14 +82,6 @@ class FusedQuantLinear:
         if share:
             self.shared = {i: keys for i, keys in enumerate(self._share(mods)) if keys}
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    @property
-    def weight_device(self) -> torch.device:
-        return next(iter(self._weight.values())).device
-
     def _share(self, mods: list[QuantLinear]) -> list[list[str]]:
         """Let each part hold the row slices of our layout that equal its own (see the module docstring)."""
         adopted, start = [], 0
@@ -100,12 +93,7 @@ class FusedQuantLinear:
         return adopted
 
     def __call__(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        y = weight_matmul(self.kernel, x2, self._weight, self.scheme, self.shape)  # (M, sum out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)  # (..., sum out)
+        return self._matmul(x)  # (..., sum out)
 
     def __repr__(self) -> str:
         return (f"FusedQuantLinear(splits={self.splits}, in_features={self.in_features}, scheme={self.scheme!r}, "

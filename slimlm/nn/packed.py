@@ -37,7 +37,29 @@ def _whole(t: Tensor) -> Tensor:
     return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
 
-class PackedLinear(RuntimeModule):
+class PackedLayout:
+    """What a linear held in a kernel's layout computes with: ``kernel``, ``scheme``, ``_weight`` (the
+    layout tensors), ``bias``, ``in_features``, ``out_features`` (set by the class using it)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def weight_device(self) -> torch.device:
+        return next(iter(self._weight.values())).device
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """``x (..., in) -> (..., out)`` in ``x.dtype`` through the kernel, plus the bias."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        y = weight_matmul(self.kernel, x2, self._weight, self.scheme, self.shape)  # (M, out)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)  # (..., out)
+
+
+class PackedLinear(PackedLayout, RuntimeModule):
     """Base of :class:`QuantLinear` and :class:`W8A8Linear` (not used directly)."""
 
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, *, bias: bool,
@@ -59,14 +81,6 @@ class PackedLinear(RuntimeModule):
         raise NotImplementedError
 
     # --- layout ---------------------------------------------------------
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    @property
-    def weight_device(self) -> torch.device:
-        return next(iter(self._weight.values())).device
 
     def _install(self, packed: Tensors, *, kernel: WeightKernel | None = None) -> None:
         """Lay out portable ``packed`` tensors for the kernel of their device."""
@@ -143,15 +157,6 @@ class PackedLinear(RuntimeModule):
             self._install(loaded)
 
     # --- compute and accounting ---------------------------------------------
-
-    def _matmul(self, x: Tensor) -> Tensor:
-        """``x (..., in) -> (..., out)`` in ``x.dtype`` through the kernel, plus the bias."""
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        y = weight_matmul(self.kernel, x2, self._weight, self.scheme, self.shape)  # (M, out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)  # (..., out)
 
     def dequantized_weight(self) -> Tensor:
         """The float32 weight ``(out, in)`` the packed tensors stand for."""

@@ -11,9 +11,8 @@ from slimlm.formats import parse_scheme
 from slimlm.generation import GenerationConfig, generate
 from slimlm.generation.decoder import FastDecoder
 from slimlm.io import load_compressed, save_compressed
-from slimlm.models.tiny import tiny_config, tiny_model, tiny_tokenizer
+from slimlm.models.tiny import tiny_config, tiny_tokenizer
 from slimlm.nn import QuantLinear
-from slimlm.nn import fused_quant
 from slimlm.nn.fused_quant import FusedQuantLinear, fusable
 from slimlm.quant import RTN
 
@@ -57,8 +56,8 @@ def test_fused_equals_unfused_and_is_taken(scheme, monkeypatch):
     assert not any(isinstance(f, FusedQuantLinear) for layer in plain.layers for f in (layer.qkv, layer.gate_up))
     ref_logits, ref_tokens = _logits(plain), _greedy(plain)
     calls = []
-    real = fused_quant.weight_matmul
-    monkeypatch.setattr(fused_quant, "weight_matmul", lambda *a: calls.append(a[4]) or real(*a))
+    real = FusedQuantLinear._matmul
+    monkeypatch.setattr(FusedQuantLinear, "_matmul", lambda self, x: calls.append(self.shape) or real(self, x))
     parts_called = _part_calls(model)
     torch.testing.assert_close(_logits(fused), ref_logits, atol=1e-6, rtol=1e-6)
     assert _greedy(fused) == ref_tokens and len(set(ref_tokens)) > 2  # varied continuation, not a repeat
