@@ -43,7 +43,8 @@ from slimlm.models.size import bytes_read_per_token
 from slimlm.formats import parse_scheme
 from slimlm.kernels import dense, kernel_report, tune
 from slimlm.generation import GenerationConfig, PagedKVCache, generate, make_decoder
-from slimlm.generation.loop import compile_step, decode_steps
+from slimlm.generation.compiled import compile_step
+from slimlm.generation.loop import decode_steps
 from slimlm.models import load_model
 from slimlm.models.info import model_info
 from slimlm.quant import RTN

@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SlimlmError("--task-limit is for --tasks; add --tasks (e.g. --tasks slimlm_wiki_lastword)")
     results = evaluate_sources(sources, protocol=args.protocol, eval_data=args.eval_data, base=args.base,
                                tokens=args.tokens, full=args.full, speed=not args.no_speed, dtype=_dtype(args),
-                               tasks=tasks, task_limit=args.task_limit)
+                               compile_speed=args.compile, tasks=tasks, task_limit=args.task_limit)
     print(format_results(results))
     if args.json:
         save_results(args.json, results, overwrite=args.overwrite)
@@ -161,6 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_sampling_flags(args)
     _check_draft_flags(args)
     _check_kv_flags(args)
+    _check_compile_flag(args)
     model, tokenizer = _load(maybe_model[0] if maybe_model else DEFAULT_MODEL, args.dtype)
     kv = _kv_decoder(args, model)  # None without --kv-* flags
     prompt = _chat_prompt(args, tokenizer, prompt)
@@ -177,6 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         engine=args.engine,
         decoder=kv,
+        compile=args.compile,
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -186,6 +188,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         print(f"KV cache {kind_name(kv.kind)}: {kv.last_cache.nbytes() / 1e6:.2f} MB held", file=sys.stderr)
     return 0
+
+
+def _check_compile_flag(args: argparse.Namespace) -> None:
+    if not args.compile:
+        return
+    if args.engine != "slimlm":
+        raise SlimlmError("--compile compiles slimlm's decode step; drop --engine hf")
+    if args.draft is not None or (args.kv_policy, args.kv_budget, args.kv_bits) != (None, None, None):
+        raise SlimlmError("--compile runs the plain decode loop; drop --draft and the --kv-* flags")
 
 
 def _check_sampling_flags(args: argparse.Namespace) -> None:

@@ -123,6 +123,7 @@ _ROWS = [
     ("bits per weight (linears)", lambda r: r.size.bits_per_weight, "{:.2f}", False),
     ("prefill (tokens/s)", lambda r: r.speed and r.speed.prefill_tokens_per_s, "{:.1f}", True),
     ("decode (tokens/s)", lambda r: r.speed and r.speed.decode_tokens_per_s, "{:.2f}", True),
+    ("decode loop", lambda r: r.speed and r.speed.loop, "{}", None),
     ("latency p50 (ms/token)", lambda r: r.speed and r.speed.latency_p50_ms, "{:.1f}", False),
     ("latency p95 (ms/token)", lambda r: r.speed and r.speed.latency_p95_ms, "{:.1f}", False),
     ("achieved bandwidth (GB/s)", lambda r: r.speed and r.speed.achieved_gb_per_s, "{:.2f}", True),
@@ -135,7 +136,7 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def _delta(value: Any, ref: Any) -> str:
-    if value is None or ref is None or value == ref:
+    if value is None or ref is None or value == ref or isinstance(value, str):
         return ""
     if ref:
         return f" ({(value - ref) / abs(ref):+.1%})"

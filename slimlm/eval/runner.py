@@ -104,6 +104,7 @@ def evaluate(
     base_id: str | None = None,
     load_base: Callable[[], nn.Module] | None = None,
     speed: bool = True,
+    compile_speed: bool = False,
     model_dir: str | None = None,
     recipe: Any = None,
     stream: torch.Tensor | None = None,
@@ -116,6 +117,7 @@ def evaluate(
     fingerprint) that key the on-disk cache of base outputs; None disables it.
     ``stream`` is the protocol's evaluation text already tokenized
     (``eval_tokens``), when a caller measures several models with one tokenizer.
+    ``compile_speed`` times decode with the compiled step (``measure_speed(compile=True)``).
     A tokenizer that adds BOS measures ``<protocol>+bos`` (see ``for_tokenizer``).
     """
     proto = for_tokenizer(protocol, tokenizer)
@@ -129,7 +131,8 @@ def evaluate(
         quality, _ = score_windows(model, windows, base=stats)
     spd = None
     if speed:
-        spd = measure_speed(model, _prompt(tokens, proto), new_tokens=proto.new_tokens, runs=proto.speed_runs)
+        spd = measure_speed(model, _prompt(tokens, proto), new_tokens=proto.new_tokens, runs=proto.speed_runs,
+                            compile=compile_speed)
     return Result(
         protocol=proto.name,
         model=source,

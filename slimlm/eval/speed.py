@@ -3,6 +3,13 @@
 Decode at small batch is memory-bound: every weight is read once per token.
 So beside tokens/s we report the achieved bandwidth, weight bytes read per
 token x tokens/s, to compare with what the machine can move (~35 GB/s here).
+
+The timed loop is slimlm's own (what ``slimlm generate`` runs): the fast
+decoder over a static KV cache where the family allows it, else the HF
+forward behind the same interface (``Speed.loop`` says which); with
+``compile=True`` the one-token steps run under ``torch.compile``
+(compiled and warmed before timing). Results written before this field
+existed timed the HF forward and load as ``loop="hf"``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimlm.errors import SlimlmError
+from slimlm.generation import CompiledStep, FastDecoder, compile_step, make_decoder
 from slimlm.models.size import bytes_read_per_token
 
 
@@ -33,6 +42,7 @@ class Speed:
     new_tokens: int
     runs: int
     threads: int
+    loop: str = "hf"  # "slimlm" (fast decoder), "slimlm-compiled", or "hf" (the HF forward)
 
 
 def peak_rss_mb() -> float:
@@ -46,33 +56,50 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def _one_run(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
-    """One greedy generation: (prefill seconds, per-step decode seconds)."""
-    device = next(model.parameters()).device
+def _one_run(decoder: nn.Module, step, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    """One greedy generation in slimlm's loop: (prefill seconds, per-step decode seconds)."""
+    device = next(decoder.parameters()).device
     ids = prompt.unsqueeze(0).to(device)  # (1, P)
+    P = ids.shape[1]
+    cache = decoder.new_cache(1, P + new_tokens)
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+    logits = decoder(ids, torch.arange(P, device=device)[None], cache, n_logits=1)
+    nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
     _sync(device)
-    prefill = time.perf_counter() - t0
-    cache, steps = out.cache, []
-    for _ in range(new_tokens - 1):
+    prefill, steps = time.perf_counter() - t0, []
+    for i in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, cache=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos = torch.full((1, 1), P + i, dtype=torch.long, device=device)
+        nxt = step(nxt, pos, cache)[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         steps.append(time.perf_counter() - t0)
-        cache = out.cache
     return prefill, steps
 
 
-def measure_speed(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 128, runs: int = 3) -> Speed:
-    """Time a ``prompt`` (P,) prefill and ``new_tokens`` greedy steps, after one warm-up run."""
-    _one_run(model, prompt[: min(32, len(prompt))], min(8, new_tokens))  # warm-up
+def _loop(model: nn.Module, compile: bool) -> tuple[nn.Module, object, str]:
+    """(decoder, step, loop name): the fast decoder when it can run ``model``, else the HF forward."""
+    try:
+        decoder = make_decoder(model)
+    except SlimlmError:  # a fast family with a module the lean forward cannot call
+        decoder = make_decoder(model, fast=False)
+    name = "slimlm" if isinstance(decoder, FastDecoder) else "hf"
+    if not compile:
+        return decoder, decoder, name
+    return decoder, compile_step(decoder), name + "-compiled"
+
+
+def measure_speed(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 128, runs: int = 3,
+                  compile: bool = False) -> Speed:
+    """Time a ``prompt`` (P,) prefill and ``new_tokens`` greedy steps in slimlm's loop, after a warm-up run
+    (which also compiles the step with ``compile=True``)."""
+    decoder, step, loop = _loop(model, compile)
+    _one_run(decoder, step, prompt[: min(32, len(prompt))], min(8, new_tokens))  # warm-up
+    if isinstance(step, CompiledStep) and step.failed is not None:
+        loop = loop.removesuffix("-compiled")  # the compiler failed: the steps ran eagerly (logged)
     prefills, decodes, steps_all = [], [], []
     for _ in tqdm(range(runs), desc="speed", unit="run", leave=False):
-        prefill, steps = _one_run(model, prompt, new_tokens)
+        prefill, steps = _one_run(decoder, step, prompt, new_tokens)
         prefills.append(len(prompt) / prefill)
         decodes.append(len(steps) / sum(steps))
         steps_all.extend(steps)
@@ -92,4 +119,5 @@ def measure_speed(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 1
         new_tokens=new_tokens,
         runs=runs,
         threads=torch.get_num_threads(),
+        loop=loop,
     )

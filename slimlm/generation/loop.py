@@ -33,16 +33,6 @@ class GenerationConfig:
             object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
 
 
-def compile_step(decoder: nn.Module) -> Callable:
-    """The decoder under ``torch.compile`` for the one-token steps (pass as ``step=``; prefill stays eager).
-
-    Off by default: on the 2-core CPU this project measures on it took ~3 minutes to compile the
-    built-in model for ~15% faster steps (benchmarks/decode.py --compile). Dynamic shapes: the
-    cache view grows every step, and one graph serves every length.
-    """
-    return torch.compile(decoder, dynamic=True)
-
-
 def left_pad(rows: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
     """Prompts -> ids, positions (B, P): right-aligned, padding at position -1."""
     if not rows or any(len(r) == 0 for r in rows):

@@ -10,6 +10,7 @@ from transformers import TextIteratorStreamer
 
 from slimlm.data import prompt_ids
 from slimlm.errors import SlimlmError
+from slimlm.generation.compiled import compile_step
 from slimlm.generation.decoder import make_decoder
 from slimlm.generation.loop import GenerationConfig, stream_text
 from slimlm.generation.sampling import Sampling
@@ -49,17 +50,21 @@ def generate_text(
     chat: bool = False,
     engine: str = "slimlm",
     decoder: torch.nn.Module | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces while it is generated.
 
     ``engine="slimlm"`` runs :mod:`slimlm.generation.loop` (``decoder``: a
     prebuilt one from ``make_decoder``, else built here); ``"hf"`` runs HF
-    ``generate`` for comparison.
+    ``generate`` for comparison. ``compile``: slimlm's one-token steps under
+    ``torch.compile`` (:mod:`slimlm.generation.compiled`).
     """
     if max_new_tokens < 1:
         raise SlimlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if engine not in ENGINES:
         raise SlimlmError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    if compile and engine != "slimlm":
+        raise SlimlmError("compile=True compiles slimlm's decode step; use engine='slimlm'")
     kwargs = sampling_kwargs(temperature=temperature, top_k=top_k, top_p=top_p)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
@@ -67,19 +72,20 @@ def generate_text(
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     if engine == "slimlm":
         yield from _slimlm_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=seed, decoder=decoder)
+                                top_k=top_k, top_p=top_p, seed=seed, decoder=decoder, compile=compile)
         return
     yield from _hf_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, seed=seed, **kwargs)
 
 
 def _slimlm_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, seed: int, decoder) -> Iterator[str]:
+                 top_p: float | None, seed: int, decoder, compile: bool) -> Iterator[str]:
     ids = prompt_ids(tokenizer, prompt)  # BOS first when the tokenizer adds it, never twice
     if not ids:
         raise SlimlmError("the prompt is empty after tokenization; give some text")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
                            stop_tokens=stop_token_ids(model, tokenizer))
-    yield from stream_text(decoder or make_decoder(model), tokenizer, ids, cfg)
+    decoder = decoder or make_decoder(model)
+    yield from stream_text(decoder, tokenizer, ids, cfg, step=compile_step(decoder) if compile else None)
 
 
 def _hf_text(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int, **kwargs) -> Iterator[str]:

@@ -72,6 +72,7 @@ def evaluate_sources(
     tokens: int | None = None,
     full: bool = False,
     speed: bool = True,
+    compile_speed: bool = False,
     dtype: torch.dtype = torch.float32,
     tasks: Sequence[str] | None = None,
     task_limit: int | None = None,
@@ -84,7 +85,8 @@ def evaluate_sources(
     when there are several, else a checkpoint's own base model, else the
     model itself. ``eval_data`` scores a user's text (an ad-hoc protocol).
     ``tasks`` adds lm-eval task accuracy (``slimlm.eval.accuracy``) to each measured
-    model's Result, on the first ``task_limit`` examples of each task when given.
+    model's Result, on the first ``task_limit`` examples of each task when given. ``compile_speed``
+    times decode with the compiled step.
     """
     proto = with_user_text(protocol, eval_data=eval_data)  # refuse an unknown protocol or bad text first
     if tokens is not None:
@@ -93,6 +95,8 @@ def evaluate_sources(
         tasks = check_tasks(tasks)  # an unknown task or missing lm-eval: refused before any model loads
     if task_limit is not None:
         check_pos_int("--task-limit", task_limit, "examples per task")
+    if compile_speed and not speed:
+        raise SlimlmError("--compile times decode with a compiled step; drop --no-speed (or --compile)")
     if not sources:
         raise SlimlmError("no model to evaluate; give a built-in name, HF directory, hub id, .gguf or result .json")
     saved = _saved_results(sources, proto)
@@ -113,7 +117,7 @@ def evaluate_sources(
             model, tokenizer, source=source, protocol=proto, n_tokens=tokens, full=full, model_id=model_id(source),
             base_source=base if other_base else None, base_id=model_id(base) if other_base else None,
             load_base=(lambda: load_model(base, dtype=dtype)[0]) if other_base else None, speed=speed,
-            model_dir=model_dir(source),
+            compile_speed=compile_speed, model_dir=model_dir(source),
         ))  # fmt: skip
         if tasks:
             scores = task_accuracy(model, tokenizer, tasks, limit=task_limit)

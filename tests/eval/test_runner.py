@@ -48,6 +48,20 @@ def test_speed_reports_consistent_numbers():
     assert s.peak_rss_mb > 10
 
 
+@pytest.mark.parametrize("family, loop", [("llama", "slimlm"), ("gpt2", "hf")])
+def test_speed_times_slimlms_own_loop(monkeypatch, family, loop):
+    """Decode speed is what `slimlm generate` runs: the fast decoder where the family allows it."""
+    from slimlm.generation import FastDecoder, HFDecoder
+
+    cls = FastDecoder if loop == "slimlm" else HFDecoder
+    calls = []
+    forward = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **kw: calls.append(a[0].shape) or forward(self, *a, **kw))
+    s = measure_speed(tiny_model(family), torch.arange(3, 19), new_tokens=6, runs=2)
+    assert s.loop == loop
+    assert calls.count((1, 16)) == 3 and calls.count((1, 1)) == 3 * 5  # a warm-up and 2 timed runs of 5 steps
+
+
 def test_evaluate_caches_base_outputs_and_compares(tmp_path):
     tok, base = tiny_tokenizer(), tiny_model("llama", seed=0)
     r0 = evaluate(base, tok, source="tiny", protocol=SMALL, model_id="tiny@0", speed=False)

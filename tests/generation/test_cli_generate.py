@@ -29,6 +29,9 @@ def test_slimlm_engine_prints_what_hf_generate_prints(capsys, qwen_dir):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--top-k", "0"], "--top-k"),
     (["--top-p", "2"], "--top-p"),
+    (["--compile", "--engine", "hf"], "--compile"),
+    (["--compile", "--draft", "lookup"], "--compile"),
+    (["--compile", "--kv-bits", "4"], "--compile"),
 ])  # fmt: skip
 def test_bad_generate_arguments_one_line_exit_2(capsys, qwen_dir, argv, pattern):
     assert main(["generate", qwen_dir, "x", *argv]) == 2

@@ -75,7 +75,7 @@ def test_loop_through_onednn_equals_hf_generate(all_weights, monkeypatch, family
 @needs_onednn
 def test_compiled_step_traces_f_linear_and_matches_eager(all_weights):
     """Inductor cannot lower oneDNN's op on an unpacked weight: the compiled step must not trace it."""
-    from slimlm.generation.loop import compile_step
+    from slimlm.generation.compiled import compile_step
 
     dec = make_decoder(varied_tiny("llama"))
     cfg = GenerationConfig(max_new_tokens=8)

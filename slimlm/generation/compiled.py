@@ -1,0 +1,69 @@
+"""The one-token decode step under ``torch.compile``, with a clean fall back to eager.
+
+At batch 1 a decode step of a small model is mostly framework time: 30 layers
+of small ops, each a Python call and a dispatch. Compiled by inductor, the
+elementwise ops fuse into generated C++ loops and, with ``cpp_wrapper``, the
+calls between kernels are C++ too (no Python per op): measured on the
+built-in model at int4-g64 (2 threads, ``benchmarks/decode.py --compile``)
+eager 72.9 tok/s, compiled 93.5, compiled with the C++ wrapper 119.7, same
+greedy tokens. Prefill stays eager.
+
+The compile cost (about 1.5 minutes cold on 2 cores, under half a minute
+warm) is paid once per machine: inductor caches compiled code on disk
+(``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_<user>``), so a
+later process re-traces but does not re-compile. A compiler that is missing
+or fails (no C++ toolchain, an op inductor cannot lower) is not an error:
+the step logs one warning with the reason and runs eagerly from then on
+(``CompiledStep.failed`` says why).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger("slimlm.generation")
+
+
+class CompiledStep:
+    """``step(ids (B, T), positions (B, T), cache) -> logits``: the decoder compiled, or eager after a failure."""
+
+    def __init__(self, decoder: nn.Module, *, cpp_wrapper: bool | None = None, backend: Any = "inductor") -> None:
+        self.decoder = decoder
+        device = next(decoder.parameters()).device
+        self.cpp_wrapper = device.type == "cpu" if cpp_wrapper is None else cpp_wrapper
+        options = {"cpp_wrapper": True} if self.cpp_wrapper and backend == "inductor" else None
+        self._compiled = torch.compile(decoder, dynamic=True, backend=backend, options=options)
+        self.failed: str | None = None  # why the compiled step was given up, if it was
+
+    def __call__(self, ids: Tensor, positions: Tensor, cache: Any, **kw: Any) -> Tensor:
+        if self.failed is not None:
+            return self.decoder(ids, positions, cache, **kw)
+        length = getattr(cache, "length", None)
+        try:
+            return self._compiled(ids, positions, cache, **kw)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager step still answers
+            self.failed = _reason(e)
+            log.warning("torch.compile of the decode step failed (%s); decoding eagerly", self.failed)
+            if length is not None and cache.length != length:  # a graph ran before the failure: undo its slots
+                cache.crop(length)
+            return self.decoder(ids, positions, cache, **kw)
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the innermost cause (dynamo wraps a backend's error in BackendCompilerFailed)."""
+    while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
+        e = inner
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def compile_step(decoder: nn.Module, *, cpp_wrapper: bool | None = None) -> CompiledStep:
+    """The decoder under ``torch.compile`` for the one-token steps (pass as ``step=``); see the module docstring.
+
+    ``cpp_wrapper`` (default: on for CPU) emits the calls between kernels as C++. Dynamic shapes: the cache
+    view grows every step, and one graph serves every length."""
+    return CompiledStep(decoder, cpp_wrapper=cpp_wrapper)
