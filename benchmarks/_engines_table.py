@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # headline pairs: slimlm's calibrated 4-bit row -> llama.cpp's own quantization to the same GGUF type
-HEADLINE = {"gptq-q4_0": "llamacpp-q4_0", "gptq-q4_1": "llamacpp-q4_1", "awq-q4_1": "llamacpp-q4_1"}
+HEADLINE = {"gptq-q4_0": "llamacpp-q4_0", "gptq-q4_0-head8-shared": "llamacpp-q4_0", "gptq-q4_1": "llamacpp-q4_1", "awq-q4_1": "llamacpp-q4_1"}
 # a relative weight error below this is F16 rounding: the base already lay on that quantizer's grid
 ON_GRID = 1e-5
 
@@ -18,8 +18,12 @@ def _err(r: dict[str, Any]) -> str:
     return "-" if r.get("weight_error") is None else f"{r['weight_error']:.1e}"
 
 
-def _speed(s: dict[str, float] | None) -> str:
-    return "-" if s is None else f"{s['decode_tok_s']:.1f}"
+def _speed(s: dict[str, Any] | None) -> str:
+    """Decode tok/s; slimlm's eager / compiled step when both were timed."""
+    if s is None:
+        return "-"
+    compiled = s.get("decode_compiled_tok_s")
+    return f"{s['decode_tok_s']:.1f}" + (f" / {compiled:.1f} compiled" if compiled is not None else "")
 
 
 def table(store: dict[str, Any]) -> str:
@@ -51,7 +55,22 @@ def headline(rows: dict[str, Any]) -> list[str]:
                        f"{ka / kb - 1:+.0%}); ppl {a['llamacpp']['ppl']:.2f} vs {b['llamacpp']['ppl']:.2f}; "
                        f"{a['linear_bpw']:.2f} vs {b['linear_bpw']:.2f} bits/weight in the blocks, "
                        f"{a['size_mb']:.1f} vs {b['size_mb']:.1f} MB (embeddings {a['embd']} vs {b['embd']})")  # fmt: skip
+            speed = _speed_ratio(a.get("slimlm_speed"), b.get("llamacpp_speed"))
+            if speed:
+                out.append(f"  decode: {speed}")
             if b.get("weight_error", 1.0) < ON_GRID:
                 out.append(f"  (not a comparison of quantizers: llama.cpp's {theirs} moved the base's block weights "
                            f"by {b['weight_error']:.0e} only, so they already lay on its grid)")  # fmt: skip
     return out
+
+
+def _speed_ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str:
+    """slimlm's decode (eager, compiled) over llama.cpp's on its own file, or '' when either is missing."""
+    if not ours or not theirs:
+        return ""
+    ref = theirs["decode_tok_s"]
+    parts = [f"slimlm {ours['decode_tok_s']:.1f} tok/s ({ours['decode_tok_s'] / ref:.2f}x)"]
+    if ours.get("decode_compiled_tok_s") is not None:
+        c = ours["decode_compiled_tok_s"]
+        parts.append(f"compiled {c:.1f} ({c / ref:.2f}x)")
+    return ", ".join(parts) + f" vs llama.cpp {ref:.1f}"

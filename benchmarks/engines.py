@@ -24,8 +24,10 @@ checkpoint is scored by slimlm: a recipe row's reloaded checkpoint (its own modu
 float model, and a ``llamacpp-*`` row's GGUF dequantized to float by transformers' GGUF loader (a check of
 llama.cpp's arithmetic on the same weights). ``ppl diff`` is llama.cpp's perplexity over slimlm's, minus
 one (target: within 1%). Decode speed: greedy, ``--new-tokens`` after the protocol's prompt, ``--threads``
-in both engines, median of ``--runs`` after a warm-up; slimlm's loop (``measure_speed``) runs the
-recipe rows' checkpoints and the float model (float32), not the dequantized llama.cpp files.
+in both engines, median of ``--runs`` after a warm-up; slimlm's own decode loop (``measure_speed``: the
+fast decoder, eager, and with ``--compile`` also its compiled step) runs the recipe rows' checkpoints and
+the float model (float32), not the dequantized llama.cpp files. ``gptq-q4_0-head8-shared`` is the row in
+llama.cpp's Q4_0 layout (int8 head shared with the embedding) to set beside ``llamacpp-q4_0``.
 
 ``weight err`` is how far a row moved the decoder-block weights from the F16 export (relative squared
 error, both files dequantized by gguf-py). Mind the built-in model: its weights come from a Q4_1 GGUF
@@ -75,7 +77,7 @@ from slimlm.pipelines.compress import compress
 from _engines_table import table  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
-SLIMLM_ROWS = ("rtn-q8_0", "gptq-q4_0", "gptq-q4_1", "awq-q4_1")
+SLIMLM_ROWS = ("rtn-q8_0", "gptq-q4_0", "gptq-q4_0-head8-shared", "gptq-q4_1", "awq-q4_1")
 LLAMACPP_ROWS = {"llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4_0", "llamacpp-q4_1": "Q4_1",
                  "llamacpp-q4_k_m": "Q4_K_M"}  # fmt: skip
 DEFAULT_ROWS = ("f16", *SLIMLM_ROWS, *LLAMACPP_ROWS)
@@ -236,9 +238,15 @@ def _quality(q) -> dict[str, float]:
     return dict(ppl=q.perplexity, nll=q.nll, kld=q.kld or 0.0, top1=q.top1_agreement or 1.0)
 
 
-def _slimlm_speed(model, bench: Bench) -> dict[str, float]:
-    s = measure_speed(model, bench.prompt, new_tokens=bench.args.new_tokens, runs=bench.args.runs)
-    return dict(prefill_tok_s=s.prefill_tokens_per_s, decode_tok_s=s.decode_tokens_per_s)
+def _slimlm_speed(model, bench: Bench) -> dict[str, Any]:
+    """slimlm's loop (``measure_speed``); with ``--compile`` also its compiled step, in the same process."""
+    args = bench.args
+    s = measure_speed(model, bench.prompt, new_tokens=args.new_tokens, runs=args.runs)
+    out = dict(prefill_tok_s=s.prefill_tokens_per_s, decode_tok_s=s.decode_tokens_per_s, loop=s.loop)
+    if args.compile:
+        c = measure_speed(model, bench.prompt, new_tokens=args.new_tokens, runs=args.runs, compile=True)
+        out.update(decode_compiled_tok_s=c.decode_tokens_per_s, compiled_loop=c.loop)
+    return out
 
 
 def f16_gguf(bench: Bench) -> Path:
@@ -334,6 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--float-type", default="f16", help="float parts of the recipe rows' GGUF (export --float-type)")
     p.add_argument("--work", default="out/engines")
     p.add_argument("--table", action="store_true", help="print the stored table (and run nothing unless --rows)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time slimlm's compiled decode step (slimlm.generation.compiled)")
     p.add_argument("--speed-again", action="store_true",
                    help="re-time the stored rows (or --rows) in both engines, keeping their quality numbers")
     return p.parse_args(argv)

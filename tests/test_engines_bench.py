@@ -102,6 +102,18 @@ def test_table_and_headline_verdicts():
     assert "awq" not in text  # no row, no headline line
     caveats = [line for line in text.splitlines() if "not a comparison of quantizers" in line]
     assert len(caveats) == 1 and "llamacpp-q4_1 moved the base's block weights by 2e-07" in caveats[0]
+    assert "decode:" not in text  # no slimlm speed stored, no speed line
+
+
+def test_headline_decode_ratio_eager_and_compiled():
+    store = dict(settings=dict(model="m", threads=2, new_tokens=64), protocol="wiki-v1", tokens=1024, windows=2,
+                 prompt_tokens=512, rows={"gptq-q4_0-head8-shared": _row(0.05, 4.5, {"Q4_0": 1}),
+                                          "llamacpp-q4_0": _row(0.08, 4.5, {"Q4_0": 1})})  # fmt: skip
+    store["rows"]["gptq-q4_0-head8-shared"]["slimlm_speed"] = dict(decode_tok_s=60.0, decode_compiled_tok_s=132.0)
+    text = engines.table(store)
+    assert "60.0 / 132.0 compiled" in text  # the row's decode cell
+    line = next(line for line in text.splitlines() if line.strip().startswith("decode:"))
+    assert line.strip() == "decode: slimlm 60.0 tok/s (0.50x), compiled 132.0 (1.10x) vs llama.cpp 120.0"
 
 
 def test_stored_rows_of_other_settings_are_refused(tmp_path):
