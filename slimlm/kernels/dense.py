@@ -11,8 +11,11 @@ at sixteen; at 512 rows it is no faster, so large inputs keep ``F.linear``,
 and so do small weights, where oneDNN's fixed cost per call (about 20 us)
 outweighs the second thread.
 
-Under ``torch.compile`` the plain ``F.linear`` is traced (inductor cannot lower
-this op on an unpacked weight and picks its own GEMM).
+Under ``torch.compile`` inductor cannot lower this op on an unpacked weight, and
+its own GEMM for a float32 row is MKL's one-thread GEMV (the compiled float32
+step of the built-in model ran at 0.74x the eager one). So a compiled graph
+calls weights of at least ``MIN_WEIGHT`` elements through the opaque op
+``slimlm::dense_linear``, which makes the eager choice below when it runs.
 
 Those numbers hold for one machine: on another 2-core machine MKL's
 ``F.linear`` read every weight in 20.2 ms per token and oneDNN in 33.8 ms. So
@@ -100,8 +103,30 @@ def use_onednn(x: Tensor, w: Tensor, b: Tensor | None = None) -> bool:
     return _in_domain(x, w) and _choose_onednn(x.reshape(-1, x.shape[-1]).contiguous(), w, b)
 
 
+@torch.library.custom_op("slimlm::dense_linear", mutates_args=())
+def _dense_linear_op(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """What a compiled graph calls: :func:`linear`'s eager choice, made at run time (inputs checked when traced)."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+    if not (onednn_available() and _choose_onednn(rows, w, b)):
+        return F.linear(x, w, b)
+    return _onednn(rows, w, b).view(*x.shape[:-1], w.shape[0])
+
+
+@_dense_linear_op.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _compiled_domain(x: Tensor, w: Tensor) -> bool:
+    """Under torch.compile: a float32 CPU weight large enough that oneDNN may win (decided when the op runs)."""
+    return (torch.compiler.is_compiling() and x.dtype is torch.float32 and w.dtype is torch.float32
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and w.numel() >= MIN_WEIGHT)
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``F.linear(x, w, b)``; float32 on CPU at decode sizes may go through oneDNN (see the module doc)."""
+    if _compiled_domain(x, w):
+        return torch.ops.slimlm.dense_linear(x, w, b)
     if not _in_domain(x, w):
         return F.linear(x, w, b)
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)

@@ -73,11 +73,21 @@ def test_loop_through_onednn_equals_hf_generate(all_weights, monkeypatch, family
 
 
 @needs_onednn
-def test_compiled_step_traces_f_linear_and_matches_eager(all_weights):
-    """Inductor cannot lower oneDNN's op on an unpacked weight: the compiled step must not trace it."""
+def test_compiled_step_calls_onednn_through_the_opaque_op(all_weights, monkeypatch):
+    """Inductor cannot lower oneDNN's op on an unpacked weight, and its own GEMM for one float32 row is a
+    one-thread GEMV: the compiled step calls slimlm::dense_linear (oneDNN when it runs), in one graph."""
     from slimlm.generation.compiled import compile_step
 
     dec = make_decoder(varied_tiny("llama"))
     cfg = GenerationConfig(max_new_tokens=8)
     eager = generate(dec, PROMPTS[:1], cfg)
-    assert generate(dec, PROMPTS[:1], cfg, step=compile_step(dec)) == eager
+    cache = dec.new_cache(1, 16)
+    dec(torch.tensor([PROMPTS[0]]), torch.arange(len(PROMPTS[0]))[None], cache)
+    explained = torch._dynamo.explain(dec)(torch.tensor([[7]]), torch.tensor([[len(PROMPTS[0])]]), cache)
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    step = compile_step(dec)
+    generate(dec, PROMPTS[:1], GenerationConfig(max_new_tokens=2), step=step)  # compiles
+    seen = _calls(monkeypatch)
+    assert generate(dec, PROMPTS[:1], cfg, step=step) == eager and step.failed is None
+    assert seen.count((1, 64)) >= 7 * 5  # the 7 compiled steps: q/k/v, o, gate/up, down of 2 layers + head
