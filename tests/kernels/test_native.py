@@ -192,6 +192,7 @@ def test_threads_follow_torch_and_share_its_openmp_pool(native_on):
     packed = _codes(scheme, shape, torch.Generator().manual_seed(3), adversarial=False)
     kernel = select_weight_kernel(scheme, shape, CPU)
     tensors = kernel.prepare(packed, scheme, shape, dtype=torch.float32)
+    W = codec.dequantize(codec.unpack(packed, scheme, shape))
     before = torch.get_num_threads()
     try:
         for n in (2, 1, 2):
@@ -199,8 +200,10 @@ def test_threads_follow_torch_and_share_its_openmp_pool(native_on):
             assert lib.slimlm_native_omp_max_threads() == n  # torch's setting reaches the library's runtime
             torch.mm(torch.randn(256, 256), torch.randn(256, 256))  # torch's pool at n threads
             tasks = _tasks()
-            kernel.matmul(torch.randn(1, shape[1]), tensors, scheme, shape)
+            x = torch.randn(3, shape[1])
+            y = kernel.matmul(x, tensors, scheme, shape)
             assert lib.slimlm_native_last_threads() == n
+            assert relative_error(y, F.linear(x, W)) <= TOL  # every thread's rows
             assert _tasks() == tasks  # no second pool started
     finally:
         torch.set_num_threads(before)
