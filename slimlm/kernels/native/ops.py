@@ -70,6 +70,8 @@ def _matmul(fn_name: str, x: Tensor, codes_n: Tensor, scale: Tensor, zero: Tenso
             group: int) -> Tensor:  # fmt: skip
     """``x (M, K) float32 -> (M, N) float32`` through the library's ``fn_name``."""
     x = x.contiguous()
+    if not (codes_n.is_contiguous() and scale.is_contiguous() and (zero is None or zero.is_contiguous())):
+        raise RuntimeError("native kernel: the layout tensors must be contiguous")  # the first-use guard falls back
     m, k = x.shape
     n = codes_n.shape[0]
     y = torch.empty((m, n), dtype=torch.float32, device=x.device)
