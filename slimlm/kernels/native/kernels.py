@@ -30,9 +30,10 @@ from slimlm.kernels.native.build import available
 from slimlm.kernels.native.ops import BLOCK4, BLOCK8, codes_to_native, codes_to_portable, native_mm
 from slimlm.kernels.native.ops import native_to_unsigned
 
-# Rows from which dequantizing once and one GEMM beats decoding the weight in blocks of 8 rows (576x1536,
-# 1 thread: native 0.15 ms at 16 rows, 0.57 at 64; dequantize + F.linear 0.49 at 64).
-PREFILL_M = 64
+# Rows from which the dequantize-once float32 GEMM path (slimlm.kernels.prefill) takes over. Measured at 1
+# thread (int4-g64 and int8-g32-sym, 576x1536 and 3072x576): the native kernel was still 1.6-1.8x faster at
+# 128 rows (2.5-5x at 16); 256 is the torch int4 kernel's rule (int4.CPU_LARGE_M), not a measured crossover.
+PREFILL_M = 256
 _KINDS = {4: ("int4_native_cpu", "int4_native", (3, 4), BLOCK4), 8: ("int8_native_cpu", "int8_native", (8,), BLOCK8)}
 
 
