@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/kernels.py [--device cpu] [--threads N]
     .venv/bin/python benchmarks/kernels.py --prefill [--rounds 9] [--lm-head]
+    .venv/bin/python benchmarks/kernels.py --native [--native-threads 1,2] [--native-rows 1] [--rounds 9]
 
 Milliseconds per call, median of repeats after warm-up, all from one run.
 Quantized weight-only kernels take bfloat16 activations (what a served model
@@ -13,7 +14,9 @@ reference under the kernel's name.
 
 ``--prefill`` times float32 activations instead, old path against new, on
 the built-in model's shapes at 1 and 512 rows (:mod:`benchmarks._prefill`),
-interleaved.
+interleaved. ``--native`` times the native C kernels against torch's int4
+kernel, ``int8_grouped`` and float32 oneDNN per built-in shape, at each
+thread count in one run (:mod:`benchmarks._native`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from slimlm.formats.granularity import PerChannel, PerGroup
 from slimlm.formats.scheme import IntScheme
 from slimlm.kernels import REFERENCE, W8A8_REFERENCE, select_w8a8_kernel, select_weight_kernel
 from _fast import expect_fast_kernel  # benchmarks/ is on sys.path when a script runs
+from _native import run as run_native
 from _prefill import run as run_prefill
 
 SHAPES = [(1, 4096, 4096), (1, 576, 1536), (512, 576, 1536), (512, 4096, 4096)]  # (M, K, N)
@@ -99,6 +103,10 @@ def bandwidth_table(rows: dict) -> list[str]:
     return out
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,9 +114,15 @@ def main() -> None:
     parser.add_argument("--prefill", action="store_true", help="float32 prefill: old path vs new (CPU)")
     parser.add_argument("--rounds", type=int, default=9, help="--prefill: interleaved rounds per table row")
     parser.add_argument("--lm-head", action="store_true", help="--prefill: also the 49152x576 head")
+    parser.add_argument("--native", action="store_true", help="native C kernels vs torch int4 and float32 (CPU)")
+    parser.add_argument("--native-threads", default="1,2", help="--native: thread counts, comma-separated")
+    parser.add_argument("--native-rows", default="1", help="--native: activation rows M, comma-separated")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.native:
+        run_native(rounds=args.rounds, threads=_ints(args.native_threads), rows=_ints(args.native_rows))
+        return
     if args.prefill:
         run_prefill(rounds=args.rounds, lm_head=args.lm_head)
         return

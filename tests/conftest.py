@@ -21,6 +21,9 @@ REAL_MODEL = builtin.DEFAULT_BUILTIN
 # Kernel choices by the fixed rules, not by timing (slimlm.kernels.tune): a test's path must not depend on the
 # machine's load. Tests of the tuner install their own settings; a caller may still export another mode.
 os.environ.setdefault("SLIMLM_KERNELS", "fixed")
+# The native C kernels (slimlm.kernels.native) off by default, so tests that name torch's kernels keep them and
+# no test compiles C unless it means to; tests/kernels/test_native.py switches them on.
+os.environ.setdefault("SLIMLM_NATIVE", "0")
 
 
 def real_model_missing() -> str | None:

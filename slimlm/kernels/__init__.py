@@ -7,12 +7,18 @@ the reference on first use (:func:`weight_matmul`).
 ====================================  ===================================  ==================================
 format                                CPU                                  CUDA
 ====================================  ===================================  ==================================
+int4/int3 G%32==0; int8 G%16==0       native C GEMV (``kernels.native``)   (see the rows below)
 int8 sym, per channel/tensor          ``_weight_int8pack_mm``              ``F.linear(x, q) * s``
 int4 grouped G in 32..256 (asym/sym)  ``_weight_int4pack_mm_for_cpu``      ``_weight_int4pack_mm`` (bf16)
 int8 per group; asym per channel      fused ``(u - z) * s``, ``F.linear``  the same
 W8A8 (int8 sym per channel weights)   ``torch._int_mm``                    ``torch._int_mm`` (M padded to 17)
 everything else                       reference                            reference
 ====================================  ===================================  ==================================
+
+The native rows (``int4_native_cpu``, ``int8_native_cpu``: C with AVX-512 or
+AVX2+FMA, float32 accumulation, compiled on first use and cached;
+``SLIMLM_NATIVE=0`` turns them off) come first where they build; the rows
+below them answer otherwise.
 
 Plain float32 weights at decode sizes (<= 16 rows) may go through oneDNN's inner
 product on CPU (:func:`slimlm.kernels.dense.linear`), which uses every intra-op

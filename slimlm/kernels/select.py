@@ -17,9 +17,12 @@ from slimlm.kernels.base import REFERENCE, Shape, WeightKernel
 from slimlm.kernels.int4 import Int4Grouped
 from slimlm.kernels.int8 import Int8WeightOnly
 from slimlm.kernels.int8_grouped import Int8Grouped
+from slimlm.kernels.native import NativeGrouped
 from slimlm.kernels.w8a8 import W8A8
 
 WEIGHT_ONLY_KERNELS: tuple[WeightKernel, ...] = (
+    NativeGrouped(bits=4),  # CPU, before torch's: float32-exact and faster at decode sizes (kernels/native)
+    NativeGrouped(bits=8),
     Int8WeightOnly(cpu=True),
     Int8WeightOnly(cpu=False),
     Int4Grouped(cpu=True),

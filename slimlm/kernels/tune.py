@@ -62,6 +62,7 @@ MODES = ("auto", "measure", "fixed")
 # op -> its paths, simplest first (the order ties are broken in)
 CANDIDATES: dict[str, tuple[str, ...]] = {"dense": ("f_linear", "onednn"), "int8": ("reference", "fast"),
                                           "int4": ("reference", "fast"), "int8_group": ("reference", "fast"),
+                                          "int4_native": ("reference", "fast"), "int8_native": ("reference", "fast"),
                                           "prefill": ("f32", "bf16")}  # fmt: skip
 # Ops measured at prefill sizes too: the choice is about many rows (slimlm.kernels.prefill), and a sample
 # there costs a few ms per shape (a 49152-row lm_head: about 2 s, once per machine).
