@@ -21,12 +21,14 @@ from slimlm.kernels.native import NativeGrouped
 from slimlm.kernels.w8a8 import W8A8
 
 WEIGHT_ONLY_KERNELS: tuple[WeightKernel, ...] = (
-    NativeGrouped(bits=4),  # CPU, before torch's: float32-exact and faster at decode sizes (kernels/native)
-    NativeGrouped(bits=8),
     Int8WeightOnly(cpu=True),
     Int8WeightOnly(cpu=False),
     Int4Grouped(cpu=True),
     Int4Grouped(cpu=False),
+    # slimlm's C kernels (kernels/native): 3/4-bit where torch's int4 kernel does not apply (it is as fast at
+    # one row, and a compiled step calls it without Python); per-group int8 (Q8_0) 9-20x int8_grouped
+    NativeGrouped(bits=4),
+    NativeGrouped(bits=8),
     Int8Grouped(),
 )
 W8A8_KERNELS: tuple[WeightKernel, ...] = (W8A8(fast=True),)

@@ -188,7 +188,7 @@ def test_threads_follow_torch_and_share_its_openmp_pool(native_on):
     lib = native_on.lib
     maps = open("/proc/self/maps").read()
     assert len({line.split()[-1] for line in maps.splitlines() if "libgomp" in line}) == 1  # one OpenMP runtime
-    scheme, shape = parse_scheme("int4-g32"), (512, 512)  # enough work to go parallel
+    scheme, shape = parse_scheme("int8-g32-sym"), (512, 512)  # enough work to go parallel
     packed = _codes(scheme, shape, torch.Generator().manual_seed(3), adversarial=False)
     kernel = select_weight_kernel(scheme, shape, CPU)
     tensors = kernel.prepare(packed, scheme, shape, dtype=torch.float32)
