@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # headline pairs: slimlm's calibrated 4-bit row -> llama.cpp's own quantization to the same GGUF type
-HEADLINE = {"gptq-q4_0": "llamacpp-q4_0", "gptq-q4_0-head8-shared": "llamacpp-q4_0", "gptq-q4_1": "llamacpp-q4_1", "awq-q4_1": "llamacpp-q4_1"}
+HEADLINE = {"rtn-q8_0-shared": "llamacpp-q8_0", "gptq-q4_0": "llamacpp-q4_0", "gptq-q4_0-head8-shared": "llamacpp-q4_0", "gptq-q4_1": "llamacpp-q4_1", "awq-q4_1": "llamacpp-q4_1"}
 # a relative weight error below this is F16 rounding: the base already lay on that quantizer's grid
 ON_GRID = 1e-5
 

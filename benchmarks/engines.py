@@ -26,8 +26,9 @@ llama.cpp's arithmetic on the same weights). ``ppl diff`` is llama.cpp's perplex
 one (target: within 1%). Decode speed: greedy, ``--new-tokens`` after the protocol's prompt, ``--threads``
 in both engines, median of ``--runs`` after a warm-up; slimlm's own decode loop (``measure_speed``: the
 fast decoder, eager, and with ``--compile`` also its compiled step) runs the recipe rows' checkpoints and
-the float model (float32), not the dequantized llama.cpp files. ``gptq-q4_0-head8-shared`` is the row in
-llama.cpp's Q4_0 layout (int8 head shared with the embedding) to set beside ``llamacpp-q4_0``.
+the float model (float32), not the dequantized llama.cpp files. ``gptq-q4_0-head8-shared`` and
+``rtn-q8_0-shared`` are the rows in llama.cpp's Q4_0 and Q8_0 layouts (a quantized head shared with the
+embedding) to set beside ``llamacpp-q4_0`` and ``llamacpp-q8_0`` for decode speed.
 
 ``weight err`` is how far a row moved the decoder-block weights from the F16 export (relative squared
 error, both files dequantized by gguf-py). Mind the built-in model: its weights come from a Q4_1 GGUF
@@ -77,7 +78,7 @@ from slimlm.pipelines.compress import compress
 from _engines_table import table  # benchmarks/ is on sys.path when a script runs
 
 MODEL = "smollm2-135m"
-SLIMLM_ROWS = ("rtn-q8_0", "gptq-q4_0", "gptq-q4_0-head8-shared", "gptq-q4_1", "awq-q4_1")
+SLIMLM_ROWS = ("rtn-q8_0", "rtn-q8_0-shared", "gptq-q4_0", "gptq-q4_0-head8-shared", "gptq-q4_1", "awq-q4_1")
 LLAMACPP_ROWS = {"llamacpp-q8_0": "Q8_0", "llamacpp-q4_0": "Q4_0", "llamacpp-q4_1": "Q4_1",
                  "llamacpp-q4_k_m": "Q4_K_M"}  # fmt: skip
 DEFAULT_ROWS = ("f16", *SLIMLM_ROWS, *LLAMACPP_ROWS)

@@ -85,7 +85,8 @@ def _slimlm_text(model, tokenizer, prompt: str, *, max_new_tokens: int, temperat
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_k, top_p, seed),
                            stop_tokens=stop_token_ids(model, tokenizer))
     decoder = decoder or make_decoder(model)
-    yield from stream_text(decoder, tokenizer, ids, cfg, step=compile_step(decoder) if compile else None)
+    kw = {"step": compile_step(decoder)} if compile else {}
+    yield from stream_text(decoder, tokenizer, ids, cfg, **kw)
 
 
 def _hf_text(model, tokenizer, prompt: str, *, max_new_tokens: int, seed: int, **kwargs) -> Iterator[str]:
