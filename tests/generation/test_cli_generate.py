@@ -37,3 +37,12 @@ def test_bad_generate_arguments_one_line_exit_2(capsys, qwen_dir, argv, pattern)
     assert main(["generate", qwen_dir, "x", *argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and pattern in err[0]
+
+
+def test_compile_prints_what_the_eager_loop_prints(capsys, qwen_dir):
+    outs = []
+    for extra in ([], ["--compile"]):
+        assert main(["generate", qwen_dir, "The capital of", "--max-new-tokens", "8", *extra]) == 0
+        outs.append(capsys.readouterr())
+    assert outs[0].out.strip() and outs[1].out == outs[0].out
+    assert "torch.compile of the decode step failed" not in outs[1].err
