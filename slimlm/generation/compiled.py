@@ -4,12 +4,13 @@ At batch 1 a decode step of a small model is mostly framework time: 30 layers
 of small ops, each a Python call and a dispatch. Compiled by inductor, the
 elementwise ops fuse into generated C++ loops and, with ``cpp_wrapper``, the
 calls between kernels are C++ too (no Python per op): measured on the
-built-in model at int4-g64 (2 threads, ``benchmarks/decode.py --compile``)
-eager 72.9 tok/s, compiled 93.5, compiled with the C++ wrapper 119.7, same
-greedy tokens. Prefill stays eager.
+built-in model with int4-g64 blocks and an int8 head (2 threads,
+``benchmarks/decode.py --compile``, one process) eager 72.9 tok/s, compiled
+93.5, compiled with the C++ wrapper 119.7, same greedy tokens. Prefill stays
+eager.
 
-The compile cost (about 1.5 minutes cold on 2 cores, under half a minute
-warm) is paid once per machine: inductor caches compiled code on disk
+The compile cost (1-1.5 minutes cold on 2 cores, ~17 s warm) is paid once
+per machine: inductor caches compiled code on disk
 (``TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_<user>``), so a
 later process re-traces but does not re-compile. A compiler that is missing
 or fails (no C++ toolchain, an op inductor cannot lower) is not an error:
