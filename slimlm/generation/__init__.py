@@ -5,7 +5,8 @@ speculative decoding, streaming.
     outs = generate(dec, [ids], GenerationConfig(max_new_tokens=64))
     outs = generate(dec, [ids], cfg, step=compile_step(dec))  # one-token steps under torch.compile
 
-Layout: ``decoder`` (the forwards), ``loop`` (prefill + steps), ``compiled`` (the compiled step), ``sampling``, ``rope``, ``stream``
+Layout: ``decoder`` (the forwards), ``loop`` (prefill + steps), ``compiled`` (the compiled step),
+``sampling``, ``rope``, ``stream``
 (text pieces); ``kv/`` (the cache protocol and every cache); ``speculative/`` (verify loop, adaptive
 k, drafts). Generation imports only the layers below it (models, kernels, formats), never compression.
 """
@@ -17,6 +18,6 @@ from slimlm.generation.loop import GenerationConfig, generate, stream_text, stre
 from slimlm.generation.sampling import Sampling
 from slimlm.generation.stream import generate_text
 
-__all__ = ["CacheSpec", "CompiledStep", "FastDecoder", "GenerationConfig", "HFDecoder", "KVCache", "KVView", "PagedKVCache",
-           "Sampling", "StaticKVCache", "compile_step", "generate", "generate_text", "make_decoder", "stream_text",
+__all__ = ["CacheSpec", "CompiledStep", "FastDecoder", "GenerationConfig", "HFDecoder", "KVCache", "KVView",
+           "PagedKVCache", "Sampling", "StaticKVCache", "compile_step", "generate", "generate_text", "make_decoder", "stream_text",
            "stream_tokens"]

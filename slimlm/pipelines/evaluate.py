@@ -85,7 +85,8 @@ def evaluate_sources(
     when there are several, else a checkpoint's own base model, else the
     model itself. ``eval_data`` scores a user's text (an ad-hoc protocol).
     ``tasks`` adds lm-eval task accuracy (``slimlm.eval.accuracy``) to each measured
-    model's Result, on the first ``task_limit`` examples of each task when given; ``compile_speed``: decode timed compiled.
+    model's Result, on the first ``task_limit`` examples of each task when given; ``compile_speed``:
+    decode timed compiled.
     """
     proto = with_user_text(protocol, eval_data=eval_data)  # refuse an unknown protocol or bad text first
     if tokens is not None:
