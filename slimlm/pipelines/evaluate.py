@@ -63,6 +63,20 @@ def _undated(r: Result) -> Result:
     return dataclasses.replace(r, created="")
 
 
+def _checked(*, tokens: int | None, tasks: Sequence[str] | None, task_limit: int | None, speed: bool,
+             compile_speed: bool) -> tuple[str, ...] | None:
+    """evaluate_sources' settings refused before any model loads; -> the checked task names."""
+    if tokens is not None:
+        check_pos_int("--tokens", tokens, "evaluation tokens")
+    if tasks is not None:
+        tasks = check_tasks(tasks)  # an unknown task or missing lm-eval
+    if task_limit is not None:
+        check_pos_int("--task-limit", task_limit, "examples per task")
+    if compile_speed and not speed:
+        raise SlimlmError("--compile times decode with a compiled step; drop --no-speed (or --compile)")
+    return tasks
+
+
 def evaluate_sources(
     sources: list[str],
     *,
@@ -89,14 +103,7 @@ def evaluate_sources(
     decode timed compiled.
     """
     proto = with_user_text(protocol, eval_data=eval_data)  # refuse an unknown protocol or bad text first
-    if tokens is not None:
-        check_pos_int("--tokens", tokens, "evaluation tokens")
-    if tasks is not None:
-        tasks = check_tasks(tasks)  # an unknown task or missing lm-eval: refused before any model loads
-    if task_limit is not None:
-        check_pos_int("--task-limit", task_limit, "examples per task")
-    if compile_speed and not speed:
-        raise SlimlmError("--compile times decode with a compiled step; drop --no-speed (or --compile)")
+    tasks = _checked(tokens=tokens, tasks=tasks, task_limit=task_limit, speed=speed, compile_speed=compile_speed)
     if not sources:
         raise SlimlmError("no model to evaluate; give a built-in name, HF directory, hub id, .gguf or result .json")
     saved = _saved_results(sources, proto)
