@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimlm.calib.sequential import walk_block_sequential
 from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.models.adapters import Adapter, block_linears, decoder_blocks, get_adapter
 from slimlm.models.lazy import lazy_blocks
@@ -239,6 +240,7 @@ def calibrate_blocks(
     desc: str = "calibrate",
     rewrites: Callable[[BlockContext], bool] | None = None,
     autocast: torch.dtype | None = None,
+    walk: Callable[[BlockContext, bool], list[Tensor] | None] | None = None,
 ) -> CalibReport:
     """Walk the decoder blocks with calibration token ids ``calib`` (N, L).
 
@@ -251,6 +253,9 @@ def calibrate_blocks(
     ``on_block`` will change that block (that pass then skips what follows the
     last statistics hook). ``autocast``: every block forward under
     ``torch.autocast`` in that dtype (bfloat16: faster, not exact).
+    ``walk(ctx, last)``, if given, replaces the statistics pass, ``on_block``
+    and re-run of each block and returns its outputs (the one-pass walk of
+    :mod:`slimlm.calib.sequential`).
     """
     adapter = get_adapter(model)
     blocks = decoder_blocks(model)
@@ -272,7 +277,11 @@ def calibrate_blocks(
         prefix = f"{adapter.blocks}.{i}"
         ctx = BlockContext(i, prefix, block, adapter, _groups(block, prefix, adapter), {}, inputs, kwargs, dev,
                            autocast=autocast)  # fmt: skip
-        outputs = _walk_block(ctx, spec, on_block, last=i == len(blocks) - 1, rewrites=rewrites)
+        last = i == len(blocks) - 1
+        if walk is not None:
+            outputs = walk(ctx, last)
+        else:
+            outputs = _walk_block(ctx, spec, on_block, last=last, rewrites=rewrites)
         tracked = max(tracked, resident_bytes(model) + act_bytes + _stats_bytes(ctx.stats))
         ctx.stats.clear()
         if lazy is not None:
@@ -315,6 +324,7 @@ def calibrate_linears(
     batch_size: int = 8,
     desc: str = "calibrate",
     autocast: torch.dtype | None = None,
+    sequential: bool = False,
 ) -> CalibReport:
     """Call ``fix(name, stats)`` once for every full linear name in ``names``, with that linear's input statistics.
 
@@ -322,7 +332,11 @@ def calibrate_linears(
     is then re-run, so later blocks calibrate on the rewritten model); the
     names left over (``lm_head``) get theirs afterwards from one more forward
     of the rewritten model, in the order of ``names``. ``autocast``: as in
-    :func:`calibrate_blocks` (the ``lm_head`` pass too).
+    :func:`calibrate_blocks` (the ``lm_head`` pass too). ``sequential``: one
+    forward per block, each group of linears fixed as soon as its inputs are
+    complete, from the outputs of the linears fixed before it
+    (:mod:`slimlm.calib.sequential`); else every linear of a block is fixed
+    from the block's float forward and the block is run again.
     """
     done: set[str] = set()
 
@@ -333,8 +347,14 @@ def calibrate_linears(
             done.add(name)
         return bool(mine)
 
+    def one_pass(ctx: BlockContext, last: bool) -> list[Tensor]:
+        outputs, fixed = walk_block_sequential(model, ctx, spec, set(names), fix)
+        done.update(fixed)
+        return outputs
+
     report = calibrate_blocks(model, calib, on_block=on_block, spec=spec, batch_size=batch_size, desc=desc,
-                              rewrites=lambda ctx: any(n in names for n in ctx.linears), autocast=autocast)
+                              rewrites=lambda ctx: any(n in names for n in ctx.linears), autocast=autocast,
+                              walk=one_pass if sequential else None)  # fmt: skip
     for name in [n for n in names if n not in done]:  # outside the blocks: lm_head
         fix(name, head_stats(model, model.get_submodule(name), calib, spec, batch_size, autocast=autocast))
     return report

@@ -56,6 +56,7 @@ class GPTQ:
     blocksize: int = 128
     batch_size: int = 8
     calib_dtype: str = "float32"
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))
@@ -66,6 +67,7 @@ class GPTQ:
                 check_gptq_scheme(s)
         check_bool("act_order", self.act_order)
         check_bool("static_groups", self.static_groups)
+        check_bool("true_sequential", self.true_sequential)
         check_percdamp(self.percdamp)
         check_pos_int("blocksize", self.blocksize, "lazy-update width, e.g. 128")
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
@@ -101,7 +103,8 @@ def apply_gptq(model: nn.Module, config: GPTQ, calib: Tensor | None = None) -> n
         _quantize_into(model, name, module, scheme, stats.H, config)
 
     calibrate_linears(model, calib, plan, quantize, spec=StatsSpec(hessian=True), batch_size=config.batch_size,
-                      desc="GPTQ", autocast=CALIB_DTYPES[config.calib_dtype])  # fmt: skip
+                      desc="GPTQ", autocast=CALIB_DTYPES[config.calib_dtype],
+                      sequential=config.true_sequential)  # fmt: skip
     if shared is not None:
         share_embedding(model, *shared)
     return model

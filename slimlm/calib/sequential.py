@@ -1,0 +1,180 @@
+"""One forward per block: each group of linears is rewritten the moment its inputs are complete.
+
+The two-pass walk (:func:`slimlm.calib.runner.calibrate_blocks`) runs a
+block once for the statistics of every linear (float weights), rewrites
+them, and runs it again for the next block's inputs. Here ("true
+sequential", as AutoGPTQ and GPTQModel call it) the block runs once:
+
+    every mini-batch's forward runs in a thread of its own, one at a time,
+    until it reaches the first linear of a group, adds that input to the
+    group's statistics and waits;
+    when all mini-batches wait at the same group, the group is rewritten and
+    the forwards go on, each calling the rewritten linears.
+
+So q/k/v are rewritten from the block's input, o_proj from attention outputs
+of the rewritten q/k/v, gate/up after o_proj, down_proj last, and the forwards'
+outputs are already the next block's inputs: about half the matmuls of the
+two-pass walk. The mini-batches' forwards are suspended together at each
+group, so what they hold there (the MLP's intermediate activations at
+down_proj) is in memory for all of them at once.
+
+Every mini-batch must reach the same groups in the same order (dense
+decoder blocks do); a block that does not is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from slimlm.calib.stats import LinearStats, StatsSpec
+from slimlm.errors import SlimlmError
+from slimlm.nn.quant_linear import in_features_of
+from slimlm.nn.runtime import replace_module
+
+_POLL_S = 0.5  # the coordinator wakes this often, so Ctrl-C is not held up by a waiting worker
+
+
+class _Abort(Exception):
+    """Unwinds a waiting forward when the walk stops early (an error elsewhere)."""
+
+
+class _Gate(nn.Module):
+    """Stands in for one linear of a group during the walk: statistics, a wait, then the current linear."""
+
+    def __init__(self, inner: nn.Module, group: int, walk: _Walk) -> None:
+        super().__init__()
+        self.inner = inner
+        self.group = group
+        self._walk = [walk]  # in a list: not a submodule
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._walk[0].arrive(self.group, x)
+        return self.inner(x, *args, **kwargs)
+
+
+@dataclass
+class _Event:
+    worker: int
+    kind: str  # "group", "done" or "error"
+    group: int = -1
+    value: Any = None
+
+
+class _Walk:
+    """Runs one block's mini-batch forwards in lockstep, from group to group."""
+
+    def __init__(self, run: Callable[[int], Tensor], n: int, stats: list[LinearStats]) -> None:
+        self._run, self.n, self.stats = run, n, stats
+        self._events: queue.Queue[_Event] = queue.Queue()
+        self._resume = [threading.Semaphore(0) for _ in range(n)]
+        self._local = threading.local()
+        self._arrived: list[set[int]] = [set() for _ in range(n)]  # groups each worker has passed
+        self.aborted = False
+
+    def arrive(self, group: int, x: Tensor) -> None:
+        """In a worker: the first linear of ``group`` this forward calls; add its input and wait for the rewrite."""
+        w = self._local.worker
+        if group in self._arrived[w]:  # another linear of a group already rewritten
+            return
+        self._arrived[w].add(group)
+        self.stats[group].add(x)
+        self._events.put(_Event(w, "group", group))
+        self._resume[w].acquire()
+        if self.aborted:
+            raise _Abort
+
+    def _worker(self, w: int) -> None:
+        self._local.worker = w
+        self._resume[w].acquire()
+        if self.aborted:
+            return
+        try:
+            with torch.no_grad():
+                out = self._run(w)
+        except _Abort:
+            return
+        except BaseException as e:  # noqa: BLE001 -- handed to the coordinator, raised there
+            self._events.put(_Event(w, "error", value=e))
+            return
+        self._events.put(_Event(w, "done", value=out))
+
+    def _next(self, w: int) -> _Event:
+        self._resume[w].release()
+        while True:
+            try:
+                return self._events.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    def run(self, rewrite: Callable[[int], None], where: str) -> list[Tensor]:
+        """Every forward to its end, calling ``rewrite(group)`` when all of them wait at that group."""
+        threads = [threading.Thread(target=self._worker, args=(w,), daemon=True) for w in range(self.n)]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                events = [self._next(w) for w in range(self.n)]
+                for e in events:
+                    if e.kind == "error":
+                        raise e.value
+                kinds = {(e.kind, e.group) for e in events}
+                if len(kinds) > 1:
+                    raise SlimlmError(f"{where}: the calibration mini-batches reached different linears "
+                                      f"({sorted(kinds)}); one-pass calibration needs every sequence to run the "
+                                      "same linears in the same order: set true_sequential: false")  # fmt: skip
+                kind, group = kinds.pop()
+                if kind == "done":
+                    return [e.value for e in events]
+                rewrite(group)
+        finally:
+            self.aborted = True
+            for s in self._resume:
+                s.release()
+            for t in threads:
+                t.join()
+
+
+def walk_block_sequential(model: nn.Module, ctx: Any, spec: StatsSpec, names: set[str],
+                          fix: Callable[[str, LinearStats], None]) -> tuple[list[Tensor], list[str]]:  # fmt: skip
+    """Run block ``ctx.block`` once over ``ctx.inputs``, calling ``fix(name, stats)`` for every linear of
+    ``names`` in it as its group's inputs complete. Returns the outputs (the next block's inputs) and
+    the names fixed, in order."""
+    groups = [{n: m for n, m in g.linears.items() if n in names} for g in ctx.groups]
+    groups = [(g, members) for g, members in zip(ctx.groups, groups) if members]
+    stats = [LinearStats(in_features=in_features_of(next(iter(g.linears.values()))), spec=spec) for g, _ in groups]
+    walk = _Walk(lambda i: ctx.run(ctx.inputs[i], i).to(ctx.inputs[i].device), len(ctx.inputs), stats)
+    gates: dict[str, _Gate] = {}
+    for k, (g, _) in enumerate(groups):
+        for name, module in g.linears.items():  # every member: whichever a forward calls first waits
+            gates[name] = _Gate(module, k, walk)
+            replace_module(model, name, gates[name])
+    fixed: list[str] = []
+
+    def rewrite(k: int) -> None:
+        for name in groups[k][1]:
+            ctx.stats[name] = stats[k]
+            fix(name, stats[k])
+            fixed.append(name)
+        for name in groups[k][0].linears:
+            _ungate(model, name, gates.pop(name))
+
+    try:
+        return walk.run(rewrite, ctx.prefix), fixed
+    finally:
+        for name, gate in gates.items():  # groups not reached (an error): their linears go back as they were
+            _ungate(model, name, gate)
+
+
+def _ungate(model: nn.Module, name: str, gate: _Gate) -> None:
+    """Put the linear at ``name`` back in place of its gate (or keep what ``fix`` put there), and let the gate call it."""
+    current = model.get_submodule(name)
+    if current is gate:
+        replace_module(model, name, gate.inner)
+    else:
+        gate.inner = current

@@ -1,0 +1,113 @@
+"""The one-pass ("true sequential") walk against a plain reference: one full forward per group of linears."""
+
+import pytest
+import torch
+from torch import nn
+
+from slimlm.calib import StatsSpec
+from slimlm.calib.runner import calibrate_linears
+from slimlm.calib.sequential import _Gate
+from slimlm.errors import SlimlmError
+from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
+from slimlm.models.tiny import tiny_model
+from slimlm.nn import linear_weight
+from slimlm.nn.runtime import replace_module
+
+CALIB = torch.randint(3, 512, (6, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _rounded(module: nn.Module) -> nn.Module:
+    """A new linear with the weight rounded to a coarse grid: a rewrite whose effect shows downstream."""
+    W, b = linear_weight(module)  # (out, in), also for GPT-2's Conv1D
+    new = nn.Linear(W.shape[1], W.shape[0], bias=b is not None)
+    with torch.no_grad():
+        new.weight.copy_(torch.round(W * 8) / 8)
+        if b is not None:
+            new.bias.copy_(b)
+    return new
+
+
+def _reference(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each group's Hessian from a full forward of the model with every earlier group rewritten."""
+    adapter, found = get_adapter(model), {}
+    for i, block in enumerate(decoder_blocks(model)):
+        linears = block_linears(block, adapter)
+        for g in adapter.groups:
+            xs = []
+            h = linears[g.linears[0]].register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+            with torch.no_grad():
+                model(CALIB[:4]), model(CALIB[4:])
+            h.remove()
+            X = torch.cat(xs).double()
+            for rel in g.linears:
+                name = f"{adapter.blocks}.{i}.{rel}"
+                found[name] = 2 * X.t() @ X / X.shape[0]
+                replace_module(model, name, _rounded(model.get_submodule(name)))
+    return found
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "gpt2", "phi3"])
+def test_each_group_is_fixed_from_the_inputs_of_the_groups_fixed_before_it(family):
+    reference = tiny_model(family)
+    model = tiny_model(family)
+    model.load_state_dict(reference.state_dict())
+    expected = _reference(reference)
+    got = {}
+
+    def fix(name, stats):
+        got[name] = stats.H.double().clone()
+        replace_module(model, name, _rounded(model.get_submodule(name) if not isinstance(
+            model.get_submodule(name), _Gate) else model.get_submodule(name).inner))
+
+    calibrate_linears(model, CALIB, list(expected), fix, spec=StatsSpec(hessian=True), batch_size=4, sequential=True)
+    assert list(got) == list(expected)  # every linear once, in forward order
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not any(isinstance(m, _Gate) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(CALIB).logits, reference(CALIB).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_mini_batches_that_reach_different_linears_are_refused_and_the_block_is_restored():
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: x if x.shape[0] == 2 else forward(x)  # the last mini-batch skips the MLP
+    names = [n for n, m in model.named_modules() if n.startswith("model.layers.0.") and isinstance(m, nn.Linear)]
+    with pytest.raises(SlimlmError, match="reached different linears.*true_sequential: false"):
+        calibrate_linears(model, CALIB, names, lambda n, s: None, spec=StatsSpec(sq_sum=True), batch_size=4,
+                          sequential=True)  # fmt: skip
+    assert not any(isinstance(m, _Gate) for m in model.modules())
+    assert isinstance(mlp.down_proj, nn.Linear)
+
+
+def test_an_error_in_fix_reaches_the_caller_and_leaves_no_gate_behind():
+    model = tiny_model("llama")
+
+    def fix(name, stats):
+        if name.endswith("o_proj"):
+            raise SlimlmError("cannot fix o_proj")
+
+    names = [n for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear)]
+    with pytest.raises(SlimlmError, match="cannot fix o_proj"):
+        calibrate_linears(model, CALIB, names, fix, spec=StatsSpec(sq_sum=True), batch_size=2, sequential=True)
+    assert not any(isinstance(m, _Gate) for m in model.modules())
+
+
+def test_gptq_true_sequential_quantizes_every_linear_close_to_the_two_pass_walk():
+    from slimlm.api import apply
+    from slimlm.nn import QuantLinear
+    from slimlm.quant.gptq_handler import GPTQ
+
+    base = tiny_model("llama")
+    calib = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    errors = {}
+    for seq in (False, True):
+        model = tiny_model("llama")
+        model.load_state_dict(base.state_dict())
+        apply(model, GPTQ(scheme="int4-g32", true_sequential=seq), calib=calib)
+        linears = [m for n, m in model.named_modules() if ".layers." in n and isinstance(m, (nn.Linear, QuantLinear))]
+        assert linears and all(isinstance(m, QuantLinear) for m in linears)
+        with torch.no_grad():
+            errors[seq] = (model(calib).logits - base(calib).logits).pow(2).mean().item()
+    assert errors[True] < 1.5 * errors[False]
