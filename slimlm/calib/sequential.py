@@ -5,7 +5,7 @@ block once for the statistics of every linear (float weights), rewrites
 them, and runs it again for the next block's inputs. Here ("true
 sequential", as AutoGPTQ and GPTQModel call it) the block runs once:
 
-    every mini-batch's forward runs in a thread of its own, one at a time,
+    every mini-batch's forward runs as a greenlet of its own, one at a time,
     until it reaches the first linear of a group, adds that input to the
     group's statistics and waits;
     when all mini-batches wait at the same group, the group is rewritten and
@@ -24,11 +24,10 @@ decoder blocks do); a block that does not is refused with the fix.
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import greenlet
 import torch
 from torch import Tensor, nn
 
@@ -36,12 +35,6 @@ from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.nn.quant_linear import in_features_of
 from slimlm.nn.runtime import replace_module
-
-_POLL_S = 0.5  # the coordinator wakes this often, so Ctrl-C is not held up by a waiting worker
-
-
-class _Abort(Exception):
-    """Unwinds a waiting forward when the walk stops early (an error elsewhere)."""
 
 
 class _Gate(nn.Module):
@@ -58,86 +51,88 @@ class _Gate(nn.Module):
         return self.inner(x, *args, **kwargs)
 
 
-@dataclass
-class _Event:
-    worker: int
-    kind: str  # "group", "done" or "error"
-    group: int = -1
-    value: Any = None
+@dataclass(frozen=True)
+class _TorchMode:
+    """torch's per-thread modes that a forward's context managers set (grad, autocast per device type).
+
+    Greenlets share their thread's modes, so each side of a switch puts its own
+    back: a forward suspended inside ``torch.autocast`` keeps it, and the rewrite
+    between groups runs without it.
+    """
+
+    grad: bool
+    autocast: tuple[tuple[str, bool, torch.dtype], ...]
+
+    @classmethod
+    def capture(cls, device_types: tuple[str, ...]) -> _TorchMode:
+        return cls(torch.is_grad_enabled(),
+                   tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in device_types))
+
+    def restore(self) -> None:
+        torch.set_grad_enabled(self.grad)
+        for d, enabled, dtype in self.autocast:
+            torch.set_autocast_enabled(d, enabled)
+            torch.set_autocast_dtype(d, dtype)
 
 
 class _Walk:
-    """Runs one block's mini-batch forwards in lockstep, from group to group."""
+    """Runs one block's mini-batch forwards in lockstep, from group to group.
 
-    def __init__(self, run: Callable[[int], Tensor], n: int, stats: list[LinearStats]) -> None:
+    Each forward is a greenlet (a stack of its own on the calling thread), so a
+    forward is suspended inside the block's code without a second OS thread:
+    torch's thread pool and allocator see one thread, as in the two-pass walk.
+    """
+
+    def __init__(self, run: Callable[[int], Tensor], n: int, stats: list[LinearStats],
+                 device_types: tuple[str, ...] = ("cpu",)) -> None:  # fmt: skip
         self._run, self.n, self.stats = run, n, stats
-        self._events: queue.Queue[_Event] = queue.Queue()
-        self._resume = [threading.Semaphore(0) for _ in range(n)]
-        self._local = threading.local()
+        self._device_types = tuple(dict.fromkeys(("cpu", *device_types)))
+        self._coordinator = greenlet.getcurrent()
+        self._workers = [greenlet.greenlet(self._worker, parent=self._coordinator) for _ in range(n)]
         self._arrived: list[set[int]] = [set() for _ in range(n)]  # groups each worker has passed
-        self.aborted = False
 
     def arrive(self, group: int, x: Tensor) -> None:
         """In a worker: the first linear of ``group`` this forward calls; add its input and wait for the rewrite."""
-        w = self._local.worker
+        w = self._workers.index(greenlet.getcurrent())
         if group in self._arrived[w]:  # another linear of a group already rewritten
             return
         self._arrived[w].add(group)
         self.stats[group].add(x)
-        self._events.put(_Event(w, "group", group))
-        self._resume[w].acquire()
-        if self.aborted:
-            raise _Abort
+        mode = _TorchMode.capture(self._device_types)
+        self._coordinator.switch(("group", group, None))
+        mode.restore()
 
-    def _worker(self, w: int) -> None:
-        self._local.worker = w
-        self._resume[w].acquire()
-        if self.aborted:
-            return
+    def _worker(self, w: int) -> tuple[str, int, Any]:
+        return "done", -1, self._run(w)
+
+    def _resume(self, w: int) -> tuple[str, int, Any]:
+        """Run forward ``w`` to its next group (or its end); an error in it raises here."""
+        mode = _TorchMode.capture(self._device_types)
         try:
-            with torch.no_grad():
-                out = self._run(w)
-        except _Abort:
-            return
-        except BaseException as e:  # noqa: BLE001 -- handed to the coordinator, raised there
-            self._events.put(_Event(w, "error", value=e))
-            return
-        self._events.put(_Event(w, "done", value=out))
-
-    def _next(self, w: int) -> _Event:
-        self._resume[w].release()
-        while True:
-            try:
-                return self._events.get(timeout=_POLL_S)
-            except queue.Empty:
-                continue
+            return self._workers[w].switch(w)
+        finally:
+            mode.restore()
 
     def run(self, rewrite: Callable[[int], None], where: str) -> list[Tensor]:
         """Every forward to its end, calling ``rewrite(group)`` when all of them wait at that group."""
-        threads = [threading.Thread(target=self._worker, args=(w,), daemon=True) for w in range(self.n)]
-        for t in threads:
-            t.start()
         try:
             while True:
-                events = [self._next(w) for w in range(self.n)]
-                for e in events:
-                    if e.kind == "error":
-                        raise e.value
-                kinds = {(e.kind, e.group) for e in events}
+                events = [self._resume(w) for w in range(self.n)]
+                kinds = {(kind, group) for kind, group, _ in events}
                 if len(kinds) > 1:
                     raise SlimlmError(f"{where}: the calibration mini-batches reached different linears "
                                       f"({sorted(kinds)}); one-pass calibration needs every sequence to run the "
                                       "same linears in the same order: set true_sequential: false")  # fmt: skip
                 kind, group = kinds.pop()
                 if kind == "done":
-                    return [e.value for e in events]
+                    return [out for _, _, out in events]
                 rewrite(group)
         finally:
-            self.aborted = True
-            for s in self._resume:
-                s.release()
-            for t in threads:
-                t.join()
+            mode = _TorchMode.capture(self._device_types)
+            for g in self._workers:  # forwards left waiting (an error): unwound now, not at garbage collection
+                if g:
+                    g.throw(greenlet.GreenletExit)
+            mode.restore()
 
 
 def walk_block_sequential(model: nn.Module, ctx: Any, spec: StatsSpec, names: set[str],
@@ -148,7 +143,8 @@ def walk_block_sequential(model: nn.Module, ctx: Any, spec: StatsSpec, names: se
     groups = [{n: m for n, m in g.linears.items() if n in names} for g in ctx.groups]
     groups = [(g, members) for g, members in zip(ctx.groups, groups) if members]
     stats = [LinearStats(in_features=in_features_of(next(iter(g.linears.values()))), spec=spec) for g, _ in groups]
-    walk = _Walk(lambda i: ctx.run(ctx.inputs[i], i).to(ctx.inputs[i].device), len(ctx.inputs), stats)
+    walk = _Walk(lambda i: ctx.run(ctx.inputs[i], i).to(ctx.inputs[i].device), len(ctx.inputs), stats,
+                 (torch.device(ctx.device).type,))
     gates: dict[str, _Gate] = {}
     for k, (g, _) in enumerate(groups):
         for name, module in g.linears.items():  # every member: whichever a forward calls first waits
@@ -165,7 +161,8 @@ def walk_block_sequential(model: nn.Module, ctx: Any, spec: StatsSpec, names: se
             _ungate(model, name, gates.pop(name))
 
     try:
-        return walk.run(rewrite, ctx.prefix), fixed
+        with torch.no_grad():  # greenlets share the thread's grad mode
+            return walk.run(rewrite, ctx.prefix), fixed
     finally:
         for name, gate in gates.items():  # groups not reached (an error): their linears go back as they were
             _ungate(model, name, gate)

@@ -1,10 +1,15 @@
 """GPTQ config and handler: gather each block's Hessians, quantize its linears, swap in QuantLinear.
 
-The algorithm is :func:`slimlm.quant.gptq.gptq_quantize`. As in the paper's
-reference code with "true sequential" off, every linear of a block is
-quantized from the Hessian of its inputs in the (already quantized) model
-up to that block; the block is then re-run so block ``i+1`` calibrates on
-the quantized model's activations.
+The algorithm is :func:`slimlm.quant.gptq.gptq_quantize`. By default
+("true sequential", as AutoGPTQ and GPTQModel default to) each group of a
+block's linears is quantized from the Hessian of its inputs with the groups
+before it already quantized (q/k/v, then o_proj, gate/up, down_proj), in
+one forward per block (:mod:`slimlm.calib.sequential`); the forwards'
+outputs are block ``i+1``'s calibration inputs. ``true_sequential: false``
+walks as the paper's code does without that flag: every linear of a block from the inputs of
+the block's float linears, then the block is re-run (two forwards per
+block, less memory: the suspended forwards of the one-pass walk hold their
+activations at once).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class GPTQ:
     blocksize: int = 128
     batch_size: int = 8
     calib_dtype: str = "float32"
-    true_sequential: bool = False
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", parse_scheme(self.scheme))

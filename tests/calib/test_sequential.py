@@ -9,7 +9,7 @@ from slimlm.calib.runner import calibrate_linears
 from slimlm.calib.sequential import _Gate
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import block_linears, decoder_blocks, get_adapter
-from slimlm.models.tiny import tiny_model
+from slimlm.models.tiny import TINY_FAMILIES, tiny_model
 from slimlm.nn import linear_weight
 from slimlm.nn.runtime import replace_module
 
@@ -46,7 +46,7 @@ def _reference(model: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "opt", "gpt2", "phi3"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_each_group_is_fixed_from_the_inputs_of_the_groups_fixed_before_it(family):
     reference = tiny_model(family)
     model = tiny_model(family)
@@ -92,6 +92,54 @@ def test_an_error_in_fix_reaches_the_caller_and_leaves_no_gate_behind():
     with pytest.raises(SlimlmError, match="cannot fix o_proj"):
         calibrate_linears(model, CALIB, names, fix, spec=StatsSpec(sq_sum=True), batch_size=2, sequential=True)
     assert not any(isinstance(m, _Gate) for m in model.modules())
+
+
+def test_an_error_inside_a_forward_reaches_the_caller_and_the_other_forwards_are_unwound():
+    model = tiny_model("llama")
+    mlp = model.model.layers[1].mlp
+    forward = mlp.forward
+
+    def failing(x):
+        if x.shape[0] == 2:
+            raise RuntimeError("forward failed in the last mini-batch")
+        return forward(x)
+
+    mlp.forward = failing
+    names = [n for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear)]
+    with pytest.raises(RuntimeError, match="forward failed in the last mini-batch"):
+        calibrate_linears(model, CALIB, names, lambda n, s: None, spec=StatsSpec(sq_sum=True), batch_size=4,
+                          sequential=True)  # fmt: skip
+    assert not any(isinstance(m, _Gate) for m in model.modules())
+
+
+def test_the_forwards_run_on_the_calling_thread():
+    """One OS thread: torch's thread pool and allocator see the walk as they see the two-pass one."""
+    import threading
+
+    model = tiny_model("llama")
+    seen = set()
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda m, a: seen.add(threading.get_ident()))
+    names = [n for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear)]
+    calibrate_linears(model, CALIB, names, lambda n, s: None, spec=StatsSpec(sq_sum=True), batch_size=2,
+                      sequential=True)  # fmt: skip
+    assert seen == {threading.get_ident()}
+
+
+def test_each_forward_keeps_its_autocast_and_the_rewrites_and_caller_run_without_it():
+    """The forwards run under autocast as greenlets of one thread: the mode must follow each side of a switch."""
+    model = tiny_model("llama")
+    inside, at_fix = [], []
+    for name, m in model.named_modules():
+        if ".layers." in name and isinstance(m, nn.Linear):
+            m.register_forward_pre_hook(lambda mod, a: inside.append(torch.is_autocast_enabled("cpu")))
+    names = [n for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear)]
+    grad = torch.is_grad_enabled()
+    calibrate_linears(model, CALIB, names, lambda n, s: at_fix.append(torch.is_autocast_enabled("cpu")),
+                      spec=StatsSpec(sq_sum=True), batch_size=2, autocast=torch.bfloat16, sequential=True)  # fmt: skip
+    assert inside and all(inside)
+    assert at_fix and not any(at_fix)
+    assert not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled() == grad
 
 
 def test_gptq_true_sequential_quantizes_every_linear_close_to_the_two_pass_walk():
