@@ -11,6 +11,9 @@ matmul, the weights shared with the model: ``slimlm.nn.fused_quant``).
 ``fuse=False`` calls every linear on its own. Head counts are read per layer from
 the linears' shapes, so structurally pruned models (fewer heads, neurons or
 layers) run as they are. The attention goes through a :class:`KVCache`.
+One-token steps over a float32 CPU cache without a mask run the native decode
+attention kernel when the native library loads (``slimlm.kernels.native.attention``;
+``native_attention=False`` or ``SLIMLM_NATIVE=0``: torch's SDPA).
 
 ``HFDecoder`` is the generic path for every other family: the HF forward
 with a transformers cache, behind the same ``forward`` signature.
@@ -35,6 +38,8 @@ from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
 from slimlm.kernels import KernelReport, dense, kernel_layers, report_layers
+from slimlm.kernels import native as native_kernels
+from slimlm.kernels.native import attention as native_attention
 from slimlm.generation.kv.hf import HFCache
 from slimlm.generation.kv.protocol import CacheSpec, KVCache, KVView
 from slimlm.generation.kv.static import StaticKVCache
@@ -160,7 +165,7 @@ def _group_name(names: list[str]) -> str:
 class FastDecoder(nn.Module):
     """Lean forward of a llama-like HF model (``FAST_FAMILIES``); see the module docstring."""
 
-    def __init__(self, model: nn.Module, *, fuse: bool = True):
+    def __init__(self, model: nn.Module, *, fuse: bool = True, native_attention: bool | None = None):
         super().__init__()
         why = _fast_refusal(model)
         if why is not None:
@@ -182,6 +187,9 @@ class FastDecoder(nn.Module):
         n_pos = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)
         self.rope = Rope.from_module(rotary, n_pos, dtype=self.dtype, device=self.device)
         self._rotary = rotary
+        # one-token steps over a float32 CPU cache: the native kernel (3x torch's SDPA at 600 keys, 2 threads)
+        cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.native_attention = cpu32 and native_kernels.available() if native_attention is None else native_attention
 
     def _window(self, cfg) -> int | None:
         types = getattr(cfg, "layer_types", None) or ()
@@ -268,16 +276,20 @@ class FastDecoder(nn.Module):
         else:
             q, k = apply_rotary_signed(qk, cos, sin).split([Hq, Hkv], dim=1)
             view = cache.update(i, k, v, positions=positions, rope=self.rope)
-        out = attend(q, view, scale=layer.scale, observe=cache.observe if cache.wants_scores(i) else None, layer=i)
+        out = attend(q, view, scale=layer.scale, observe=cache.observe if cache.wants_scores(i) else None, layer=i,
+                     native=self.native_attention)  # fmt: skip
         return layer.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D))  # (B, T, Hq*D) -> (B, T, H)
 
 
-def attend(q: Tensor, view: KVView, *, scale: float, observe=None, layer: int = 0) -> Tensor:
+def attend(q: Tensor, view: KVView, *, scale: float, observe=None, layer: int = 0, native: bool = False) -> Tensor:
     """Attention of q (B, Hq, T, D) over a cache view; GQA by folding query groups into rows.
 
     With ``observe`` the probabilities are computed explicitly and handed to
-    ``observe(layer, probs)`` as (B, Hq, T, S) float32.
+    ``observe(layer, probs)`` as (B, Hq, T, S) float32. ``native``: one-token
+    steps without a mask run the native decode kernel (``kernels.native.attention``).
     """
+    if native and observe is None and view.mask is None and native_attention.fits(q, view.k, view.v):
+        return native_attention.decode_attention(q, view.k, view.v, scale)
     B, Hq, T, D = q.shape
     Hkv, S = view.k.shape[1], view.k.shape[2]
     g = Hq // Hkv

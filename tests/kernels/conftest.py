@@ -29,3 +29,13 @@ def native_on(monkeypatch, native_cache):
     yield state
     build.reset()
     reset_checks()
+
+
+@pytest.fixture(params=["native", "avx2"])
+def isa(request, native_on):
+    """The library as built for this CPU, and (on an AVX-512 CPU) the AVX2 code path built with -mno-avx512f."""
+    if request.param == "avx2" and native_on.isa == 512:
+        state = build.load(extra=("-mno-avx512f",))
+        assert state.lib is not None and state.isa == 256, state.reason
+        build.reset(state)
+    return build.native().isa

@@ -28,16 +28,6 @@ CASES = {
 ROWS = (1, 2, 3, 5, 8, 9, 17)  # around both register blockings (8 rows with AVX-512, 4 with AVX2)
 
 
-@pytest.fixture(params=["native", "avx2"])
-def isa(request, native_on):
-    """The library as built for this CPU, and (on an AVX-512 CPU) the AVX2 code path built with -mno-avx512f."""
-    if request.param == "avx2" and native_on.isa == 512:
-        state = build.load(extra=("-mno-avx512f",))
-        assert state.lib is not None and state.isa == 256, state.reason
-        build.reset(state)
-    return build.native().isa
-
-
 def _codes(scheme, shape, gen, *, adversarial: bool) -> dict[str, torch.Tensor]:
     """Portable tensors of ``scheme``: random codes, float16 scales (and integer zeros). Adversarial: scales over
     2^-14..2^10, groups of all-minimum / all-maximum codes, and rows 0 and 3 of zero weights (u == z)."""

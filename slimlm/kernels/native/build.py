@@ -1,11 +1,11 @@
-"""Compile ``gemv.c`` on first use, cache the shared library, load it with ctypes.
+"""Compile ``gemv.c`` and ``attention.c`` on first use, cache the shared library, load it with ctypes.
 
 The library is built with the system C compiler (``gcc``, else ``cc``, else
 ``sysconfig``'s ``CC``) and ``-O3 -march=native -fopenmp -shared -fPIC`` into
 
     $SLIMLM_CACHE/native/slimlm_native-<key>.so     (default ~/.cache/slimlm/native/)
 
-``key`` hashes the source, the flags, the compiler's ``--version`` and the
+``key`` hashes the sources, the flags, the compiler's ``--version`` and the
 CPU's feature flags, so an edited kernel, another compiler or another CPU
 builds its own copy and a second load of the same one builds nothing. The
 compiler writes to a temporary name beside it, renamed into place: two
@@ -41,16 +41,18 @@ from slimlm.fsutil import cache_dir
 log = logging.getLogger("slimlm.kernels")
 
 ENV = "SLIMLM_NATIVE"
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemv.c", "attention.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
 NEEDED_CPU_FLAGS = ("avx2", "fma")
 BUILD_TIMEOUT_S = 120
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 # exported symbol -> (argument types, result type)
 SIGNATURES = {
     "slimlm_q4_matmul": ([_P, _P, _P, _F, _P, _P, _I, _I, _I, _I, _I], None),
     "slimlm_q8_matmul": ([_P, _P, _P, _F, _P, _P, _I, _I, _I, _I, _I], None),
+    "slimlm_attn_decode": ([_P, _P, _P, _P, _I, _I, _I, _I, _I, _L, _L, _L, _L, _F, _I], _I),
     "slimlm_native_isa": ([], _I),
     "slimlm_native_last_threads": ([], _I),
     "slimlm_native_omp_max_threads": ([], _I),
@@ -96,19 +98,19 @@ def _compiler_version(cc: str) -> str:
 
 def library_path(cc: str, flags: frozenset[str] | None, extra: tuple[str, ...] = ()) -> Path:
     """Where the library for this source, compiler, flags and CPU lives in the cache."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(src.read_bytes() + b"\0" for src in SOURCES))
     for part in (" ".join(FLAGS + extra), _compiler_version(cc), " ".join(sorted(flags or ()))):
         h.update(b"\0" + part.encode())
     return cache_dir() / "native" / f"slimlm_native-{h.hexdigest()[:16]}.so"
 
 
 def compile_library(cc: str, dest: Path, extra: tuple[str, ...] = ()) -> None:
-    """Build ``gemv.c`` into ``dest`` through a temporary file renamed into place."""
+    """Build the sources into ``dest`` through a temporary file renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", suffix=".so", dir=dest.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, *extra, str(SOURCE), "-o", tmp]
+        cmd = [cc, *FLAGS, *extra, *map(str, SOURCES), *LIBS, "-o", tmp]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
         if out.returncode != 0:
             first = next((ln for ln in out.stderr.splitlines() if "error" in ln), out.stderr.strip()[:200])
