@@ -1,6 +1,6 @@
 """Native C kernels (slimlm.kernels.native) against torch's int4 kernel, int8_grouped and float32 oneDNN.
 
-Run as ``benchmarks/kernels.py --native [--native-threads 1,2] [--native-rows 1,4] [--rounds 9]``. Per
+Run as ``benchmarks/kernel_speed.py --native [--native-threads 1,2] [--native-rows 1,4] [--rounds 9]``. Per
 built-in (SmolLM2-135M) shape -- fused q/k/v 960x576, o_proj 576x576, fused gate/up 3072x576, down 576x1536,
 head 49152x576 -- and thread count, microseconds per call (best of interleaved samples, ~5 ms of calls each;
 the machine is usually shared) of, all with float32 activations:

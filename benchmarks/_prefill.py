@@ -1,6 +1,6 @@
 """Float32 prefill through the quantized kernels: the old paths against the new (issue 18).
 
-Run as ``benchmarks/kernels.py --prefill``. Per (rows, out x in) of SmolLM2-135M's linears, milliseconds per
+Run as ``benchmarks/kernel_speed.py --prefill``. Per (rows, out x in) of SmolLM2-135M's linears, milliseconds per
 call (the best of interleaved samples, each ~5 ms of repeated calls: the machine is usually shared, and the
 best sample is the one least disturbed) of:
 
@@ -11,9 +11,7 @@ best sample is the one least disturbed) of:
   ``int8_grouped`` with the prefill GEMM in bfloat16;
 * ``int8 old`` / ``int8 new``: int8 per-row symmetric, prefill GEMM in float32 / bfloat16.
 
-Nothing here imports transformers: ``benchmarks/kernels.py`` is a module named ``kernels``, which
-transformers' probe for the hub package of that name would import. A model's prefill speed is the eval
-protocol's (``slimlm eval``, 512-token prompt).
+A model's prefill speed is the eval protocol's (``slimlm eval``, 512-token prompt).
 """
 
 from __future__ import annotations

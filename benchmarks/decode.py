@@ -154,6 +154,8 @@ def speed_table(args) -> str:
         lines.append(" | ".join(row))
         print(lines[-1], flush=True)
         print(_choices(model), flush=True)
+        attention = "native kernel" if getattr(dec, "native_attention", False) else "torch SDPA"
+        print(f"    one-token attention: {attention}", flush=True)
         model = dec = engines = None  # free before the next variant loads
     return "\n".join(lines) + "\n\n" + tune.format_decisions()
 

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/ holds kernels.py, gptq.py, awq.py: as sys.path[0] they would shadow packages that
+# benchmarks/ holds gptq.py, awq.py: as sys.path[0] they would shadow packages that
 # transformers imports (e.g. the hub's `kernels`), so drop this script's folder from the path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 

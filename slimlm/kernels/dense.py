@@ -2,7 +2,7 @@
 
 ATen sends a float32 ``F.linear`` with a few rows to MKL's GEMV/GEMM, which in
 this torch build runs on one thread: 21 GB/s of weight at 2 threads where a
-plain reduction over the same bytes reaches 40 GB/s (``benchmarks/kernels.py``).
+plain reduction over the same bytes reaches 40 GB/s (``benchmarks/kernel_speed.py``).
 oneDNN's inner product splits the output rows over the intra-op threads, and
 ``torch.ops.mkldnn._linear_pointwise`` calls it on the ordinary (unpacked)
 weight, so no second copy of the weight is kept. Measured on every float32

@@ -43,7 +43,7 @@ BITS = (3, 4)  # codes the int4 kernel reads within bfloat16's error (module doc
 # The CPU int4 kernel's time grows linearly with the rows M (a GEMV per row,
 # roughly); dequantizing once (a fixed cost per weight) and running the dtype's
 # GEMM wins from about M = 64 on 576x1536 and M = 512 on 4096x4096 (1 thread,
-# benchmarks/kernels.py). Prefill-sized batches take that path, multiplying in
+# benchmarks/kernel_speed.py). Prefill-sized batches take that path, multiplying in
 # float32 or bfloat16 as measured (slimlm.kernels.prefill).
 CPU_LARGE_M = 256
 _PORTABLE_KEYS = ("codes", "scale", "zero")

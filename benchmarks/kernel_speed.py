@@ -1,8 +1,8 @@
 """Kernel speed table: float GEMM/GEMV vs slimlm's quantized fast paths and their references.
 
-    .venv/bin/python benchmarks/kernels.py [--device cpu] [--threads N]
-    .venv/bin/python benchmarks/kernels.py --prefill [--rounds 9] [--lm-head]
-    .venv/bin/python benchmarks/kernels.py --native [--native-threads 1,2] [--native-rows 1] [--rounds 9]
+    .venv/bin/python benchmarks/kernel_speed.py [--device cpu] [--threads N]
+    .venv/bin/python benchmarks/kernel_speed.py --prefill [--rounds 9] [--lm-head]
+    .venv/bin/python benchmarks/kernel_speed.py --native [--native-threads 1,2] [--native-rows 1] [--rounds 9]
 
 Milliseconds per call, median of repeats after warm-up, all from one run.
 Quantized weight-only kernels take bfloat16 activations (what a served model
