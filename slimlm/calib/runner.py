@@ -252,10 +252,8 @@ def calibrate_blocks(
     ``rewrites(ctx)``, if given, says before the statistics pass whether
     ``on_block`` will change that block (that pass then skips what follows the
     last statistics hook). ``autocast``: every block forward under
-    ``torch.autocast`` in that dtype (bfloat16: faster, not exact).
-    ``walk(ctx, last)``, if given, replaces the statistics pass, ``on_block``
-    and re-run of each block and returns its outputs (the one-pass walk of
-    :mod:`slimlm.calib.sequential`).
+    ``torch.autocast`` in that dtype (bfloat16: faster, not exact). ``walk(ctx, last)``
+    replaces a block's statistics pass, ``on_block`` and re-run (:mod:`slimlm.calib.sequential`).
     """
     adapter = get_adapter(model)
     blocks = decoder_blocks(model)
@@ -278,10 +276,7 @@ def calibrate_blocks(
         ctx = BlockContext(i, prefix, block, adapter, _groups(block, prefix, adapter), {}, inputs, kwargs, dev,
                            autocast=autocast)  # fmt: skip
         last = i == len(blocks) - 1
-        if walk is not None:
-            outputs = walk(ctx, last)
-        else:
-            outputs = _walk_block(ctx, spec, on_block, last=last, rewrites=rewrites)
+        outputs = walk(ctx, last) if walk else _walk_block(ctx, spec, on_block, last=last, rewrites=rewrites)
         tracked = max(tracked, resident_bytes(model) + act_bytes + _stats_bytes(ctx.stats))
         ctx.stats.clear()
         if lazy is not None:
@@ -291,8 +286,13 @@ def calibrate_blocks(
             block.to(home)
         inputs = outputs
         per_block.append(time.perf_counter() - t0)
-    report = CalibReport(len(blocks), time.perf_counter() - t_start, act_bytes / 1e6, per_block,
-                         peak_tracked_mb=tracked / 1e6, peak_rss_mb=peak_rss_mb(), lazy=lazy is not None)  # fmt: skip
+    return _report(desc, time.perf_counter() - t_start, act_bytes, per_block, tracked, lazy=lazy is not None)
+
+
+def _report(desc: str, seconds: float, act_bytes: int, per_block: list[float], tracked: int, *,
+            lazy: bool) -> CalibReport:  # fmt: skip
+    report = CalibReport(len(per_block), seconds, act_bytes / 1e6, per_block, peak_tracked_mb=tracked / 1e6,
+                         peak_rss_mb=peak_rss_mb(), lazy=lazy)  # fmt: skip
     log.info("%s: %d blocks in %.1f s, peak tracked %.0f MB, process peak RSS %s MB", desc, report.blocks,
              report.seconds, report.peak_tracked_mb, f"{report.peak_rss_mb:.0f}" if report.peak_rss_mb else "?")
     return report
