@@ -6,10 +6,10 @@ block's linears is quantized from the Hessian of its inputs with the groups
 before it already quantized (q/k/v, then o_proj, gate/up, down_proj), in
 one forward per block (:mod:`slimlm.calib.sequential`); the forwards'
 outputs are block ``i+1``'s calibration inputs. ``true_sequential: false``
-walks as the paper's code does without that flag: every linear of a block from the inputs of
-the block's float linears, then the block is re-run (two forwards per
-block, less memory: the suspended forwards of the one-pass walk hold their
-activations at once).
+walks as the paper's code does without that flag: every linear of a block
+from the inputs its float block gives, then the block is re-run (two
+forwards per block, less memory: the suspended forwards of the one-pass
+walk hold their activations at once).
 """
 
 from __future__ import annotations
