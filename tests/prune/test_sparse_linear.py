@@ -111,3 +111,21 @@ def test_cpu_picks_the_dense_cache_and_csr_agrees():
         select_sparse_kernel(None, (4, 4), torch.device("cpu"), torch.float32, name="magic")
     with pytest.raises(SlimlmError, match="does not run"):
         select_sparse_kernel(None, (4, 4), torch.device("cpu"), torch.float32, name="sparse-2:4-cuda")
+
+
+CUDA_SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.skipif(not CUDA_SM80, reason="needs an NVIDIA GPU with sparse tensor cores (sm80+); run by scripts/gpu-check.sh")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_24_runs_on_sparse_tensor_cores_and_is_the_masked_linear(dtype):
+    lin = _linear(n_in=256, n_out=128, dtype=dtype).cuda()
+    keep = nm_keep(lin.weight, 2, 4)
+    sp = SparseLinear.from_linear(lin, keep, nm=(2, 4))
+    assert sp.kernel.name == "sparse-2:4-cuda"
+    for rows in (1, 8, 64):
+        x = torch.randn(rows, 256, dtype=dtype, device="cuda")
+        torch.testing.assert_close(sp(x), F.linear(x, lin.weight * keep, lin.bias), rtol=1e-2, atol=1e-2)
+    assert torch.equal(sp.dequantized_weight().to(dtype), lin.weight * keep)
+    cpu = sp.to("cpu")  # leaving the GPU: the dense layout again, same weights
+    assert cpu.kernel.name == "sparse-dense" and torch.equal(cpu.keep_mask(), keep.cpu())

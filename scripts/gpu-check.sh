@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks, for a session that is lent a CUDA machine (issue 13's GPU item, issue 18's GPU rows).
+# Runs on that machine's own python3 (its torch and transformers), from the repository root:
+#   bash scripts/gpu-check.sh [OUT_DIR]
+# 1. installs the wheels carried in .whl/ (packages the machine's image lacks) into /tmp/site;
+# 2. the device-parametrised tests on CUDA (every test id holding "cuda") -> OUT/pytest-cuda.txt;
+# 3. benchmarks/gpu.py (bandwidth, int8/int4 GEMV, 2:4 sparse, compressed-tensors load, decode) -> OUT/gpu.md.
+set -u
+OUT_DIR=${1:-${OUT:-out/gpu}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 SLIMLM_CACHE=/tmp/slimlm-cache HF_HUB_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  nproc; } 2>&1 | tee "$OUT_DIR/env.txt"
+timeout "${PYTEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -n 8 -k cuda \
+  tests/nn tests/formats tests/prune/test_sparse_linear.py 2>&1 \
+  | tee "$OUT_DIR/pytest-cuda.txt" | tail -n 40
+timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/gpu.py --out "$OUT_DIR" --deadline "${BENCH_DEADLINE:-200}" 2>&1 \
+  | tail -n 80 > "$OUT_DIR/gpu-log.txt"
+echo "done"
