@@ -10,6 +10,8 @@ writes its error and the next one runs; no section starts after ``--deadline`` s
   per-channel and int4-g64 QuantLinear on their CUDA kernels; time per call inside a CUDA graph (kernel
   time, no launch overhead) and weight GB/s.
 - sparse24: 2:4 SparseLinear on sparse tensor cores vs the dense bfloat16 linear, rows 1..4096.
+- int8c: int8 per-channel GEMV as an inductor-fused dequantize-and-multiply vs torch's int8 kernel.
+- cudagraph: the decode step under torch.compile(mode="reduce-overhead") (CUDA graphs), base and int4.
 - ct: a compressed-tensors W4A16 export (symmetric int4 groups) of a tiny Llama loaded by stock
   transformers on the GPU (compressed modules, default path) against slimlm's own model on the GPU.
 - decode: a SmolLM2-135M-shaped Llama with random weights (the real weights do not fit the 64 MiB a
@@ -122,6 +124,64 @@ def gemv(read_gbps: float) -> str:
                 gbps = mb / ms
                 rows.append(f"| {out_f}x{in_f} | {fmt} | {kname} | {ms * 1e3:.1f} | {mb:.2f} | {gbps:.0f} | "
                             f"{gbps / read_gbps:.0%} | {how} |")
+    return "\n".join(rows) + "\n"
+
+
+def int8_compiled(read_gbps: float) -> str:
+    """int8 per-channel weights through inductor: ``F.linear(x, q.to(bf16)) * s`` fused into one generated
+    kernel at one row, against torch's ``_weight_int8pack_mm`` (the int8_weight_only kernel)."""
+    from slimlm.formats import parse_scheme
+    from slimlm.nn import QuantLinear
+
+    fused = torch.compile(lambda x, q, s: F.linear(x, q.to(x.dtype)) * s)
+    rows = ["| out x in | int8_weight_only us | compiled dequant-matmul us | GB/s (compiled) | % of read rate | "
+            "max abs diff |", "|---|---|---|---|---|---|"]
+    for out_f, in_f in [(576, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096), (14336, 4096)]:
+        torch.manual_seed(0)
+        lin = nn.Linear(in_f, out_f, bias=False, device=CUDA, dtype=BF16)
+        x = torch.randn(1, in_f, device=CUDA, dtype=BF16)
+        q_lin = QuantLinear.from_linear(lin, parse_scheme("int8-channel-sym"))
+        w = q_lin.dequantized_weight().float()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        q = torch.round(w / scale).to(torch.int8)
+        s_row = scale.t().to(BF16)  # (1, out)
+        with torch.no_grad():
+            diff = (fused(x, q, s_row).float() - q_lin(x).float()).abs().max().item()
+            a, _ = graph_ms(lambda: q_lin(x))
+            b, _ = graph_ms(lambda: fused(x, q, s_row))
+        gbps = (out_f * in_f + out_f * 2) / b / 1e6
+        rows.append(f"| {out_f}x{in_f} | {a * 1e3:.1f} | {b * 1e3:.1f} | {gbps:.0f} | {gbps / read_gbps:.0%} | {diff:.3g} |")
+    return "\n".join(rows) + "\n"
+
+
+def cudagraph(read_gbps: float) -> str:
+    """The fast decoder's step under torch.compile(mode="reduce-overhead"): CUDA graphs, if inductor keeps them."""
+    from slimlm.generation import GenerationConfig, make_decoder
+    from slimlm.generation.loop import decode_steps
+    from slimlm.models.size import bytes_read_per_token
+
+    rows = ["| variant | eager tok/s | reduce-overhead tok/s | compile s | GB/s | % of read rate |", "|---|---|---|---|---|---|"]
+    prompt = torch.randint(10, 40000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    for v in ("base", "int4"):
+        model = smol_shaped(v)
+        dec = make_decoder(model)
+        step = torch.compile(dec, mode="reduce-overhead", dynamic=True)
+
+        def run(n, step=None):
+            return [int(t[0]) for t in decode_steps(dec, [prompt], GenerationConfig(max_new_tokens=n), step=step)]
+
+        t0 = time.perf_counter()
+        run(4, step)
+        compile_s = time.perf_counter() - t0
+        rates = {}
+        for name, st in (("eager", None), ("graphs", step)):
+            run(2, st)
+            tn = _timed(lambda n: run(n, st), 64)[1]
+            t1 = _timed(lambda n: run(n, st), 1)[1]
+            rates[name] = 63 / max(tn - t1, 1e-9)
+        gb = bytes_read_per_token(model) / 1e9 * rates["graphs"]
+        rows.append(f"| {v} | {rates['eager']:.0f} | {rates['graphs']:.0f} | {compile_s:.0f} | {gb:.1f} | {gb / read_gbps:.1%} |")
+        print(rows[-1], flush=True)
     return "\n".join(rows) + "\n"
 
 
@@ -271,7 +331,7 @@ def _first_diff(a: list[int], b: list[int]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sections", default="bandwidth,gemv,sparse24,ct,decode")
+    p.add_argument("--sections", default="bandwidth,gemv,int8c,sparse24,ct,decode,cudagraph")
     p.add_argument("--variants", default="int4-head8,base,int8,int4")
     p.add_argument("--compile-variants", default="int4-head8,base")
     p.add_argument("--deadline", type=float, default=300.0, help="seconds after which no section or variant starts")
@@ -303,6 +363,10 @@ def main(argv=None) -> int:
                     text, read_gbps = bandwidth()
                 elif name == "gemv":
                     text = gemv(read_gbps)
+                elif name == "int8c":
+                    text = int8_compiled(read_gbps)
+                elif name == "cudagraph":
+                    text = cudagraph(read_gbps)
                 elif name == "sparse24":
                     text = sparse24()
                 elif name == "ct":

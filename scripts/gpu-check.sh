@@ -4,7 +4,8 @@
 #   bash scripts/gpu-check.sh [OUT_DIR]
 # 1. installs the wheels carried in .whl/ (packages the machine's image lacks) into /tmp/site;
 # 2. the device-parametrised tests on CUDA (every test id holding "cuda") -> OUT/pytest-cuda.txt;
-# 3. benchmarks/gpu.py (bandwidth, int8/int4 GEMV, 2:4 sparse, compressed-tensors load, decode) -> OUT/gpu.md.
+# 3. benchmarks/gpu.py (bandwidth, int8/int4 GEMV, 2:4 sparse, compressed-tensors load, decode, CUDA graphs)
+#    -> OUT/gpu.md.
 set -u
 OUT_DIR=${1:-${OUT:-out/gpu}}
 mkdir -p "$OUT_DIR"
@@ -19,9 +20,11 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
   nproc; } 2>&1 | tee "$OUT_DIR/env.txt"
+# GPU_TESTS / GPU_SECTIONS narrow a rerun (e.g. GPU_TESTS=tests/prune/test_sparse_linear.py GPU_SECTIONS=sparse24)
 timeout "${PYTEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -n 8 -k cuda \
-  tests/nn tests/formats tests/prune/test_sparse_linear.py 2>&1 \
+  ${GPU_TESTS:-tests/nn tests/formats tests/prune/test_sparse_linear.py} 2>&1 \
   | tee "$OUT_DIR/pytest-cuda.txt" | tail -n 40
-timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/gpu.py --out "$OUT_DIR" --deadline "${BENCH_DEADLINE:-200}" 2>&1 \
+timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/gpu.py --out "$OUT_DIR" --deadline "${BENCH_DEADLINE:-200}" \
+  --sections "${GPU_SECTIONS:-bandwidth,gemv,int8c,sparse24,ct,decode,cudagraph}" 2>&1 \
   | tail -n 80 > "$OUT_DIR/gpu-log.txt"
 echo "done"

@@ -45,6 +45,7 @@ class DenseSparse:
 
     name = "sparse-dense"
     is_reference = True
+    tune_op: str | None = None  # not timed against the reference (slimlm.kernels.tune); weight_matmul reads it
 
     def supports(self, nm: NMPair, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
         return True
