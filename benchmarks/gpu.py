@@ -196,7 +196,7 @@ def sparse24() -> str:
         keep = nm_keep(lin.weight, 2, 4)
         with torch.no_grad():
             lin.weight.mul_(keep)
-        sp = SparseLinear.from_linear(lin, keep, nm=(2, 4))
+        sp = SparseLinear.from_linear(lin, keep, nm=(2, 4), kernel="sparse-2:4-cuda" if CUDA.type == "cuda" else None)
         for m in (1, 16, 256, 4096) if CUDA.type == "cuda" else (1, 16):
             x = torch.randn(m, in_f, device=CUDA, dtype=BF16)
             with torch.no_grad():

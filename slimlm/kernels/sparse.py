@@ -10,18 +10,19 @@ kernel                      what it does                                        
 ==========================  ==================================================  ===========
 ``sparse-dense``            the decompressed weight cached, ``F.linear``        everywhere (reference)
 ``sparse-csr``              ``torch.sparse`` CSR, ``W @ x^T``                    CPU, on request
-``sparse-2:4-cuda``         ``to_sparse_semi_structured`` (sparse tensor cores)  CUDA sm80+, 2:4, fp16/bf16
+``sparse-2:4-cuda``         ``to_sparse_semi_structured`` (sparse tensor cores)  CUDA sm80+, 2:4, fp16/bf16,
+                                                                                on request
 ==========================  ==================================================  ===========
 
 Measured on this 2-core CPU (one thread, 576x1536 at 50%): the cached dense
 weight runs a 1-token product in 0.07 ms and a 512-token one in 9 ms; CSR
 takes 0.5 ms and 25 ms. CPUs have no sparse matmul units, so ``sparse-dense``
 is the CPU choice: unstructured and N:M models run at dense speed and use
-dense memory at run time; their gain is on disk. The 2:4 CUDA path is
-selected automatically on an Ampere or newer GPU; no GPU was available when
-it was written, so it is untested (the first-use check in
-:func:`slimlm.kernels.weight_matmul` falls back to the reference if it
-raises or disagrees).
+dense memory at run time; their gain is on disk. Measured on an H200 (torch
+2.11, ``benchmarks/gpu.py``): the 2:4 kernel is correct (tests/prune, run by
+``scripts/gpu-check.sh``) but took ~0.5 ms a call at 4096x4096 whatever the
+rows, 0.05x the dense bfloat16 linear at one row and 0.29-0.66x at 4096 rows,
+so no device selects it by default; ask for it by name.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class CSRSparse(DenseSparse):
 
 
 class SemiStructured24(DenseSparse):
-    """2:4 on NVIDIA sparse tensor cores (``torch.sparse.to_sparse_semi_structured``). Untested here."""
+    """2:4 on NVIDIA sparse tensor cores (``torch.sparse.to_sparse_semi_structured``); by name only (see below)."""
 
     name = "sparse-2:4-cuda"
     is_reference = False
@@ -117,8 +118,11 @@ class SemiStructured24(DenseSparse):
 
 
 SPARSE_REFERENCE = DenseSparse()
-SPARSE_FAST: tuple[DenseSparse, ...] = (SemiStructured24(),)  # tried in order; the first that supports wins
-SPARSE_KERNELS: dict[str, DenseSparse] = {k.name: k for k in (SPARSE_REFERENCE, CSRSparse(), *SPARSE_FAST)}
+# Tried in order; the first that supports wins. Empty: on an H200 (torch 2.11, cuSPARSELt) the 2:4 kernel ran
+# 0.05-0.66x the dense bfloat16 linear at 1..4096 rows (benchmarks/gpu.py, RESULTS.md "GPU"), so it runs only
+# when asked for by name (SparseLinear.from_linear(..., kernel="sparse-2:4-cuda"), set_kernel).
+SPARSE_FAST: tuple[DenseSparse, ...] = ()
+SPARSE_KERNELS: dict[str, DenseSparse] = {k.name: k for k in (SPARSE_REFERENCE, CSRSparse(), SemiStructured24())}
 
 
 def select_sparse_kernel(nm: NMPair, shape: tuple[int, int], device: torch.device, dtype: torch.dtype, *,

@@ -177,9 +177,11 @@ class SparseLinear(RuntimeModule):
         super()._apply(fn, recurse)
         dense = self.kernel.dense(self._weight)
         device = fn(torch.empty(0, device=dense.device)).device
-        if device != dense.device:
+        if device != dense.device:  # a chosen kernel stays if it runs there, else the new device's default
+            stays = not self.kernel.is_reference and self.kernel.supports(
+                pattern_of(self._positions), self.shape, device, self.compute_dtype)
             self._install({k: v.to(device) for k, v in self._positions.items()}, self._kept, dense.to(device),
-                          kernel=None if self.kernel.is_reference else self.kernel.name)  # fmt: skip
+                          kernel=self.kernel.name if stays else None)  # fmt: skip
         return self
 
     # --- state dict: the stored form -------------------------------------------
