@@ -11,6 +11,7 @@ writes its error and the next one runs; no section starts after ``--deadline`` s
   time, no launch overhead) and weight GB/s.
 - sparse24: 2:4 SparseLinear on sparse tensor cores vs the dense bfloat16 linear, rows 1..4096.
 - int8c: int8 per-channel GEMV as an inductor-fused dequantize-and-multiply vs torch's int8 kernel.
+- graphs: slimlm's loop with CUDA-graph steps (GraphStep) vs eager, every variant, 256 new tokens.
 - cudagraph: the decode step under torch.compile(mode="reduce-overhead") (CUDA graphs), base and int4.
 - ct: a compressed-tensors W4A16 export (symmetric int4 groups) of a tiny Llama loaded by stock
   transformers on the GPU (compressed modules, default path) against slimlm's own model on the GPU.
@@ -185,6 +186,46 @@ def cudagraph(read_gbps: float) -> str:
     return "\n".join(rows) + "\n"
 
 
+def graphs(read_gbps: float, variants: list[str]) -> str:
+    """slimlm's loop with each one-token step replayed from a CUDA graph (slimlm.generation.graphs)."""
+    from slimlm.generation import GenerationConfig, make_decoder
+    from slimlm.generation.graphs import GraphStep
+    from slimlm.generation.loop import decode_steps
+    from slimlm.models.size import bytes_read_per_token
+
+    rows = ["| variant | MB read/token | eager tok/s | CUDA graph tok/s | graph / eager | GB/s | % of read rate | "
+            "same tokens as eager |", "|---|---|---|---|---|---|---|---|"]
+    prompt = torch.randint(10, 40000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    n_new = 256 if CUDA.type == "cuda" else 6
+    for v in variants:
+        model = smol_shaped(v)
+        dec = make_decoder(model)
+        step = GraphStep(dec)
+
+        def run(n, st=None):
+            cfg = GenerationConfig(max_new_tokens=n)
+            return [int(t[0]) for t in decode_steps(dec, [prompt], cfg, step=st, cache_fn=step.new_cache)]
+
+        rates, toks = {}, {}
+        for name, st in (("eager", None), ("graph", step)):
+            run(3, st)
+            best = []
+            for _ in range(3):
+                toks[name], tn = _timed(lambda n: run(n, st), n_new)
+                t1 = _timed(lambda n: run(n, st), 1)[1]
+                best.append((n_new - 1) / max(tn - t1, 1e-9))
+            rates[name] = statistics.median(best)
+        mb = bytes_read_per_token(model) / 1e6
+        gb = mb * rates["graph"] / 1e3
+        failed = f" (FAILED: {step.failed})" if step.failed else ""
+        rows.append(f"| {v} | {mb:.0f} | {rates['eager']:.0f} | {rates['graph']:.0f}{failed} | "
+                    f"{rates['graph'] / rates['eager']:.1f}x | {gb:.0f} | {gb / read_gbps:.1%} | "
+                    f"{'yes' if toks['graph'] == toks['eager'] else _first_diff(toks['graph'], toks['eager'])} |")
+        print(rows[-1], flush=True)
+        model = dec = step = None
+    return "\n".join(rows) + "\n"
+
+
 def sparse24() -> str:
     from slimlm.nn import SparseLinear
     from slimlm.prune import nm_keep
@@ -331,7 +372,7 @@ def _first_diff(a: list[int], b: list[int]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sections", default="bandwidth,gemv,int8c,sparse24,ct,decode,cudagraph")
+    p.add_argument("--sections", default="bandwidth,gemv,int8c,sparse24,ct,graphs,decode,cudagraph")
     p.add_argument("--variants", default="int4-head8,base,int8,int4")
     p.add_argument("--compile-variants", default="int4-head8,base")
     p.add_argument("--deadline", type=float, default=300.0, help="seconds after which no section or variant starts")
@@ -365,6 +406,8 @@ def main(argv=None) -> int:
                     text = gemv(read_gbps)
                 elif name == "int8c":
                     text = int8_compiled(read_gbps)
+                elif name == "graphs":
+                    text = graphs(read_gbps, args.variants.split(","))
                 elif name == "cudagraph":
                     text = cudagraph(read_gbps)
                 elif name == "sparse24":

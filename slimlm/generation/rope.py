@@ -38,7 +38,8 @@ class Rope:
         return self.cos.shape[0]
 
     def _index(self, positions: Tensor) -> Tensor:
-        checked = not torch.compiler.is_compiling()  # a data-dependent check would break a compiled graph
+        # a data-dependent check would break a compiled graph, and a CUDA graph being recorded (GraphStep)
+        checked = not torch.compiler.is_compiling() and not (positions.is_cuda and torch.cuda.is_current_stream_capturing())
         if checked and positions.numel() and int(positions.max()) >= self.max_positions:
             raise SlimlmError(f"position {int(positions.max())} is past the rotary table "
                               f"({self.max_positions} positions); generate fewer tokens or build a larger table")
