@@ -306,7 +306,7 @@ def attend(q: Tensor, view: KVView, *, scale: float, observe=None, layer: int = 
         probs = scores.softmax(dim=-1)
         observe(layer, probs.view(B, Hq, T, S))
         out = (probs @ view.v.float()).to(q.dtype)
-    return out.view(B, Hq, T, D)
+    return out.reshape(B, Hq, T, D)  # CUDA's SDPA kernels may hand back another memory layout (not viewable)
 
 
 class HFDecoder(nn.Module):

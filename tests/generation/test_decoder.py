@@ -194,3 +194,24 @@ def test_mistral_sliding_window_matches_hf():
     assert dec.cache_spec().sliding_window == 4
     out, _ = _chunked(dec, cuts=(7, 8, 9, 10))  # single-token steps past the window use the mask
     torch.testing.assert_close(out, _hf_logits(model), atol=2e-5, rtol=1e-4)
+
+
+def test_attention_takes_sdpa_output_in_any_memory_layout(monkeypatch):
+    """CUDA's memory-efficient SDPA returns (B, H, T, D) values laid out as (B, T, H, D) (seen on an H200 with
+    a masked float32 GQA prefill, where ``.view`` raised); the decoder must not depend on the layout."""
+    import torch.nn.functional as F
+
+    from slimlm.generation import decoder as dec_mod
+
+    model = tiny_model("llama")  # GQA: 4 query heads over 2 KV heads
+    ids = torch.randint(4, 500, (1, 9), generator=torch.Generator().manual_seed(0))
+    dec = make_decoder(model)
+    want = dec(ids, torch.arange(9)[None], dec.new_cache(1, 16))
+    sdpa = F.scaled_dot_product_attention
+
+    def transposed_layout(*a, **k):
+        out = sdpa(*a, **k)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, CUDA-like strides
+
+    monkeypatch.setattr(dec_mod.F, "scaled_dot_product_attention", transposed_layout)
+    torch.testing.assert_close(dec(ids, torch.arange(9)[None], dec.new_cache(1, 16)), want)
