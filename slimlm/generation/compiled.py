@@ -39,9 +39,13 @@ class CompiledStep:
         options = {"cpp_wrapper": True} if self.cpp_wrapper and backend == "inductor" else None
         self._compiled = torch.compile(decoder, dynamic=True, backend=backend, options=options)
         self.failed: str | None = None  # why the compiled step was given up, if it was
+        self._warmed = False
 
     def __call__(self, ids: Tensor, positions: Tensor, cache: Any, **kw: Any) -> Tensor:
         if self.failed is not None:
+            return self.decoder(ids, positions, cache, **kw)
+        if not self._warmed:  # the first step runs eagerly: per-shape kernel choices are measured outside the
+            self._warmed = True  # trace (nothing can be timed while tracing) and then traced as made
             return self.decoder(ids, positions, cache, **kw)
         length = getattr(cache, "length", None)
         try:

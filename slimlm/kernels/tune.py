@@ -63,6 +63,7 @@ MODES = ("auto", "measure", "fixed")
 CANDIDATES: dict[str, tuple[str, ...]] = {"dense": ("f_linear", "onednn"), "int8": ("reference", "fast"),
                                           "int4": ("reference", "fast"), "int8_group": ("reference", "fast"),
                                           "int4_native": ("reference", "fast"), "int8_native": ("reference", "fast"),
+                                          "int8_row": ("torch", "native"),  # int8.py: per-row int8, few rows
                                           "prefill": ("f32", "bf16")}  # fmt: skip
 # Ops measured at prefill sizes too: the choice is about many rows (slimlm.kernels.prefill), and a sample
 # there costs a few ms per shape (a 49152-row lm_head: about 2 s, once per machine).

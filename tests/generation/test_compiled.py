@@ -49,11 +49,30 @@ def test_fallback_undoes_slots_claimed_before_the_failure():
             self._compiled = runs_then_fails
 
     step = HalfStep(dec)
-    logits = step(torch.tensor([[7]]), torch.tensor([[5]]), cache)
-    assert cache.length == 6 and step.failed is not None
+    step(torch.tensor([[7]]), torch.tensor([[5]]), cache)  # the first step runs eagerly (kernel choices)
+    assert cache.length == 6 and step.failed is None
+    logits = step(torch.tensor([[8]]), torch.tensor([[6]]), cache)
+    assert cache.length == 7 and step.failed is not None
     ref_cache = dec.new_cache(1, 16)
     dec(torch.tensor([PROMPT]), torch.arange(5)[None], ref_cache)
-    torch.testing.assert_close(logits, dec(torch.tensor([[7]]), torch.tensor([[5]]), ref_cache), rtol=0, atol=0)
+    dec(torch.tensor([[7]]), torch.tensor([[5]]), ref_cache)
+    torch.testing.assert_close(logits, dec(torch.tensor([[8]]), torch.tensor([[6]]), ref_cache), rtol=0, atol=0)
+
+
+def test_first_step_runs_eagerly_so_kernel_choices_are_measured_outside_the_trace():
+    dec = make_decoder(varied_tiny("llama"))
+    traced = []
+
+    def counting_backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    step = CompiledStep(dec, backend=counting_backend)
+    cfg = GenerationConfig(max_new_tokens=3)  # a prefill, then two one-token steps
+    generate(dec, [PROMPT], GenerationConfig(max_new_tokens=2), step=step)
+    assert not traced  # one step so far: eager
+    generate(dec, [PROMPT], cfg, step=step)
+    assert traced and step.failed is None
 
 
 @pytest.mark.parametrize("quantized", [False, True])
