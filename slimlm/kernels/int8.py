@@ -50,6 +50,7 @@ class Int8WeightOnly(WeightKernel):
 
     is_reference = False
     tune_op = "int8"  # timed against the reference per shape (slimlm.kernels.tune)
+    row_op = "int8_row"  # and, on CPU at few rows, torch's kernel against the native one (reported by kernel_report)
 
     def __init__(self, *, cpu: bool) -> None:
         self.cpu = cpu

@@ -91,7 +91,11 @@ def layer_kernel(name: str, module: nn.Module, *, probe: bool = True) -> LayerKe
     if choice.path == "reference":
         reason = f"{kernel.name} set aside for the reference path: {choice.why}"
         return LayerKernel(name, kernel.name, REFERENCE_PATH, reason, choice.why)
-    return LayerKernel(name, kernel.name, kernel.name, None, choice.why)
+    row_op = getattr(kernel, "row_op", None)  # a kernel with its own measured one-row paths (int8.py)
+    shape = (key.out_features, key.in_features)
+    row = tune.tuner().decision(tune.make_key(row_op, shape, key.dtype, 1, device)) if row_op else None
+    why = choice.why if row is None else f"{choice.why}; one row on its {row.path} path ({row.why})"
+    return LayerKernel(name, kernel.name, kernel.name, None, why)
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,13 @@ def test_native_scales_are_not_in_the_checkpoint_and_prefill_rows_are_not_measur
         "scale_f32" not in q.state_dict()
     q(torch.randn(64, 96))  # prefill-sized: the dequantize-once path, no int8_row choice
     assert not _row_decisions()
+
+
+def test_the_kernel_report_says_which_one_row_path_runs(native_on, tuner_with):
+    from slimlm.kernels.report import layer_kernel
+
+    tuner_with(torch=2.0, native=1.0)
+    q = _layer()
+    layer = layer_kernel("lm_head", q)  # probes: the first-use check, then the one-row choices
+    assert layer.runs == "int8_weight_only_cpu" and layer.reason is None
+    assert "one row on its native path" in layer.why
