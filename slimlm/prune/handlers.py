@@ -29,7 +29,7 @@ from slimlm.prune.patterns import NM, Pattern, Unstructured, check_fits, parse_p
 from slimlm.prune.sparsegpt import sparsegpt_prune
 from slimlm.prune.wanda import wanda_mask
 from slimlm.targets import Targets, check_targets, float_linears, replace_module
-from slimlm.validate import check_calib, check_percdamp, check_pos_int
+from slimlm.validate import check_bool, check_calib, check_percdamp, check_pos_int
 
 log = logging.getLogger("slimlm.prune")
 
@@ -70,10 +70,12 @@ class Wanda:
     pattern: Pattern = Unstructured()
     targets: Targets = field(default_factory=Targets)
     batch_size: int = 8
+    true_sequential: bool = False  # as SparseGPT's below
 
     def __post_init__(self) -> None:
         _common(self)
         check_pos_int("batch_size", self.batch_size, "calibration sequences per forward, e.g. 8")
+        check_bool("true_sequential", self.true_sequential)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class SparseGPT:
     the same pass (joint mode). ``percdamp``: dampening as a fraction of the
     mean Hessian diagonal; ``blocksize``: lazy-block width (the mask is chosen
     per block); ``batch_size``: calibration sequences per forward.
+    ``true_sequential``: one forward per block, each group of linears (q/k/v, o_proj, gate/up, down_proj)
+    pruned from the inputs the groups pruned before it give (:mod:`slimlm.calib.sequential`, as GPTQ's
+    default); off (the paper's walk): every linear from its float block's inputs, then the block is re-run.
     """
 
     sparsity: float | None = None
@@ -93,9 +98,11 @@ class SparseGPT:
     blocksize: int = 128
     percdamp: float = 0.01
     batch_size: int = 8
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         _common(self)
+        check_bool("true_sequential", self.true_sequential)
         if self.scheme is not None:
             object.__setattr__(self, "scheme", parse_scheme(self.scheme))
             check_sparse_scheme(self.scheme)
@@ -151,7 +158,7 @@ def apply_wanda(model: nn.Module, config: Wanda, calib: Tensor | None = None) ->
         swap_sparse(model, name, module, keep, config.pattern)
 
     calibrate_linears(model, calib, plan, prune, spec=StatsSpec(sq_sum=True), batch_size=config.batch_size,
-                      desc="Wanda")  # fmt: skip
+                      desc="Wanda", sequential=config.true_sequential)  # fmt: skip
     return model
 
 
@@ -175,5 +182,5 @@ def apply_sparsegpt(model: nn.Module, config: SparseGPT, calib: Tensor | None = 
                                                                          nm=nm_pair(config.pattern)))  # fmt: skip
 
     calibrate_linears(model, calib, plan, prune, spec=StatsSpec(hessian=True), batch_size=config.batch_size,
-                      desc="SparseGPT")  # fmt: skip
+                      desc="SparseGPT", sequential=config.true_sequential)  # fmt: skip
     return model

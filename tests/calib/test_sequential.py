@@ -159,3 +159,26 @@ def test_gptq_true_sequential_quantizes_every_linear_close_to_the_two_pass_walk(
         with torch.no_grad():
             errors[seq] = (model(calib).logits - base(calib).logits).pow(2).mean().item()
     assert errors[True] < 1.5 * errors[False]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_pruning_true_sequential_prunes_every_linear_from_the_pruned_groups_before_it(method):
+    from slimlm.api import apply
+    from slimlm.nn import SparseLinear
+    from slimlm.prune import SparseGPT, Wanda
+
+    base = tiny_model("llama")
+    calib = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    masks = {}
+    for seq in (False, True):
+        model = tiny_model("llama")
+        model.load_state_dict(base.state_dict())
+        config = (SparseGPT if method == "sparsegpt" else Wanda)(sparsity=0.5, true_sequential=seq)
+        apply(model, config, calib=calib)
+        masks[seq] = {n: m.keep_mask() for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert masks[True].keys() == masks[False].keys() and len(masks[True]) == 7 * len(decoder_blocks(base))
+    assert all(k.float().mean() == 0.5 for k in masks[True].values())
+    first = "model.layers.0.self_attn.q_proj"  # the first group: the same float inputs in both walks
+    assert torch.equal(masks[True][first], masks[False][first])
+    later = [n for n in masks[True] if not torch.equal(masks[True][n], masks[False][n])]
+    assert later and first not in later  # later groups saw the pruned ones before them
