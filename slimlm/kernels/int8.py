@@ -135,15 +135,26 @@ def _native_rows(x: Tensor, tensors: Tensors, shape: Shape) -> Tensor:
     return native_mm(8, x.float(), tensors["qweight"].view(torch.uint8), tensors["scale_f32"], None, 0.0, shape[1])
 
 
+# (out, in, dtype, rows bucket) -> the path last chosen in eager mode, for a graph being traced to read without
+# the tuner (its keys call torch.get_num_threads, which breaks the graph; nothing can be timed in a trace)
+_ROW_PATHS: dict[tuple, str] = {}
+
+
 def _row_path(x: Tensor, tensors: Tensors, shape: Shape) -> str:
     """``torch`` or ``native`` for these few rows: the tuner's choice for the shape (fixed rule: torch)."""
+    if torch.compiler.is_compiling():
+        return _ROW_PATHS.get((shape[0], shape[1], x.dtype, tune.rows_bucket(x.shape[0])), "torch")
     t = tune.tuner()
     if t.uses_rule("int8_row"):
         return "torch"
     key = tune.make_key("int8_row", shape, x.dtype, x.shape[0], x.device)
     d = t.decision(key)
-    if d is not None or torch.compiler.is_compiling():  # nothing is timed inside a graph being traced
-        return d.path if d is not None else "torch"
+    path = d.path if d is not None else _choose(t, key, x, tensors, shape)
+    _ROW_PATHS[(shape[0], shape[1], x.dtype, key.rows)] = path
+    return path
+
+
+def _choose(t: tune.Tuner, key: tune.Key, x: Tensor, tensors: Tensors, shape: Shape) -> str:
     tol = SELF_CHECK_TOL[torch.bfloat16]  # torch's path rounds the activations to bfloat16
 
     def runs() -> tune.Runs:

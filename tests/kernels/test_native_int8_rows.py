@@ -21,7 +21,7 @@ class FakeTimer:
     def __call__(self, runs):
         if "torch" in runs:
             self.calls.append(tuple(runs))
-        return {name: self.times[name] for name in runs}
+        return {name: self.times.get(name, 1.0) for name in runs}  # other ops: a tie, the simplest path
 
 
 @pytest.fixture
@@ -98,3 +98,31 @@ def test_the_kernel_report_says_which_one_row_path_runs(native_on, tuner_with):
     layer = layer_kernel("lm_head", q)  # probes: the first-use check, then the one-row choices
     assert layer.runs == "int8_weight_only_cpu" and layer.reason is None
     assert "one row on its native path" in layer.why
+
+
+def test_a_compiled_step_reads_the_choice_without_breaking_its_graph(native_on, tuner_with):
+    """The traced step reads the eager step's choice (the tuner's keys would break the graph: a graph per layer,
+    dynamo's recompile limit, and a compiled step 3x slower than eager, as measured once)."""
+    from slimlm.api import apply
+    from slimlm.generation import CompiledStep, generate, make_decoder
+    from slimlm.generation.loop import GenerationConfig
+    from slimlm.models.tiny import tiny_model
+    from slimlm.quant import RTN
+
+    tuner_with(torch=2.0, native=1.0)
+    model = tiny_model("llama")
+    apply(model, RTN(scheme=parse_scheme("int8-channel-sym")))
+    dec = make_decoder(model)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    cfg = GenerationConfig(max_new_tokens=8)
+    eager = generate(dec, [[5, 17, 99, 230, 41]], cfg)
+    step = CompiledStep(dec, backend=counting)
+    assert generate(dec, [[5, 17, 99, 230, 41]], cfg, step=step) == eager and step.failed is None
+    assert len(graphs) == 1  # one graph for every step
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes}
+    assert any("native_q8_mm" in t for t in targets), targets
