@@ -30,6 +30,7 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.kernels import tune
 from slimlm.kernels.base import check_state, fallback_reason
+from slimlm.kernels.native.build import status as native_status
 
 REFERENCE_PATH = "reference"  # what a layer runs when its fast kernel fell back
 
@@ -102,6 +103,7 @@ def layer_kernel(name: str, module: nn.Module, *, probe: bool = True) -> LayerKe
 class KernelReport:
     layers: tuple[LayerKernel, ...]
     choices: tuple[tune.Decision, ...] = ()  # every kernel choice made in this process, dense matmuls included
+    native: str | None = None  # the native CPU kernels in this process: the build that loaded, or why none did
 
     @property
     def counts(self) -> dict[str, int]:
@@ -122,6 +124,8 @@ class KernelReport:
         d: dict[str, Any] = {"counts": self.counts, "fallbacks": {f.layer: f.reason for f in self.fallbacks}}
         if self.choices:
             d["choices"] = {str(c.key): f"{c.path} ({c.why})" for c in self.choices}
+        if self.native is not None:
+            d["native"] = self.native
         return d
 
     def format(self) -> str:
@@ -135,6 +139,8 @@ def format_kernels(d: dict[str, Any]) -> str:
     lines = [counts]
     lines += [f"  fell back: {layer}: {reason}" for layer, reason in d.get("fallbacks", {}).items()]
     lines += [f"  chose: {key}: {what}" for key, what in d.get("choices", {}).items()]
+    if "native" in d:
+        lines.append(f"  native CPU kernels: {d['native']}")
     return "\n".join(lines)
 
 
@@ -149,7 +155,8 @@ def kernel_report(model: nn.Module, *, probe: bool = True) -> KernelReport:
 def report_layers(layers: Iterable[tuple[str, Any]], *, probe: bool = True) -> KernelReport:
     """The report over given ``(name, layer)`` pairs, e.g. a fast decoder's fused matmuls beside the model's
     other runtime linears (``FastDecoder.kernel_report``)."""
-    return KernelReport(tuple(layer_kernel(name, m, probe=probe) for name, m in layers), tune.decisions())
+    return KernelReport(tuple(layer_kernel(name, m, probe=probe) for name, m in layers), tune.decisions(),
+                        native_status())
 
 
 def kernel_summary(model: nn.Module) -> dict[str, Any] | None:

@@ -177,6 +177,16 @@ def native() -> Native:
     return _STATE
 
 
+def status() -> str | None:
+    """One line for reports: the library this process loaded, or why it has none; None before its first use
+    and when switched off on purpose (``SLIMLM_NATIVE=0``)."""
+    if _STATE is None or (_STATE.lib is None and _STATE.reason.startswith("disabled")):
+        return None
+    if _STATE.lib is None:
+        return f"off: {_STATE.reason}"
+    return f"{'AVX-512' if _STATE.isa == 512 else 'AVX2'} build ({_STATE.path})"
+
+
 def available() -> bool:
     return native().lib is not None
 
