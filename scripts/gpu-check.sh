@@ -2,7 +2,13 @@
 # The GPU checks, for a session that is lent a CUDA machine (issue 13's GPU item, issue 18's GPU rows).
 # Runs on that machine's own python3 (its torch and transformers), from the repository root:
 #   bash scripts/gpu-check.sh [OUT_DIR]
-# 1. installs the wheels carried in .whl/ (packages the machine's image lacks) into /tmp/site;
+# 1. installs the wheels carried in .whl/ (packages the machine's image lacks) into /tmp/site. Make them here first
+#    (git-ignored through .git/info/exclude: echo /.whl/ >> .git/info/exclude), for the image's Python 3.12:
+#      for p in greenlet==3.5.6 gguf==0.19.0 compressed-tensors==0.20.1 peft==0.21.2 pydantic==2.14.4 \
+#               pydantic_core==2.50.5 loguru==0.7.3 annotated-types typing-inspection typing_extensions==4.16.0; do
+#        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#          --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl $p; done
+#    and name .whl in the device call's carry;
 # 2. the device-parametrised tests on CUDA (every test id holding "cuda") -> OUT/pytest-cuda.txt;
 # 3. benchmarks/gpu.py (bandwidth, int8/int4 GEMV, 2:4 sparse, compressed-tensors load, decode, CUDA graphs)
 #    -> OUT/gpu.md.
