@@ -12,7 +12,6 @@ writes its error and the next one runs; no section starts after ``--deadline`` s
 - sparse24: 2:4 SparseLinear on sparse tensor cores vs the dense bfloat16 linear, rows 1..4096.
 - int8c: int8 per-channel GEMV as an inductor-fused dequantize-and-multiply vs torch's int8 kernel.
 - graphs: slimlm's loop with CUDA-graph steps (GraphStep) vs eager, every variant, 256 new tokens.
-- cudagraph: the decode step under torch.compile(mode="reduce-overhead") (CUDA graphs), base and int4.
 - ct: a compressed-tensors W4A16 export (symmetric int4 groups) of a tiny Llama loaded by stock
   transformers on the GPU (compressed modules, default path) against slimlm's own model on the GPU.
 - decode: a SmolLM2-135M-shaped Llama with random weights (the real weights do not fit the 64 MiB a
@@ -152,37 +151,6 @@ def int8_compiled(read_gbps: float) -> str:
             b, _ = graph_ms(lambda: fused(x, q, s_row))
         gbps = (out_f * in_f + out_f * 2) / b / 1e6
         rows.append(f"| {out_f}x{in_f} | {a * 1e3:.1f} | {b * 1e3:.1f} | {gbps:.0f} | {gbps / read_gbps:.0%} | {diff:.3g} |")
-    return "\n".join(rows) + "\n"
-
-
-def cudagraph(read_gbps: float) -> str:
-    """The fast decoder's step under torch.compile(mode="reduce-overhead"): CUDA graphs, if inductor keeps them."""
-    from slimlm.generation import GenerationConfig, make_decoder
-    from slimlm.generation.loop import decode_steps
-    from slimlm.models.size import bytes_read_per_token
-
-    rows = ["| variant | eager tok/s | reduce-overhead tok/s | compile s | GB/s | % of read rate |", "|---|---|---|---|---|---|"]
-    prompt = torch.randint(10, 40000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-    for v in ("base", "int4"):
-        model = smol_shaped(v)
-        dec = make_decoder(model)
-        step = torch.compile(dec, mode="reduce-overhead", dynamic=True)
-
-        def run(n, step=None):
-            return [int(t[0]) for t in decode_steps(dec, [prompt], GenerationConfig(max_new_tokens=n), step=step)]
-
-        t0 = time.perf_counter()
-        run(4, step)
-        compile_s = time.perf_counter() - t0
-        rates = {}
-        for name, st in (("eager", None), ("graphs", step)):
-            run(2, st)
-            tn = _timed(lambda n: run(n, st), 64)[1]
-            t1 = _timed(lambda n: run(n, st), 1)[1]
-            rates[name] = 63 / max(tn - t1, 1e-9)
-        gb = bytes_read_per_token(model) / 1e9 * rates["graphs"]
-        rows.append(f"| {v} | {rates['eager']:.0f} | {rates['graphs']:.0f} | {compile_s:.0f} | {gb:.1f} | {gb / read_gbps:.1%} |")
-        print(rows[-1], flush=True)
     return "\n".join(rows) + "\n"
 
 
@@ -372,7 +340,7 @@ def _first_diff(a: list[int], b: list[int]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sections", default="bandwidth,gemv,int8c,sparse24,ct,graphs,decode,cudagraph")
+    p.add_argument("--sections", default="bandwidth,gemv,int8c,sparse24,ct,graphs,decode")
     p.add_argument("--variants", default="int4-head8,base,int8,int4")
     p.add_argument("--compile-variants", default="int4-head8,base")
     p.add_argument("--deadline", type=float, default=300.0, help="seconds after which no section or variant starts")
@@ -408,8 +376,6 @@ def main(argv=None) -> int:
                     text = int8_compiled(read_gbps)
                 elif name == "graphs":
                     text = graphs(read_gbps, args.variants.split(","))
-                elif name == "cudagraph":
-                    text = cudagraph(read_gbps)
                 elif name == "sparse24":
                     text = sparse24()
                 elif name == "ct":

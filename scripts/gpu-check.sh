@@ -31,6 +31,6 @@ timeout "${PYTEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -n 8 -
   ${GPU_TESTS:-tests/nn tests/formats tests/prune/test_sparse_linear.py tests/generation/test_graphs.py} 2>&1 \
   | tee "$OUT_DIR/pytest-cuda.txt" | tail -n 40
 timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/gpu.py --out "$OUT_DIR" --deadline "${BENCH_DEADLINE:-200}" \
-  --sections "${GPU_SECTIONS:-bandwidth,gemv,int8c,sparse24,ct,graphs,decode,cudagraph}" 2>&1 \
+  --sections "${GPU_SECTIONS:-bandwidth,gemv,int8c,sparse24,ct,graphs,decode}" 2>&1 \
   | tail -n 80 > "$OUT_DIR/gpu-log.txt"
 echo "done"
