@@ -51,14 +51,14 @@ class CompiledStep:
         try:
             return self._compiled(ids, positions, cache, **kw)
         except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager step still answers
-            self.failed = _reason(e)
+            self.failed = failure_reason(e)
             log.warning("torch.compile of the decode step failed (%s); decoding eagerly", self.failed)
             if length is not None and cache.length != length:  # a graph ran before the failure: undo its slots
                 cache.crop(length)
             return self.decoder(ids, positions, cache, **kw)
 
 
-def _reason(e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
     """One line: the innermost cause (dynamo wraps a backend's error in BackendCompilerFailed)."""
     while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
         e = inner

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
+from slimlm.generation.compiled import failure_reason
 from slimlm.generation.kv.protocol import CacheSpec, KVView, RopeFn
 from slimlm.generation.kv.static import StaticKVCache
 
@@ -121,7 +122,7 @@ class GraphStep:
             with torch.cuda.graph(graph):
                 self._out = self.decoder(self._ids, self._pos, cache)
         except Exception as e:  # noqa: BLE001 -- an op that cannot be captured: decode eagerly from here on
-            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            self.failed = failure_reason(e)
             log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", self.failed)
         cache._length = length  # recording runs nothing: the capture's bookkeeping is undone
         cache.slot.copy_(slot)

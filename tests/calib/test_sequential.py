@@ -14,6 +14,14 @@ from slimlm.nn import linear_weight
 from slimlm.nn.runtime import replace_module
 
 CALIB = torch.randint(3, 512, (6, 24), generator=torch.Generator().manual_seed(0))
+CALIB_8x32 = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _twin(base: nn.Module) -> nn.Module:
+    """A fresh tiny Llama holding ``base``'s weights (each walk starts from the same model)."""
+    model = tiny_model("llama")
+    model.load_state_dict(base.state_dict())
+    return model
 
 
 def _rounded(module: nn.Module) -> nn.Module:
@@ -147,12 +155,10 @@ def test_gptq_true_sequential_quantizes_every_linear_close_to_the_two_pass_walk(
     from slimlm.nn import QuantLinear
     from slimlm.quant.gptq_handler import GPTQ
 
-    base = tiny_model("llama")
-    calib = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    base, calib = tiny_model("llama"), CALIB_8x32
     errors = {}
     for seq in (False, True):
-        model = tiny_model("llama")
-        model.load_state_dict(base.state_dict())
+        model = _twin(base)
         apply(model, GPTQ(scheme="int4-g32", true_sequential=seq), calib=calib)
         linears = [m for n, m in model.named_modules() if ".layers." in n and isinstance(m, (nn.Linear, QuantLinear))]
         assert linears and all(isinstance(m, QuantLinear) for m in linears)
@@ -167,12 +173,10 @@ def test_pruning_true_sequential_prunes_every_linear_from_the_pruned_groups_befo
     from slimlm.nn import SparseLinear
     from slimlm.prune import SparseGPT, Wanda
 
-    base = tiny_model("llama")
-    calib = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    base, calib = tiny_model("llama"), CALIB_8x32
     masks = {}
     for seq in (False, True):
-        model = tiny_model("llama")
-        model.load_state_dict(base.state_dict())
+        model = _twin(base)
         config = (SparseGPT if method == "sparsegpt" else Wanda)(sparsity=0.5, true_sequential=seq)
         apply(model, config, calib=calib)
         masks[seq] = {n: m.keep_mask() for n, m in model.named_modules() if isinstance(m, SparseLinear)}
