@@ -36,6 +36,7 @@ from slimlm.formats.rows import rows_of
 from slimlm.formats.scheme import IntScheme, Scheme
 from slimlm.kernels import prefill
 from slimlm.kernels.base import Shape, Tensors, WeightKernel
+from slimlm.kernels.native import ops as native_ops
 from slimlm.kernels.device import has_aten_op, is_cpu, is_cuda_sm80
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -122,9 +123,15 @@ class Int4Grouped(WeightKernel):
     def portable(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensors:
         return {k: tensors[k] for k in _PORTABLE_KEYS if k in tensors}
 
-    def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
-        """``(u - z) * s`` in float32 (equal to the codec's dequantize), from uint8 unpacking."""
+    def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape, out: Tensor | None = None) -> Tensor:
+        """``(u - z) * s`` in float32 (equal to the codec's dequantize): the native library's one pass for
+        4-bit codes, else from uint8 unpacking."""
         n, k = shape
+        if scheme.bits == 4:
+            w = native_ops.dequantize(tensors["codes"], native_ops.LAYOUT_PAIRS4, tensors["scale"], tensors.get("zero"),
+                                      8.0, shape, out)  # fmt: skip
+            if w is not None:
+                return w
         g = k // scheme.granularity.size
         u = unpack_codes(tensors["codes"], scheme.bits, k).float().reshape(n, g, -1)  # (N, g, G)
         zero = tensors.get("zero")
@@ -145,7 +152,8 @@ class Int4Grouped(WeightKernel):
         group = scheme.granularity.size
         if self.cpu and x.shape[0] >= CPU_LARGE_M:
             # Prefill: dequantize once, one GEMM in float32 or bfloat16 (slimlm.kernels.prefill).
-            return prefill.dequantized_matmul(x, shape, lambda: self.dequantize(tensors, scheme, shape))
+            return prefill.dequantized_matmul(
+                x, shape, lambda: self.dequantize(tensors, scheme, shape, prefill.weight_buffer(shape, x.device)))
         if self.cpu and x.dtype == torch.float32:
             # torch's CPU int4 kernel is ~25x slower with float32 activations than with
             # bfloat16 (1.5 vs 0.056 ms for 1x576x1536 on this machine): multiply in bf16.

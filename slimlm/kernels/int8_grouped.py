@@ -35,6 +35,7 @@ from torch import Tensor
 from slimlm.formats.scheme import IntScheme, Scheme
 from slimlm.kernels import prefill
 from slimlm.kernels.base import Shape, Tensors, WeightKernel
+from slimlm.kernels.native import ops as native_ops
 from slimlm.kernels.int8 import is_int8_symmetric_rowwise
 
 PREFILL_M = 32  # rows from which float32 inputs on CPU may multiply in bfloat16
@@ -47,8 +48,13 @@ def is_int8_grouped(scheme: Scheme) -> bool:
     return isinstance(scheme, IntScheme) and scheme.bits == 8 and not is_int8_symmetric_rowwise(scheme)
 
 
-def dequantize_int8(tensors: Tensors, shape: Shape) -> Tensor:
-    """``(u - z) * s`` in float32 ``(out, in)`` from the stored bytes: equal to the codec's dequantize."""
+def dequantize_int8(tensors: Tensors, shape: Shape, out: Tensor | None = None) -> Tensor:
+    """``(u - z) * s`` in float32 ``(out, in)`` from the stored bytes: equal to the codec's dequantize (the
+    native library's one pass where it runs)."""
+    w = native_ops.dequantize(tensors["codes"], native_ops.LAYOUT_U8, tensors["scale"], tensors.get("zero"),
+                              SYMMETRIC_OFFSET, shape, out)  # fmt: skip
+    if w is not None:
+        return w
     s = tensors["scale"].float()  # (R, g)
     r, g = s.shape
     u = tensors["codes"].reshape(r, g, -1).float()  # (R, g, G)
@@ -73,10 +79,14 @@ class Int8Grouped(WeightKernel):
     def portable(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensors:
         return {k: tensors[k] for k in _PORTABLE_KEYS if k in tensors}
 
+    def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
+        return dequantize_int8(tensors, shape)
+
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16 if dtype == torch.float32 else dtype  # prefill on CPU may multiply in bf16
 
     def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         if x.shape[0] >= PREFILL_M:
-            return prefill.dequantized_matmul(x, shape, lambda: dequantize_int8(tensors, shape))
+            buffer = prefill.weight_buffer(shape, x.device)
+            return prefill.dequantized_matmul(x, shape, lambda: dequantize_int8(tensors, shape, buffer))
         return F.linear(x, dequantize_int8(tensors, shape).to(x.dtype))

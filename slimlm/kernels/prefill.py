@@ -6,8 +6,11 @@ Where the CPU multiplies bfloat16 natively (avx512_bf16, AMX), oneDNN's bf16
 GEMM runs about 3.5x faster than float32's (576x576x512 at 2 threads: 0.59
 vs 2.0 ms), so the ``bf16`` path (weight dequantized in float32 and rounded
 once to bfloat16, activations rounded to bfloat16, output cast back) makes
-quantized prefill faster than the float32 model's, where the float32 path
-(dequantize, float32 GEMM) is slower than it (0.79x measured on SmolLM2).
+quantized prefill faster than the float32 model's. The float32 path
+(dequantize, float32 GEMM) was 0.79-0.84x the float32 model until the
+weight was dequantized by the native library in one pass (``dequant.c``)
+into one reused per-thread buffer (:func:`weight_buffer`): now on a par with
+the float model, bit for bit the same numbers as before.
 Decode paths already multiply in bfloat16 (``int4.py``, ``int8.py``), so the
 numbers are those of the compute dtype the kernels declare.
 
@@ -23,6 +26,7 @@ CPU have a choice; other dtypes multiply in their own.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -32,6 +36,25 @@ from torch import Tensor
 from slimlm.kernels import tune
 from slimlm.kernels.base import SELF_CHECK_TOL, Shape, relative_error
 
+
+
+# Weights up to this many elements are dequantized into one float32 buffer per thread, reused by every
+# prefill GEMM (a fresh multi-MB tensor per call costs its page faults again: ~0.95x -> ~1.0x the float model's
+# prefill on SmolLM2); larger ones (a big lm_head) get their own tensor, so the buffer stays a layer's size.
+BUFFER_MAX_ELEMENTS = 1 << 25
+_LOCAL = threading.local()
+
+
+def weight_buffer(shape: Shape, device: torch.device) -> Tensor | None:
+    """A float32 ``shape`` CPU buffer this thread's next prefill GEMM dequantizes into (dead once that GEMM has
+    read it), or None for a weight above :data:`BUFFER_MAX_ELEMENTS` or not on the CPU."""
+    n = shape[0] * shape[1]
+    if n > BUFFER_MAX_ELEMENTS or device.type != "cpu":
+        return None
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _LOCAL.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n].view(shape)
 
 
 @functools.cache
@@ -76,7 +99,8 @@ def linear_bf16(x: Tensor, w: Tensor) -> Tensor:
 
 def dequantized_matmul(x: Tensor, shape: Shape, weight: Callable[[], Tensor]) -> Tensor:
     """``x (M, in) -> (M, out)`` for a prefill-sized ``x``: ``weight()`` is the float32 ``(out, in)`` weight,
-    dequantized once per call; the GEMM runs in float32 or bfloat16 (see :func:`use_bf16`)."""
+    dequantized once per call (kernels write it into :func:`weight_buffer`, so it is read by this call's GEMM
+    only); the GEMM runs in float32 or bfloat16 (see :func:`use_bf16`)."""
     if not has_choice(x):
         return F.linear(x, weight().to(x.dtype))
 

@@ -1,4 +1,4 @@
-"""Compile ``gemv.c`` and ``attention.c`` on first use, cache the shared library, load it with ctypes.
+"""Compile ``gemv.c``, ``attention.c`` and ``dequant.c`` on first use, cache the shared library, load it with ctypes.
 
 The library is built with the system C compiler (``gcc``, else ``cc``, else
 ``sysconfig``'s ``CC``) and ``-O3 -march=native -fopenmp -shared -fPIC`` into
@@ -41,7 +41,7 @@ from slimlm.fsutil import cache_dir
 log = logging.getLogger("slimlm.kernels")
 
 ENV = "SLIMLM_NATIVE"
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemv.c", "attention.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemv.c", "attention.c", "dequant.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-lm",)
 NEEDED_CPU_FLAGS = ("avx2", "fma")
@@ -52,6 +52,7 @@ _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 SIGNATURES = {
     "slimlm_q4_matmul": ([_P, _P, _P, _F, _P, _P, _I, _I, _I, _I, _I], None),
     "slimlm_q8_matmul": ([_P, _P, _P, _F, _P, _P, _I, _I, _I, _I, _I], None),
+    "slimlm_dequant": ([_P, _P, _P, _F, _P, _I, _I, _I, _I, _I], None),
     "slimlm_attn_decode": ([_P, _P, _P, _P, _I, _I, _I, _I, _I, _L, _L, _L, _L, _F, _I], _I),
     "slimlm_native_isa": ([], _I),
     "slimlm_native_last_threads": ([], _I),

@@ -28,6 +28,7 @@ from slimlm.kernels.base import Shape, Tensors, WeightKernel
 from slimlm.kernels.device import is_cpu
 from slimlm.kernels.native.build import available
 from slimlm.kernels.native.ops import BLOCK4, BLOCK8, codes_to_native, codes_to_portable, native_mm
+from slimlm.kernels.native import ops
 from slimlm.kernels.native.ops import native_to_unsigned
 
 # Rows from which the dequantize-once float32 GEMM path (slimlm.kernels.prefill) takes over. Measured at 1
@@ -92,8 +93,17 @@ class NativeGrouped(WeightKernel):
             return u - zero.unsqueeze(-1)
         return u if self.bits == 8 else u - 2.0 ** (scheme.bits - 1)
 
-    def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
-        """``(u - z) * s`` float32 ``(N, K)``: the codec's dequantize, bit for bit."""
+    def dequantize(self, tensors: Tensors, scheme: Scheme, shape: Shape, out: Tensor | None = None) -> Tensor:
+        """``(u - z) * s`` float32 ``(N, K)``: the codec's dequantize, bit for bit (the library's one pass, or
+        torch's elementwise form where it cannot run)."""
+        if self.bits == 8:
+            layout, zc = (ops.LAYOUT_S8 if scheme.symmetric else ops.LAYOUT_U8), 0.0
+        else:
+            layout, zc = ops.LAYOUT_BLOCK4, 2.0 ** (scheme.bits - 1)
+        w = ops.dequantize(tensors["codes_n"], layout, tensors["scale_f32"], tensors.get("zero_f32"), zc, shape,
+                          out)  # fmt: skip
+        if w is not None:
+            return w
         return (self._centred(tensors, scheme, shape) * tensors["scale_f32"].unsqueeze(-1)).reshape(shape)
 
     def dequantize_rows(self, tensors: Tensors, scheme: Scheme, shape: Shape, ids: Tensor) -> Tensor:
@@ -107,7 +117,8 @@ class NativeGrouped(WeightKernel):
 
     def matmul(self, x: Tensor, tensors: Tensors, scheme: Scheme, shape: Shape) -> Tensor:
         if x.shape[0] >= PREFILL_M:
-            return prefill.dequantized_matmul(x, shape, lambda: self.dequantize(tensors, scheme, shape))
+            return prefill.dequantized_matmul(
+                x, shape, lambda: self.dequantize(tensors, scheme, shape, prefill.weight_buffer(shape, x.device)))
         zc = 0.0 if self.bits == 8 else 2.0 ** (scheme.bits - 1)  # symmetric zero (8-bit codes are stored signed)
         group = shape[1] // tensors["scale_f32"].shape[1]
         y = native_mm(self.bits, x.float(), tensors["codes_n"], tensors["scale_f32"], tensors.get("zero_f32"), zc,

@@ -81,6 +81,31 @@ def _matmul(fn_name: str, x: Tensor, codes_n: Tensor, scale: Tensor, zero: Tenso
     return y
 
 
+# Code layouts slimlm_dequant reads (dequant.c)
+LAYOUT_BLOCK4, LAYOUT_PAIRS4, LAYOUT_U8, LAYOUT_S8 = range(4)
+
+
+def dequantize(codes: Tensor, layout: int, scale: Tensor, zero: Tensor | None, zc: float,
+               shape: tuple[int, int], out: Tensor | None = None) -> Tensor | None:  # fmt: skip
+    """``(u - z) * s`` float32 ``(N, K)`` from ``codes`` in ``layout`` (one scale/zero per group, ``(N, K / G)``),
+    equal bit for bit to the same float32 expression in torch, written into ``out`` when given (contiguous
+    float32 ``(N, K)``); None where the library cannot (not loaded, not on the CPU, inside a compiled graph):
+    the caller's torch form runs."""
+    lib = native().lib
+    if lib is None or codes.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    n, k = shape
+    scale = scale.float().contiguous()
+    zero = None if zero is None else zero.float().contiguous()
+    if scale.shape[0] != n or k % scale.shape[1] or not codes.is_contiguous():
+        return None
+    if out is None:
+        out = torch.empty((n, k), dtype=torch.float32)
+    lib.slimlm_dequant(codes.data_ptr(), scale.data_ptr(), zero.data_ptr() if zero is not None else None, zc,
+                       out.data_ptr(), n, k, k // scale.shape[1], layout, torch.get_num_threads())  # fmt: skip
+    return out
+
+
 @torch.library.custom_op("slimlm::native_q4_mm", mutates_args=())
 def q4_mm_op(x: Tensor, codes_n: Tensor, scale: Tensor, zero: Optional[Tensor], zc: float, group: int) -> Tensor:
     return _matmul("slimlm_q4_matmul", x, codes_n, scale, zero, zc, group)
