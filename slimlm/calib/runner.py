@@ -223,7 +223,10 @@ def _walk_block(ctx: BlockContext, spec: StatsSpec, on_block: Callable[[BlockCon
     if last:
         return None
     if changed or outputs is None:
-        outputs = [ctx.run(x, j).to(x.device) for j, x in enumerate(ctx.inputs)]
+        outputs = None  # the pre-rewrite outputs are stale: not held through the re-run
+        for j, x in enumerate(ctx.inputs):  # each output replaces its input: one block's activations alive, not two
+            ctx.inputs[j] = ctx.run(x, j).to(x.device)
+        outputs = ctx.inputs
     return outputs
 
 
