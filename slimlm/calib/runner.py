@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimlm.calib.heap import trim_heap
 from slimlm.calib.sequential import walk_block_sequential
 from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.models.adapters import Adapter, block_linears, decoder_blocks, get_adapter
@@ -288,6 +289,7 @@ def calibrate_blocks(
         elif offload:
             block.to(home)
         inputs = outputs
+        trim_heap()  # the block's freed activations (slimlm.calib.heap)
         per_block.append(time.perf_counter() - t0)
     return _report(desc, time.perf_counter() - t_start, act_bytes, per_block, tracked, lazy=lazy is not None)
 

@@ -31,6 +31,7 @@ import greenlet
 import torch
 from torch import Tensor, nn
 
+from slimlm.calib.heap import trim_heap
 from slimlm.calib.stats import LinearStats, StatsSpec
 from slimlm.errors import SlimlmError
 from slimlm.nn.quant_linear import in_features_of
@@ -159,6 +160,7 @@ def walk_block_sequential(model: nn.Module, ctx: Any, spec: StatsSpec, names: se
             fixed.append(name)
         for name in groups[k][0].linears:
             _ungate(model, name, gates.pop(name))
+        trim_heap()  # the rewrite's temporaries, before the forwards allocate again (slimlm.calib.heap)
 
     try:
         with torch.no_grad():  # greenlets share the thread's grad mode
