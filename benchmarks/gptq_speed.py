@@ -35,7 +35,7 @@ from slimlm.quant import GPTQ, apply_gptq
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                head_dim=64, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
                rms_norm_eps=1e-5, rope_theta=100000.0)  # fmt: skip
-PER_TOKEN = ("capture", "pass1 forward", "hessian", "rerun forward")  # scale with the calibration tokens
+PER_TOKEN = ("capture", "pass1 forward", "hessian", "rerun forward", "one-pass forward")  # scale with the calibration tokens
 
 T: dict[str, float] = defaultdict(float)
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (this process's CPU seconds, all threads)
@@ -102,13 +102,18 @@ def build(layers: int, seed: int = 0) -> LlamaForCausalLM:
 
 def table(total: float, scale_tok: float, scale_blocks: float) -> dict[str, float]:
     t = dict(T)
-    t["pass1 forward"] = t.pop("pass1 total") - t.get("hessian", 0.0)
     t["solve: other"] = t["solve total"] - sum(v for k, v in t.items() if k.startswith("solve: "))
+    walk = total - t["capture"]
+    if "pass1 total" not in t:  # the one-pass walk (GPTQ's default): one forward per block, solves inside it
+        rewrite = t.pop("solve total") + t.get("pack", 0) + t.get("swap", 0)
+        t.pop("on_block", None)
+        t["one-pass forward"] = walk - t.get("hessian", 0.0) - rewrite
+        proj = {k: v * (scale_tok if k in PER_TOKEN else 1.0) * scale_blocks for k, v in t.items()}
+        return {"measured": t, "projected": proj}
+    t["pass1 forward"] = t.pop("pass1 total") - t.get("hessian", 0.0)
     on_block = t.pop("on_block")
     t["handler other"] = on_block - t["solve total"] - t.get("pack", 0) - t.get("swap", 0)
     t.pop("solve total")
-    t["rerun forward"] = 0.0  # filled below: what is left of the walk
-    walk = total - t["capture"]
     t["rerun forward"] = walk - t["pass1 forward"] - t["hessian"] - on_block
     proj = {k: v * (scale_tok if k in PER_TOKEN else 1.0) * scale_blocks for k, v in t.items()}
     if hasattr(runner, "_walk_block"):  # this checkout re-runs every block but the last
