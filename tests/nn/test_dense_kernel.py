@@ -21,12 +21,13 @@ def all_weights(monkeypatch):
 
 def _calls(monkeypatch) -> list[tuple[int, ...]]:
     seen = []
-    real = torch.ops.mkldnn._linear_pointwise
+    namespace = torch.ops.mkldnn  # the real one: once patched, torch.ops.mkldnn is the spy itself
+    real = namespace._linear_pointwise
 
     class Spy:
         def __getattr__(self, name):
             if name != "_linear_pointwise":
-                return getattr(torch.ops.mkldnn, name)
+                return getattr(namespace, name)
             return lambda x, *a: (seen.append(tuple(x.shape)), real(x, *a))[1]
 
     monkeypatch.setattr(dense.torch.ops, "mkldnn", Spy(), raising=False)
@@ -87,7 +88,7 @@ def test_compiled_step_calls_onednn_through_the_opaque_op(all_weights, monkeypat
     assert explained.graph_break_count == 0
     torch._dynamo.reset()
     step = compile_step(dec)
-    generate(dec, PROMPTS[:1], GenerationConfig(max_new_tokens=2), step=step)  # compiles
+    generate(dec, PROMPTS[:1], GenerationConfig(max_new_tokens=3), step=step)  # the 1st step eager, the 2nd compiles
     seen = _calls(monkeypatch)
     assert generate(dec, PROMPTS[:1], cfg, step=step) == eager and step.failed is None
     assert seen.count((1, 64)) >= 7 * 5  # the 7 compiled steps: q/k/v, o, gate/up, down of 2 layers + head
