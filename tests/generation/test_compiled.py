@@ -87,3 +87,35 @@ def test_compiled_step_with_cpp_wrapper_gives_eager_tokens(quantized):
     assert step.cpp_wrapper  # on by default on CPU
     assert generate(dec, [PROMPT], cfg, step=step) == eager
     assert step.failed is None
+
+
+@pytest.mark.parametrize("module_guards", [False, True])
+def test_module_attributes_are_not_guarded_by_default(module_guards):
+    """Each step checks only the guards on its inputs unless asked: a module attribute changed after the first
+    compiled step recompiles with module_guards=True and is not looked at by default (the decoder is a snapshot)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    dec = make_decoder(varied_tiny("llama"))
+    counter = CompileCounter()
+    step = CompiledStep(dec, backend=counter, module_guards=module_guards)
+    cfg = GenerationConfig(max_new_tokens=4)
+    generate(dec, [PROMPT], cfg, step=step)
+    assert counter.frame_count == 1
+    dec.embed.padding_idx = 3  # read while tracing (None before; a forward lookup ignores it): a module guard
+    generate(dec, [PROMPT], cfg, step=step)
+    assert counter.frame_count == (2 if module_guards else 1)
+
+
+def test_two_decoders_in_one_process_each_run_their_own_graph():
+    """Without module guards nothing but the code object tells two decoders apart: each step has its own."""
+    torch._dynamo.reset()
+    float_model, quant_model = varied_tiny("llama"), varied_tiny("llama")
+    apply(quant_model, RTN(scheme=parse_scheme("int4-g32")))
+    cfg = GenerationConfig(max_new_tokens=6)
+    for model in (float_model, quant_model):
+        dec = make_decoder(model)
+        eager = generate(dec, [PROMPT], cfg)
+        step = CompiledStep(dec, backend="eager")
+        assert generate(dec, [PROMPT], cfg, step=step) == eager
+        assert step.failed is None
