@@ -17,9 +17,11 @@ weights are copies, its layer list is built once), so the step keeps only the
 guards on its inputs (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``):
 new shapes, batch sizes or cache layouts still recompile, but a module changed
 after the first compiled step is not noticed -- build a new decoder and step
-then. Each step compiles its own copy of the call's code (dynamo keeps graphs per code object), so
-that without those guards one decoder's graph is never picked for another. Measured (int4-head8, 512-token prompt, 2 threads, one process, same
-greedy tokens as eager): 105.8 -> 125.3 tok/s. ``module_guards=True`` keeps them.
+then. Each step compiles its own copy of the call's code (dynamo keeps
+graphs per code object), so that without those guards one decoder's graph is
+never picked for another. Measured (int4-head8, 512-token prompt, 2 threads,
+one process, same greedy tokens as eager): 105.8 -> 125.3 tok/s.
+``module_guards=True`` keeps the module guards.
 
 The compile cost (1-1.5 minutes cold on 2 cores, ~17 s warm) is paid once
 per machine: inductor caches compiled code on disk
