@@ -183,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    if kv is not None and kv.last_cache is not None:
+    if getattr(kv, "last_cache", None) is not None:
         from slimlm.eval.longtext import kind_name
 
         print(f"KV cache {kind_name(kv.kind)}: {kv.last_cache.nbytes() / 1e6:.2f} MB held", file=sys.stderr)
@@ -221,20 +221,21 @@ def _chat_prompt(args: argparse.Namespace, tokenizer, prompt: str) -> str:
 
 
 def _check_kv_flags(args: argparse.Namespace) -> None:
-    if (args.kv_policy, args.kv_budget, args.kv_bits) != (None, None, None) and (
+    if (args.kv_policy, args.kv_budget, args.kv_bits, args.kv_dtype) != (None,) * 4 and (
             args.draft is not None or args.engine != "slimlm"):
-        raise SlimlmError("--kv-policy/--kv-budget/--kv-bits run on slimlm's decode loop without a draft; "
-                          "drop --draft / --engine hf")
+        raise SlimlmError("--kv-policy/--kv-budget/--kv-bits/--kv-dtype run on slimlm's decode loop without a "
+                          "draft; drop --draft / --engine hf")
 
 
 def _kv_decoder(args: argparse.Namespace, model):
-    """generate --kv-policy / --kv-bits: a decoder over a compressed KV cache, or None."""
-    if (args.kv_policy, args.kv_budget, args.kv_bits) == (None, None, None):
+    """generate --kv-policy / --kv-bits / --kv-dtype: a decoder over that KV cache, or None."""
+    if (args.kv_policy, args.kv_budget, args.kv_bits, args.kv_dtype) == (None,) * 4:
         return None
     from slimlm.generation import make_decoder
 
-    return kv_decoder(make_decoder(model), policy=args.kv_policy, budget=args.kv_budget, sinks=args.kv_sinks,
-                      bits=args.kv_bits)
+    decoder = make_decoder(model, kv_dtype=args.kv_dtype)
+    return kv_decoder(decoder, policy=args.kv_policy, budget=args.kv_budget, sinks=args.kv_sinks,
+                      bits=args.kv_bits) or decoder
 
 
 def kv_decoder(decoder, *, policy: str | None, budget: int | None, sinks: int = 4, bits: int | None = None):

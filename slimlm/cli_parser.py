@@ -92,6 +92,9 @@ def _add_generate_parser(sub: argparse._SubParsersAction, commands: Commands) ->
     g.add_argument("--kv-sinks", type=int, default=4, help="sink tokens for --kv-policy sinks (default 4)")
     g.add_argument("--kv-bits", type=int, default=None, choices=(2, 4, 8),
                    help="KIVI-quantized KV cache (keys per channel, values per token, 128 recent tokens in float)")
+    g.add_argument("--kv-dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="what slimlm's KV cache stores keys and values in (default: the model's dtype); float16 "
+                        "halves the cache and the bytes decode attention reads, as llama.cpp's default cache does")
     g.set_defaults(func=commands["generate"])
 
 

@@ -11,9 +11,14 @@ matmul, the weights shared with the model: ``slimlm.nn.fused_quant``).
 ``fuse=False`` calls every linear on its own. Head counts are read per layer from
 the linears' shapes, so structurally pruned models (fewer heads, neurons or
 layers) run as they are. The attention goes through a :class:`KVCache`.
-One-token steps over a float32 CPU cache without a mask run the native decode
-attention kernel when the native library loads (``slimlm.kernels.native.attention``;
+One-token steps of a float32 model on the CPU without a mask run the native
+decode attention kernel when the native library loads (``slimlm.kernels.native.attention``;
 ``native_attention=False`` or ``SLIMLM_NATIVE=0``: torch's SDPA).
+``kv_dtype`` ("float16", "bfloat16") keeps the cache's keys and values in half
+precision (half the cache's memory and the bytes the decode attention reads,
+as llama.cpp's default f16 cache does); they are widened to the model's dtype
+where attention reads them, so the numbers differ from a float32 cache by the
+rounding of the stored keys and values only. Default: the model's dtype.
 
 ``HFDecoder`` is the generic path for every other family: the HF forward
 with a transformers cache, behind the same ``forward`` signature.
@@ -165,7 +170,8 @@ def _group_name(names: list[str]) -> str:
 class FastDecoder(nn.Module):
     """Lean forward of a llama-like HF model (``FAST_FAMILIES``); see the module docstring."""
 
-    def __init__(self, model: nn.Module, *, fuse: bool = True, native_attention: bool | None = None):
+    def __init__(self, model: nn.Module, *, fuse: bool = True, native_attention: bool | None = None,
+                 kv_dtype: torch.dtype | str | None = None):
         super().__init__()
         why = _fast_refusal(model)
         if why is not None:
@@ -181,13 +187,14 @@ class FastDecoder(nn.Module):
         self._fused: list[tuple[FusedQuantLinear, list[nn.Module]]] = []  # each with the linears it stands for
         self.layers = [self._layer(block, fuse) for block in decoder_blocks(model)]
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.kv_dtype = self.dtype if kv_dtype is None else kv_cache_dtype(kv_dtype)
         self.device = next(model.parameters()).device
         self.sliding_window = self._window(cfg)
         rotary = model.get_submodule(adapter.blocks.rsplit(".", 1)[0] + ".rotary_emb")
         n_pos = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)
         self.rope = Rope.from_module(rotary, n_pos, dtype=self.dtype, device=self.device)
         self._rotary = rotary
-        # one-token steps over a float32 CPU cache: the native kernel (3x torch's SDPA at 600 keys, 2 threads)
+        # one-token steps of a float32 model on the CPU: the native kernel (3x torch's SDPA at 600 keys, 2 threads)
         cpu32 = self.device.type == "cpu" and self.dtype == torch.float32
         self.native_attention = cpu32 and native_kernels.available() if native_attention is None else native_attention
 
@@ -236,7 +243,7 @@ class FastDecoder(nn.Module):
 
     def cache_spec(self) -> CacheSpec:
         return CacheSpec(kv_heads=tuple(layer.n_kv for layer in self.layers), head_dim=self.head_dim,
-                         dtype=self.dtype, device=self.device, sliding_window=self.sliding_window)
+                         dtype=self.kv_dtype, device=self.device, sliding_window=self.sliding_window)
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         self.ensure_positions(max_len)
@@ -298,7 +305,8 @@ def attend(q: Tensor, view: KVView, *, scale: float, observe=None, layer: int = 
     if mask is not None and g > 1:
         mask = mask.expand(B, 1, T, S).repeat(1, 1, g, 1)  # (B, 1, g*T, S) in the same (g, T) order
     if observe is None:
-        out = F.scaled_dot_product_attention(qf, view.k, view.v, attn_mask=mask, scale=scale)
+        k, v = view.k.to(q.dtype), view.v.to(q.dtype)  # a cache kept in another precision (kv_dtype)
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
     else:
         scores = (qf.float() @ view.k.float().transpose(-1, -2)) * scale  # (B, Hkv, g*T, S)
         if mask is not None:
@@ -333,14 +341,31 @@ class HFDecoder(nn.Module):
         return out.logits
 
 
-def make_decoder(model: nn.Module, *, fast: bool | None = None, fuse: bool = True) -> nn.Module:
-    """FastDecoder when the family allows it (``fast=None``: automatic), else HFDecoder."""
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kv_cache_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``kv_dtype`` as a torch dtype: one of ``KV_DTYPES`` (names or dtypes)."""
+    found = KV_DTYPES.get(dtype) if isinstance(dtype, str) else dtype if dtype in KV_DTYPES.values() else None
+    if found is None:
+        raise SlimlmError(f"kv_dtype {dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    return found
+
+
+def make_decoder(model: nn.Module, *, fast: bool | None = None, fuse: bool = True,
+                 kv_dtype: torch.dtype | str | None = None) -> nn.Module:
+    """FastDecoder when the family allows it (``fast=None``: automatic), else HFDecoder. ``kv_dtype``: what
+    the fast decoder's KV cache stores keys and values in (default: the model's dtype); the HF forward keeps
+    its own cache and refuses it."""
     if fast is False:
-        return HFDecoder(model)
-    why = _fast_refusal(model)
-    if why is None:
-        return FastDecoder(model, fuse=fuse)
-    if fast:
-        raise SlimlmError(f"the fast decoder cannot run this model: {why}")
-    log.info("generic decode path (HF forward): %s", why)
+        why = "fast=False"
+    else:
+        why = _fast_refusal(model)
+        if why is None:
+            return FastDecoder(model, fuse=fuse, kv_dtype=kv_dtype)
+        if fast:
+            raise SlimlmError(f"the fast decoder cannot run this model: {why}")
+        log.info("generic decode path (HF forward): %s", why)
+    if kv_dtype is not None:
+        raise SlimlmError(f"kv_dtype needs slimlm's fast decoder, which does not run here ({why}); drop kv_dtype")
     return HFDecoder(model)

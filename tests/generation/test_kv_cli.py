@@ -37,3 +37,11 @@ def test_bad_kv_flags_get_one_line(capsys, tiny_dir, flags, pattern):
     code, _, err = _gen(capsys, tiny_dir, *flags)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code != 0 and len(errors) == 1 and pattern in errors[0], err
+
+
+def test_generate_with_a_half_precision_kv_cache(capsys, tiny_dir):
+    code, out, err = _gen(capsys, tiny_dir, "--kv-dtype", "float16")
+    assert code == 0 and out.strip(), err
+    code, _, err = _gen(capsys, tiny_dir, "--kv-dtype", "float16", "--engine", "hf")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code != 0 and len(errors) == 1 and "drop --draft / --engine hf" in errors[0], err

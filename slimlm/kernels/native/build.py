@@ -53,7 +53,7 @@ SIGNATURES = {
     "slimlm_q4_matmul": ([_P, _P, _P, _F, _P, _P, _I, _I, _I, _I, _I], None),
     "slimlm_q8_matmul": ([_P, _P, _P, _F, _P, _P, _I, _I, _I, _I, _I], None),
     "slimlm_dequant": ([_P, _P, _P, _F, _P, _I, _I, _I, _I, _I], None),
-    "slimlm_attn_decode": ([_P, _P, _P, _P, _I, _I, _I, _I, _I, _L, _L, _L, _L, _F, _I], _I),
+    "slimlm_attn_decode": ([_P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _L, _L, _L, _L, _F, _I], _I),
     "slimlm_native_isa": ([], _I),
     "slimlm_native_last_threads": ([], _I),
     "slimlm_native_omp_max_threads": ([], _I),
