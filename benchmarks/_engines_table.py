@@ -22,8 +22,9 @@ def _speed(s: dict[str, Any] | None) -> str:
     """Decode tok/s; slimlm's eager / compiled step when both were timed."""
     if s is None:
         return "-"
-    compiled = s.get("decode_compiled_tok_s")
-    return f"{s['decode_tok_s']:.1f}" + (f" / {compiled:.1f} compiled" if compiled is not None else "")
+    compiled, kv = s.get("decode_compiled_tok_s"), s.get("decode_kv_tok_s")
+    return (f"{s['decode_tok_s']:.1f}" + (f" / {compiled:.1f} compiled" if compiled is not None else "")
+            + (f" / {kv:.1f} {s['kv_loop']}" if kv is not None else ""))
 
 
 def table(store: dict[str, Any]) -> str:
@@ -73,4 +74,7 @@ def _speed_ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> 
     if ours.get("decode_compiled_tok_s") is not None:
         c = ours["decode_compiled_tok_s"]
         parts.append(f"compiled {c:.1f} ({c / ref:.2f}x)")
+    if ours.get("decode_kv_tok_s") is not None:
+        k = ours["decode_kv_tok_s"]
+        parts.append(f"{ours['kv_loop']} {k:.1f} ({k / ref:.2f}x)")
     return ", ".join(parts) + f" vs llama.cpp {ref:.1f}"

@@ -1,7 +1,8 @@
 """Decode speed of slimlm's generation loop vs HF generate, batch scaling and paged-cache memory.
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--prompt-tokens 64] [--new-tokens 64] [--runs 3]
-        [--variants base,bf16,int8,int4,int4-head8,int3] [--batches 1,4,16] [--compile] [--clock wall|cpu]
+        [--variants base,bf16,int8,int4,int4-head8,int3] [--batches 1,4,16] [--compile] [--kv-dtype float16]
+        [--clock wall|cpu]
         [--only speed,profile,batch,paged] [--allow-slow]
 
 1. batch 1, per variant (base fp32; base cast to bf16; int8 = RTN int8 per channel, symmetric, the
@@ -12,10 +13,13 @@
    run, medians reported. Decode tok/s = (N - 1) / (t(N) - t(1)) with t(n) the wall time to generate n
    tokens greedily from the same prompt, so prefill is taken out the same way for both engines. "GB/s" =
    weight bytes read per token (slimlm.models.size) x tok/s; "% peak" against the machine's ~35 GB/s.
-   "same" = slimlm's greedy tokens (eager, and compiled with --compile) equal HF's. --compile:
+   "same" = slimlm's greedy tokens (eager, and compiled with --compile) equal HF's. --kv-dtype float16: also
+   slimlm's loop (compiled with --compile) over a float16 KV cache, its tok/s against the float32 cache's in
+   the same run, and whether its tokens still equal HF's. --compile:
    ``slimlm.generation.compiled.compile_step`` (inductor with its C++ wrapper on CPU); "compile s" is
-   the first compiled call (cold: ~1.5 min; warm from inductor's on-disk cache: seconds to tens of seconds). The int8 and int4 rows stop the run (exit 1, naming the
-   layer and the reason) when a layer did not run its fast kernel; --allow-slow times them anyway.
+   the first compiled call (cold: ~1.5 min; warm from inductor's on-disk cache: seconds to tens of
+   seconds). The int8 and int4 rows stop the run (exit 1, naming the layer and the reason) when a layer
+   did not run its fast kernel; --allow-slow times them anyway.
 2. batch table (base model): prompts of mixed lengths, grouped by length with left padding; throughput
    (new tokens/s over the batch) and latency (ms per decode step = per token of each request).
 3. profile: where a base-model step's time goes -- the full step, the same layer stack at hidden size
@@ -113,23 +117,37 @@ def decode_tps(run, n: int, runs: int) -> tuple[float, list[int]]:
     return statistics.median(rates), toks
 
 
-def speed_table(args) -> str:
-    head = ("variant", "MB read/token", "HF tok/s", "slimlm tok/s", "slimlm / HF")
-    head += ("compiled tok/s", "compiled / HF", "compile s", "compiled % of 35 GB/s") if args.compile else ()
-    head += ("slimlm GB/s", "% of 35 GB/s", "same tokens")
-    lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for name in args.variants.split(","):
-        model, tok = build_variant(name)
-        ids = prompt_ids(tok, args.prompt_tokens)
-        dec = make_decoder(model)
-        engines = {"hf": lambda n: hf_run(model, ids, n), "slimlm": lambda n: slim_run(dec, ids, n)}
-        compile_s = None
+def _engines(args, model, ids) -> tuple[dict, dict, list]:
+    """HF, slimlm's loop and (--compile) its compiled step; with --kv-dtype also both over that cache.
+    Returns (engines by name, compile seconds by engine, compiled steps)."""
+    engines, compile_s, steps = {"hf": lambda n: hf_run(model, ids, n)}, {}, []
+    for suffix, kv_dtype in [("", None)] + ([(" kv", args.kv_dtype)] if args.kv_dtype else []):
+        dec = make_decoder(model, kv_dtype=kv_dtype)
+        engines["slimlm" + suffix] = lambda n, dec=dec: slim_run(dec, ids, n)
         if args.compile:
             step = compile_step(dec)
             t0 = time.perf_counter()
             slim_run(dec, ids, 4, step)  # compiles
-            compile_s = time.perf_counter() - t0
-            engines["compiled"] = lambda n: slim_run(dec, ids, n, step)
+            compile_s["compiled" + suffix] = time.perf_counter() - t0
+            engines["compiled" + suffix] = lambda n, dec=dec, step=step: slim_run(dec, ids, n, step)
+            steps.append(step)
+        attention = "native kernel" if getattr(dec, "native_attention", False) else "torch SDPA"
+        print(f"    one-token attention{suffix and f' ({kv_dtype} KV cache)'}: {attention}", flush=True)
+    return engines, compile_s, steps
+
+
+def speed_table(args) -> str:
+    head = ("variant", "MB read/token", "HF tok/s", "slimlm tok/s", "slimlm / HF")
+    head += ("compiled tok/s", "compiled / HF", "compile s", "compiled % of 35 GB/s") if args.compile else ()
+    head += ("slimlm GB/s", "% of 35 GB/s", "same tokens")
+    kv = "compiled kv" if args.compile else "slimlm kv"
+    if args.kv_dtype:
+        head += (f"{kv[:-3]} tok/s, {args.kv_dtype} KV", f"{args.kv_dtype} KV / float32 KV", "same tokens")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for name in args.variants.split(","):
+        model, tok = build_variant(name)
+        ids = prompt_ids(tok, args.prompt_tokens)
+        engines, compile_s, steps = _engines(args, model, ids)
         for run in engines.values():  # warm-up
             run(2)
         if name in FAST_VARIANTS:
@@ -146,17 +164,19 @@ def speed_table(args) -> str:
         row = [name, f"{per_token / 1e6:.0f}", f"{med['hf']:.1f}", f"{med['slimlm']:.1f}",
                f"{med['slimlm'] / med['hf']:.2f}x"]
         if args.compile:
-            failed = f" (FAILED: {step.failed}; eager)" if step.failed else ""
-            row += [f"{med['compiled']:.1f}{failed}", f"{med['compiled'] / med['hf']:.2f}x", f"{compile_s:.0f}",
-                    f"{per_token * med['compiled'] / 1e9 / MACHINE_GBPS:.0%}"]
-        same = all(t == toks["hf"] for t in toks.values())  # slimlm's loop (and its compiled step) vs HF
+            failed = f" (FAILED: {steps[0].failed}; eager)" if steps[0].failed else ""
+            row += [f"{med['compiled']:.1f}{failed}", f"{med['compiled'] / med['hf']:.2f}x",
+                    f"{compile_s['compiled']:.0f}", f"{per_token * med['compiled'] / 1e9 / MACHINE_GBPS:.0%}"]
+        float_kv = [t for k, t in toks.items() if " kv" not in k]
+        same = all(t == toks["hf"] for t in float_kv)  # slimlm's loop (and its compiled step) vs HF
         row += [f"{gbps:.1f}", f"{gbps / MACHINE_GBPS:.0%}", "yes" if same else "NO"]
+        if args.kv_dtype:
+            half_same = all(t == toks["hf"] for k, t in toks.items() if " kv" in k)
+            row += [f"{med[kv]:.1f}", f"{med[kv] / med[kv[:-3]]:.2f}x", "yes" if half_same else "NO"]
         lines.append(" | ".join(row))
         print(lines[-1], flush=True)
         print(_choices(model), flush=True)
-        attention = "native kernel" if getattr(dec, "native_attention", False) else "torch SDPA"
-        print(f"    one-token attention: {attention}", flush=True)
-        model = dec = engines = None  # free before the next variant loads
+        model = engines = steps = None  # free before the next variant loads
     return "\n".join(lines) + "\n\n" + tune.format_decisions()
 
 
@@ -299,6 +319,9 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batches", default="1,4,16")
     p.add_argument("--compile", action="store_true", help="also time a torch.compile'd step (slow to compile)")
+    p.add_argument("--kv-dtype", default=None, choices=("float16", "bfloat16"),
+                   help="speed table: also time slimlm (and its compiled step) over a KV cache of this dtype, "
+                        "interleaved with the float32 cache")
     p.add_argument("--paged-requests", type=int, default=16)
     p.add_argument("--paged-new-tokens", type=int, default=128)
     p.add_argument("--paged-max-prompt", type=int, default=384)

@@ -25,7 +25,8 @@ float model, and a ``llamacpp-*`` row's GGUF dequantized to float by transformer
 llama.cpp's arithmetic on the same weights). ``ppl diff`` is llama.cpp's perplexity over slimlm's, minus
 one (target: within 1%). Decode speed: greedy, ``--new-tokens`` after the protocol's prompt, ``--threads``
 in both engines, median of ``--runs`` after a warm-up; slimlm's own decode loop (``measure_speed``: the
-fast decoder, eager, and with ``--compile`` also its compiled step) runs the recipe rows' checkpoints and
+fast decoder, eager, with ``--compile`` also its compiled step, with ``--kv-dtype float16`` also over a float16
+KV cache, as llama.cpp's default cache is) runs the recipe rows' checkpoints and
 the float model (float32), not the dequantized llama.cpp files. ``gptq-q4_0-head8-shared`` and
 ``rtn-q8_0-shared`` are the rows in llama.cpp's Q4_0 and Q8_0 layouts (a quantized head shared with the
 embedding) to set beside ``llamacpp-q4_0`` and ``llamacpp-q8_0`` for decode speed.
@@ -247,6 +248,10 @@ def _slimlm_speed(model, bench: Bench) -> dict[str, Any]:
     if args.compile:
         c = measure_speed(model, bench.prompt, new_tokens=args.new_tokens, runs=args.runs, compile=True)
         out.update(decode_compiled_tok_s=c.decode_tokens_per_s, compiled_loop=c.loop)
+    if args.kv_dtype:  # llama.cpp's own default cache is f16
+        k = measure_speed(model, bench.prompt, new_tokens=args.new_tokens, runs=args.runs, compile=args.compile,
+                          kv_dtype=args.kv_dtype)
+        out.update(decode_kv_tok_s=k.decode_tokens_per_s, kv_loop=k.loop)
     return out
 
 
@@ -343,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--float-type", default="f16", help="float parts of the recipe rows' GGUF (export --float-type)")
     p.add_argument("--work", default="out/engines")
     p.add_argument("--table", action="store_true", help="print the stored table (and run nothing unless --rows)")
+    p.add_argument("--kv-dtype", default=None, choices=("float16", "bfloat16"),
+                   help="also time slimlm's loop (compiled with --compile) over a KV cache of this dtype")
     p.add_argument("--compile", action="store_true",
                    help="also time slimlm's compiled decode step (slimlm.generation.compiled)")
     p.add_argument("--speed-again", action="store_true",

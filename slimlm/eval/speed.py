@@ -77,23 +77,25 @@ def _one_run(decoder: nn.Module, step, prompt: torch.Tensor, new_tokens: int) ->
     return prefill, steps
 
 
-def _loop(model: nn.Module, compile: bool) -> tuple[nn.Module, object, str]:
+def _loop(model: nn.Module, compile: bool, kv_dtype: str | None = None) -> tuple[nn.Module, object, str]:
     """(decoder, step, loop name): the fast decoder when it can run ``model``, else the HF forward."""
     try:
-        decoder = make_decoder(model)
+        decoder = make_decoder(model, kv_dtype=kv_dtype)
     except SlimlmError:  # a fast family with a module the lean forward cannot call
-        decoder = make_decoder(model, fast=False)
+        decoder = make_decoder(model, fast=False, kv_dtype=kv_dtype)  # kv_dtype: a clear error
     name = "slimlm" if isinstance(decoder, FastDecoder) else "hf"
+    name += f"-kv-{kv_dtype}" if kv_dtype is not None else ""
     if not compile:
         return decoder, decoder, name
     return decoder, compile_step(decoder), name + "-compiled"
 
 
 def measure_speed(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 128, runs: int = 3,
-                  compile: bool = False) -> Speed:
+                  compile: bool = False, kv_dtype: str | None = None) -> Speed:
     """Time a ``prompt`` (P,) prefill and ``new_tokens`` greedy steps in slimlm's loop, after a warm-up run
-    (which also compiles the step with ``compile=True``)."""
-    decoder, step, loop = _loop(model, compile)
+    (which also compiles the step with ``compile=True``). ``kv_dtype``: the fast decoder's KV cache dtype
+    (``make_decoder``); the loop is then named e.g. ``slimlm-kv-float16``."""
+    decoder, step, loop = _loop(model, compile, kv_dtype)
     _one_run(decoder, step, prompt[: min(32, len(prompt))], min(8, new_tokens))  # warm-up
     if isinstance(step, CompiledStep) and step.failed is not None:
         loop = loop.removesuffix("-compiled")  # the compiler failed: the steps ran eagerly (logged)
