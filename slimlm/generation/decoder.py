@@ -275,14 +275,14 @@ class FastDecoder(nn.Module):
         if layer.qk_norm is not None:  # qwen3: RMSNorm over each head before rotary
             qk = layer.qk_norm(qk)
         qk = qk.transpose(1, 2)  # (B, Hq + Hkv, T, D)
-        v = qkv[:, :, Hq + Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
+        v = qkv[:, :, Hq + Hkv:].transpose(1, 2).to(self.kv_dtype)  # (B, Hkv, T, D), as the cache keeps it
         if cache.raw_keys:
             q, k = qk.split([Hq, Hkv], dim=1)
-            view = cache.update(i, k, v, positions=positions, rope=self.rope)
+            view = cache.update(i, k.to(self.kv_dtype), v, positions=positions, rope=self.rope)
             q = self.rope(q, view.q_positions)
         else:
             q, k = apply_rotary_signed(qk, cos, sin).split([Hq, Hkv], dim=1)
-            view = cache.update(i, k, v, positions=positions, rope=self.rope)
+            view = cache.update(i, k.to(self.kv_dtype), v, positions=positions, rope=self.rope)
         out = attend(q, view, scale=layer.scale, observe=cache.observe if cache.wants_scores(i) else None, layer=i,
                      native=self.native_attention)  # fmt: skip
         return layer.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D))  # (B, T, Hq*D) -> (B, T, H)

@@ -8,6 +8,7 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.generation import GenerationConfig, compile_step, generate, make_decoder
 from slimlm.generation.decoder import FastDecoder
+from slimlm.generation.kv import H2O, KIVI, KVCompressedDecoder, PagedKVCache, Sinks
 from tests.generation.conftest import varied_tiny
 
 PROMPT = [5, 17, 99, 230, 41, 7, 300, 12, 64]
@@ -47,3 +48,28 @@ def test_bad_kv_dtype_gets_one_clear_error():
         make_decoder(model, kv_dtype="int8")
     with pytest.raises(SlimlmError, match="kv_dtype needs slimlm's fast decoder"):
         make_decoder(model, fast=False, kv_dtype="float16")
+
+
+def _paged(dec):
+    return lambda batch, max_len: PagedKVCache(dec.cache_spec(), batch=batch, max_len=max_len, block_size=4)
+
+
+@pytest.mark.parametrize("kind", [None, KIVI(4), Sinks(16), H2O(16)], ids=["paged", "kivi", "sinks", "h2o"])
+def test_every_cache_kind_keeps_the_half_dtype(kind):
+    """The decoder hands each cache keys and values already in kv_dtype (index writes do not cast)."""
+    model, cfg, prompt = varied_tiny("llama"), GenerationConfig(max_new_tokens=12), [PROMPT * 3]
+    held = {}
+    for kv in (None, torch.float16):
+        dec = make_decoder(model, kv_dtype=kv)
+        if kind is None:
+            caches = []
+            make = _paged(dec)
+            out = generate(dec, prompt, cfg, cache_fn=lambda b, n: caches.append(make(b, n)) or caches[-1])
+            cache = caches[-1]
+        else:
+            dec = KVCompressedDecoder(dec, kind)
+            out = generate(dec, prompt, cfg)
+            cache = dec.last_cache
+        assert len(out[0]) == 12
+        held[kv] = cache.nbytes()
+    assert held[torch.float16] < held[None]
