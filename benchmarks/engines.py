@@ -165,30 +165,41 @@ def llamacpp_quality(path: Path, windows: torch.Tensor, base: BaseStats, *, thre
     return summarize(per_window)
 
 
-def llamacpp_speed(path: Path, prompt: list[int], *, new_tokens: int, threads: int, runs: int) -> dict[str, float]:
-    """Greedy decode in llama.cpp, timed like ``measure_speed``: prefill, then ``new_tokens - 1`` steps."""
-    import llama_cpp
+class LlamaCppLoop:
+    """llama.cpp's greedy decode of one GGUF, timed like ``measure_speed``: prefill, then ``n - 1`` steps."""
 
-    llm = _llama(path, n_ctx=len(prompt) + new_tokens, threads=threads, logits_all=False)
-    n_vocab = llm.n_vocab()
+    def __init__(self, path: Path, *, n_ctx: int, threads: int) -> None:
+        self.llm = _llama(path, n_ctx=n_ctx, threads=threads, logits_all=False)
+        self.n_vocab = self.llm.n_vocab()
 
-    def argmax_last() -> int:
-        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+    def _argmax_last(self) -> int:
+        import llama_cpp
 
-    def one(ids: list[int], n: int) -> tuple[float, float]:
-        llm.reset()
+        logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+
+    def run(self, ids: list[int], n: int) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s) of ``ids`` and ``n`` greedy tokens from an empty cache."""
+        self.llm.reset()
         t0 = time.perf_counter()
-        llm.eval(ids)
-        nxt = argmax_last()
+        self.llm.eval(ids)
+        nxt = self._argmax_last()
         t1 = time.perf_counter()
         for _ in range(n - 1):
-            llm.eval([nxt])
-            nxt = argmax_last()
+            self.llm.eval([nxt])
+            nxt = self._argmax_last()
         return len(ids) / (t1 - t0), (n - 1) / (time.perf_counter() - t1)
 
-    one(prompt[:32], 8)  # warm-up
-    prefill, decode = zip(*(one(prompt, new_tokens) for _ in range(runs)))
-    llm.close()
+    def close(self) -> None:
+        self.llm.close()
+
+
+def llamacpp_speed(path: Path, prompt: list[int], *, new_tokens: int, threads: int, runs: int) -> dict[str, float]:
+    """Medians of ``runs`` timed greedy decodes in llama.cpp after a warm-up."""
+    loop = LlamaCppLoop(path, n_ctx=len(prompt) + new_tokens, threads=threads)
+    loop.run(prompt[:32], 8)  # warm-up
+    prefill, decode = zip(*(loop.run(prompt, new_tokens) for _ in range(runs)))
+    loop.close()
     return dict(prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode))
 
 
@@ -225,13 +236,18 @@ class Bench:
         return Path(self.args.work)
 
 
+def speed_prompt(tokens: torch.Tensor, proto: Protocol) -> torch.Tensor:
+    """The speed workload's prompt (P,): the protocol's first ``prompt_tokens`` tokens, BOS first when it has one."""
+    bos = [] if proto.bos is None else [proto.bos]
+    return torch.tensor(bos + tokens[: proto.prompt_tokens - len(bos)].tolist())
+
+
 def setup(args: argparse.Namespace) -> Bench:
     model, tok = load_model(args.model)
     proto = for_tokenizer(get_protocol(args.protocol), tok)
     tokens = eval_tokens(tok, proto)  # (N,)
     windows = eval_windows(tokens, proto, n_tokens=args.tokens, full=False)
-    bos = [] if proto.bos is None else [proto.bos]
-    prompt = torch.tensor(bos + tokens[: proto.prompt_tokens - len(bos)].tolist())
+    prompt = speed_prompt(tokens, proto)
     base = base_stats_for(windows, proto, base_id=model_id(args.model), load_base=lambda: model)
     return Bench(args, proto, windows, base, prompt)
 

@@ -90,18 +90,39 @@ def _loop(model: nn.Module, compile: bool, kv_dtype: str | None = None) -> tuple
     return decoder, compile_step(decoder), name + "-compiled"
 
 
-def measure_speed(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 128, runs: int = 3,
-                  compile: bool = False, kv_dtype: str | None = None) -> Speed:
-    """Time a ``prompt`` (P,) prefill and ``new_tokens`` greedy steps in slimlm's loop, after a warm-up run
-    (which also compiles the step with ``compile=True``). ``kv_dtype``: the fast decoder's KV cache dtype
+@dataclass(frozen=True)
+class DecodeLoop:
+    """slimlm's decode loop over one model, warmed up (and compiled): ``run`` times one greedy generation."""
+
+    decoder: nn.Module
+    step: object
+    name: str  # as Speed.loop
+
+    def run(self, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+        """(prefill seconds, per-step decode seconds) of ``prompt`` (P,) and ``new_tokens`` greedy tokens."""
+        return _one_run(self.decoder, self.step, prompt, new_tokens)
+
+
+def warmed_loop(model: nn.Module, prompt: torch.Tensor, *, compile: bool = False, kv_dtype: str | None = None,
+                warmup_tokens: int = 8) -> DecodeLoop:  # fmt: skip
+    """slimlm's loop for ``model`` after a warm-up run of ``warmup_tokens`` on the start of ``prompt`` (which
+    also compiles the step with ``compile=True``). ``kv_dtype``: the fast decoder's KV cache dtype
     (``make_decoder``); the loop is then named e.g. ``slimlm-kv-float16``."""
     decoder, step, loop = _loop(model, compile, kv_dtype)
-    _one_run(decoder, step, prompt[: min(32, len(prompt))], min(8, new_tokens))  # warm-up
+    _one_run(decoder, step, prompt[: min(32, len(prompt))], warmup_tokens)
     if isinstance(step, CompiledStep) and step.failed is not None:
         loop = loop.removesuffix("-compiled")  # the compiler failed: the steps ran eagerly (logged)
+    return DecodeLoop(decoder, step, loop)
+
+
+def measure_speed(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 128, runs: int = 3,
+                  compile: bool = False, kv_dtype: str | None = None) -> Speed:
+    """Time a ``prompt`` (P,) prefill and ``new_tokens`` greedy steps in slimlm's loop (:func:`warmed_loop`);
+    medians over ``runs``."""
+    loop = warmed_loop(model, prompt, compile=compile, kv_dtype=kv_dtype, warmup_tokens=min(8, new_tokens))
     prefills, decodes, steps_all = [], [], []
     for _ in tqdm(range(runs), desc="speed", unit="run", leave=False):
-        prefill, steps = _one_run(decoder, step, prompt, new_tokens)
+        prefill, steps = loop.run(prompt, new_tokens)
         prefills.append(len(prompt) / prefill)
         decodes.append(len(steps) / sum(steps))
         steps_all.extend(steps)
@@ -121,5 +142,5 @@ def measure_speed(model: nn.Module, prompt: torch.Tensor, *, new_tokens: int = 1
         new_tokens=new_tokens,
         runs=runs,
         threads=torch.get_num_threads(),
-        loop=loop,
+        loop=loop.name,
     )
