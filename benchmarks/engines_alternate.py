@@ -1,7 +1,7 @@
 """slimlm's decode against llama.cpp's, run by run in turn in one process, so the machine's drift is shared.
 
     .venv/bin/python benchmarks/engines_alternate.py --work out/engines [--rounds 9] [--compile] [--kv-dtype float16]
-        [--pairs rtn-q8_0-shared:llamacpp-q8_0,gptq-q4_0-head8-shared:llamacpp-q4_0] [--threads 2]
+        [--instances 3] [--pairs rtn-q8_0-shared:llamacpp-q8_0,gptq-q4_0-head8-shared:llamacpp-q4_0] [--threads 2]
 
 Reads what ``benchmarks/engines.py`` stored in ``--work`` (its settings, checkpoints and GGUF files: run that
 first with the rows named here). Each pair ``slimlm-row:llamacpp-row`` gives the contenders
@@ -12,12 +12,15 @@ first with the rows named here). Each pair ``slimlm-row:llamacpp-row`` gives the
 - llama.cpp over its own quantization (the llama.cpp row's GGUF);
 - llama.cpp over the slimlm row's GGUF (the same weights in the same layout: llama.cpp's own spread).
 
-Every contender is loaded and warmed once. Then each of ``--rounds`` rounds times one greedy decode per
-contender (``--new-tokens`` after the protocol's prompt, as engines.py times them), in an order rotated
-round by round. Single engines.py runs put minutes between the two engines' timings, and on a shared
-2-core machine llama.cpp's own rate moved by up to 24% between two files of equal bytes; here each round's
-runs are seconds apart, so the per-round ratio slimlm / llama.cpp (own file) cancels slow drift. Printed:
-each contender's median, min and max decode tok/s, and the median per-round ratio with its range.
+Every contender is loaded ``--instances`` times (separate loads, all alive at once) and each instance
+warmed. Then each of ``--rounds`` rounds times one greedy decode per instance (``--new-tokens`` after the
+protocol's prompt, as engines.py times them), in an order rotated round by round. Why both: single
+engines.py runs put minutes between the two engines' timings, and on these shared 2-core virtual machines
+one loaded copy of a model can decode 25% faster or slower than another copy of the same bytes, steadily
+for as long as it lives (seen in both engines: where its memory landed); rounds seconds apart cancel slow
+drift, several instances average the placement. Printed: each contender's median, min and max decode tok/s
+over all runs, its median per instance, and the median over rounds of slimlm / llama.cpp (own file), each
+round's rate the mean over the instances, with its range.
 """
 
 from __future__ import annotations
@@ -49,8 +52,11 @@ PAIRS = "rtn-q8_0-shared:llamacpp-q8_0,gptq-q4_0-head8-shared:llamacpp-q4_0"
 class Contender:
     name: str
     pair: str  # the llama.cpp row it is compared with
-    run: Callable[[], float]  # one timed greedy decode -> decode tok/s
+    runs: list[Callable[[], float]]  # per loaded instance: one timed greedy decode -> decode tok/s
     reference: bool = False  # llama.cpp over its own file: the ratios' denominator
+
+
+Rates = dict[str, list[list[float]]]  # contender -> per round, per instance: decode tok/s
 
 
 def rotated(items: list, k: int) -> list:
@@ -59,47 +65,58 @@ def rotated(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
-def per_round_ratios(rates: dict[str, list[float]], contenders: list[Contender]) -> dict[str, list[float]]:
-    """For every contender that is not a reference: its rate / its pair's reference rate, round by round."""
+def per_round_ratios(rates: Rates, contenders: list[Contender]) -> dict[str, list[float]]:
+    """For every contender that is not a reference: its rate / its pair's reference rate, round by round (each
+    the mean over the contender's instances in that round)."""
     refs = {c.pair: c.name for c in contenders if c.reference}
-    return {c.name: [a / b for a, b in zip(rates[c.name], rates[refs[c.pair]])]
+    mean = statistics.fmean
+    return {c.name: [mean(a) / mean(b) for a, b in zip(rates[c.name], rates[refs[c.pair]])]
             for c in contenders if not c.reference and c.pair in refs}  # fmt: skip
 
 
-def table(rates: dict[str, list[float]], contenders: list[Contender], *, threads: int, new_tokens: int,
-          prompt_tokens: int) -> str:  # fmt: skip
+def table(rates: Rates, contenders: list[Contender], *, threads: int, new_tokens: int, prompt_tokens: int) -> str:
     ratios = per_round_ratios(rates, contenders)
-    rounds = len(next(iter(rates.values())))
-    head = ("contender", "median tok/s", "min", "max", "/ llama.cpp own file: median of rounds", "range")
+    some = next(iter(rates.values()))
+    head = ("contender", "median tok/s", "min", "max", "median per instance",
+            "/ llama.cpp own file: median of rounds", "range")  # fmt: skip
     lines = [f"decode tok/s, {threads} threads, {new_tokens} tokens after a {prompt_tokens}-token prompt, "
-             f"{rounds} rounds, contenders in turn", " | ".join(head), " | ".join("---" for _ in head)]  # fmt: skip
+             f"{len(some)} rounds x {len(some[0])} instances, in turn", " | ".join(head),
+             " | ".join("---" for _ in head)]  # fmt: skip
     for c in contenders:
-        r, q = rates[c.name], ratios.get(c.name)
-        cells = [c.name, f"{statistics.median(r):.1f}", f"{min(r):.1f}", f"{max(r):.1f}"]
+        r, q = [x for rnd in rates[c.name] for x in rnd], ratios.get(c.name)
+        per = " / ".join(f"{statistics.median(col):.1f}" for col in zip(*rates[c.name]))
+        cells = [c.name, f"{statistics.median(r):.1f}", f"{min(r):.1f}", f"{max(r):.1f}", per]
         cells += [f"{statistics.median(q):.2f}x", f"{min(q):.2f}-{max(q):.2f}x"] if q else ["(reference)", ""]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
 
 def _slimlm_contenders(row: str, pair: str, args: argparse.Namespace, prompt: torch.Tensor) -> list[Contender]:
-    model, _ = load_compressed(Path(args.work) / "ckpt" / row)
-    out = []
-    for kv in (None, args.kv_dtype) if args.kv_dtype else (None,):
-        loop = warmed_loop(model, prompt, compile=args.compile, kv_dtype=kv)
+    """slimlm's loop over the row's checkpoint, each instance a fresh load (and compile)."""
+    kvs = (None, args.kv_dtype) if args.kv_dtype else (None,)
+    names, runs = [""] * len(kvs), [[] for _ in kvs]
+    for _ in range(args.instances):
+        model, _ = load_compressed(Path(args.work) / "ckpt" / row)
+        for k, kv in enumerate(kvs):
+            loop = warmed_loop(model, prompt, compile=args.compile, kv_dtype=kv)
 
-        def run(loop=loop) -> float:
-            _, steps = loop.run(prompt, args.new_tokens)
-            return len(steps) / sum(steps)
+            def run(loop=loop) -> float:
+                _, steps = loop.run(prompt, args.new_tokens)
+                return len(steps) / sum(steps)
 
-        out.append(Contender(f"slimlm {row} ({loop.name})", pair, run))
-    return out
+            names[k] = f"slimlm {row} ({loop.name})"
+            runs[k].append(run)
+    return [Contender(name, pair, r) for name, r in zip(names, runs)]
 
 
 def _llamacpp_contender(name: str, gguf: str, pair: str, args: argparse.Namespace, prompt: list[int],
                         reference: bool) -> Contender:  # fmt: skip
-    loop = LlamaCppLoop(Path(gguf), n_ctx=len(prompt) + args.new_tokens, threads=args.threads)
-    loop.run(prompt[:32], 8)  # warm-up
-    return Contender(name, pair, lambda: loop.run(prompt, args.new_tokens)[1], reference)
+    runs = []
+    for _ in range(args.instances):
+        loop = LlamaCppLoop(Path(gguf), n_ctx=len(prompt) + args.new_tokens, threads=args.threads)
+        loop.run(prompt[:32], 8)  # warm-up
+        runs.append(lambda loop=loop: loop.run(prompt, args.new_tokens)[1])
+    return Contender(name, pair, runs, reference)
 
 
 def contenders(args: argparse.Namespace, store: dict, prompt: torch.Tensor) -> list[Contender]:
@@ -118,14 +135,17 @@ def contenders(args: argparse.Namespace, store: dict, prompt: torch.Tensor) -> l
     return out
 
 
-def alternate(cs: list[Contender], rounds: int) -> dict[str, list[float]]:
-    """``rounds`` timed runs of every contender, in turn, the order rotated each round."""
-    rates: dict[str, list[float]] = {c.name: [] for c in cs}
+def alternate(cs: list[Contender], rounds: int) -> Rates:
+    """``rounds`` timed runs of every instance of every contender, in turn, the order rotated each round."""
+    rates: Rates = {c.name: [] for c in cs}
+    slots = [(c.name, i, run) for c in cs for i, run in enumerate(c.runs)]
     for k in range(rounds):
-        for c in rotated(cs, k):
+        for c in cs:
+            rates[c.name].append([0.0] * len(c.runs))
+        for name, i, run in rotated(slots, k):
             gc.collect()
-            rates[c.name].append(c.run())
-        logging.info("round %d: %s", k + 1, ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
+            rates[name][k][i] = run()
+        logging.info("round %d: %s", k + 1, ", ".join(f"{n} {statistics.fmean(r[-1]):.1f}" for n, r in rates.items()))
     return rates
 
 
@@ -134,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="out/engines", help="engines.py's --work (its rows.json, checkpoints, GGUFs)")
     p.add_argument("--pairs", default=PAIRS, help=f"comma list of slimlm-row:llamacpp-row (default {PAIRS})")
     p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--instances", type=int, default=3,
+                   help="separate loads of every contender (its speed can depend on where its weights landed)")
     p.add_argument("--threads", type=int, default=None, help="threads in both engines (default: the stored rows')")
     p.add_argument("--new-tokens", type=int, default=None, help="decode length (default: the stored rows')")
     p.add_argument("--compile", action="store_true", help="time slimlm's compiled decode step")

@@ -20,38 +20,54 @@ needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is No
                                      reason="llama-cpp-python is not installed: run scripts/setup-llamacpp.sh")
 
 
-def _fake(names_rates: dict[str, list[float]], calls: list[str]) -> list[alt.Contender]:
-    def runner(name: str):
+def _fake(names_rates: dict[str, list[float]], calls: list[str], instances: int = 1) -> list[alt.Contender]:
+    """Contenders whose instance i of ``name`` records ``name/i`` and returns the next of ``names_rates[name]``."""
+    def runner(name: str, i: int):
         rates = iter(names_rates[name])
 
         def run() -> float:
-            calls.append(name)
+            calls.append(f"{name}/{i}")
             return next(rates)
 
         return run
 
-    return [alt.Contender(n, "llamacpp-q4_0", runner(n), reference=(k == 0)) for k, n in enumerate(names_rates)]
+    return [alt.Contender(n, "llamacpp-q4_0", [runner(n, i) for i in range(instances)], reference=(k == 0))
+            for k, n in enumerate(names_rates)]  # fmt: skip
 
 
-def test_rounds_run_every_contender_once_in_a_rotated_order():
+def test_rounds_run_every_instance_once_in_a_rotated_order():
     calls: list[str] = []
-    cs = _fake({"ref": [1.0] * 3, "a": [1.0] * 3, "b": [1.0] * 3}, calls)
-    rates = alt.alternate(cs, 3)
-    assert {n: len(r) for n, r in rates.items()} == {"ref": 3, "a": 3, "b": 3}
-    assert calls == ["ref", "a", "b", "a", "b", "ref", "b", "ref", "a"]
+    rates = alt.alternate(_fake({"ref": [1.0] * 3, "a": [2.0] * 3, "b": [3.0] * 3}, calls), 3)
+    assert rates == {"ref": [[1.0]] * 3, "a": [[2.0]] * 3, "b": [[3.0]] * 3}
+    assert calls == ["ref/0", "a/0", "b/0", "a/0", "b/0", "ref/0", "b/0", "ref/0", "a/0"]
+    calls.clear()
+    rates = alt.alternate(_fake({"ref": [1.0, 2.0], "a": [3.0, 4.0]}, calls, instances=2), 2)
+    assert calls == ["ref/0", "ref/1", "a/0", "a/1", "ref/1", "a/0", "a/1", "ref/0"]
+    assert rates == {"ref": [[1.0, 1.0], [2.0, 2.0]], "a": [[3.0, 3.0], [4.0, 4.0]]}
     assert alt.rotated([], 2) == []
 
 
 def test_ratios_are_taken_round_by_round_not_from_medians():
     """Each round's slimlm rate is divided by the same round's llama.cpp rate (the machine's speed drifts between
     rounds); the median of those is reported, not the ratio of the two medians (93 / 80 = 1.16x here)."""
-    rates = {"llama": [100.0, 50.0, 200.0, 60.0], "slimlm": [120.0, 50.0, 180.0, 66.0]}
-    cs = _fake(rates, [])
+    rates = {"llama": [[100.0], [50.0], [200.0], [60.0]], "slimlm": [[120.0], [50.0], [180.0], [66.0]]}
+    cs = _fake({"llama": [], "slimlm": []}, [])
     assert alt.per_round_ratios(rates, cs)["slimlm"] == pytest.approx([1.2, 1.0, 0.9, 1.1])
     text = alt.table(rates, cs, threads=2, new_tokens=64, prompt_tokens=512)
-    assert "slimlm | 93.0 | 50.0 | 180.0 | 1.05x | 0.90-1.20x" in text
-    assert "llama | 80.0 | 50.0 | 200.0 | (reference)" in text
-    assert "4 rounds" in text
+    assert "slimlm | 93.0 | 50.0 | 180.0 | 93.0 | 1.05x | 0.90-1.20x" in text
+    assert "llama | 80.0 | 50.0 | 200.0 | 80.0 | (reference)" in text
+    assert "4 rounds x 1 instances" in text
+
+
+def test_instances_average_within_a_round_and_show_their_own_medians():
+    """Two copies of one model (one fast, one slow, as where their weights landed can make them): a round's rate
+    is their mean; the table shows each copy's median."""
+    rates = {"llama": [[100.0, 100.0], [100.0, 100.0]], "slimlm": [[150.0, 90.0], [130.0, 70.0]]}
+    cs = _fake({"llama": [], "slimlm": []}, [], instances=2)
+    assert alt.per_round_ratios(rates, cs)["slimlm"] == pytest.approx([1.2, 1.0])
+    text = alt.table(rates, cs, threads=2, new_tokens=64, prompt_tokens=512)
+    assert "slimlm | 110.0 | 70.0 | 150.0 | 140.0 / 80.0 | 1.10x | 1.00-1.20x" in text
+    assert "2 rounds x 2 instances" in text
 
 
 def test_missing_rows_are_refused_with_the_command_that_makes_them(tmp_path, monkeypatch):
@@ -72,9 +88,10 @@ def test_alternate_on_a_tiny_models_stored_rows(tmp_path, monkeypatch, capsys):
                   "--threads", "1", "--new-tokens", "8", "--runs", "1", "--work", work,
                   "--rows", "gptq-q4_0,llamacpp-q4_0"])  # fmt: skip
     capsys.readouterr()
-    alt.main(["--work", work, "--pairs", "gptq-q4_0:llamacpp-q4_0", "--rounds", "2", "--kv-dtype", "float16"])
+    alt.main(["--work", work, "--pairs", "gptq-q4_0:llamacpp-q4_0", "--rounds", "2", "--instances", "2",
+              "--kv-dtype", "float16"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "2 rounds" in out and "1 threads, 8 tokens" in out
+    assert "2 rounds x 2 instances" in out and "1 threads, 8 tokens" in out
     for name in ("llama.cpp llamacpp-q4_0 (its own file) |", "llama.cpp gptq-q4_0.gguf |",
                  "slimlm gptq-q4_0 (slimlm) |", "slimlm gptq-q4_0 (slimlm-kv-float16) |"):  # fmt: skip
         assert name in out
