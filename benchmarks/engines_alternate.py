@@ -14,7 +14,7 @@ first with the rows named here). Each pair ``slimlm-row:llamacpp-row`` gives the
 
 Every contender is loaded ``--instances`` times (separate loads, all alive at once) and each instance
 warmed. Then each of ``--rounds`` rounds times one greedy decode per instance (``--new-tokens`` after the
-protocol's prompt, as engines.py times them), in an order rotated round by round. Why both: single
+protocol's prompt, as engines.py times them), in an order shuffled round by round. Why both: single
 engines.py runs put minutes between the two engines' timings, and on these shared 2-core virtual machines
 one loaded copy of a model can decode 25% faster or slower than another copy of the same bytes, steadily
 for as long as it lives (seen in both engines: where its memory landed); rounds seconds apart cancel slow
@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import logging
+import random
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +60,15 @@ class Contender:
 Rates = dict[str, list[list[float]]]  # contender -> per round, per instance: decode tok/s
 
 
-def rotated(items: list, k: int) -> list:
-    """``items`` rotated left by ``k`` (round k's order)."""
-    k %= len(items) if items else 1
-    return items[k:] + items[:k]
+def round_order(items: list, k: int) -> list:
+    """Round ``k``'s order of ``items``: as given in round 0, then a fixed pseudo-random shuffle per round, so
+    no contender always runs first or always right after the same other one (what ran just before a run can
+    slow it: caches, the other engine's threads going to sleep)."""
+    if k == 0:
+        return list(items)
+    out = list(items)
+    random.Random(k).shuffle(out)
+    return out
 
 
 def per_round_ratios(rates: Rates, contenders: list[Contender]) -> dict[str, list[float]]:
@@ -136,13 +142,13 @@ def contenders(args: argparse.Namespace, store: dict, prompt: torch.Tensor) -> l
 
 
 def alternate(cs: list[Contender], rounds: int) -> Rates:
-    """``rounds`` timed runs of every instance of every contender, in turn, the order rotated each round."""
+    """``rounds`` timed runs of every instance of every contender, in turn, the order shuffled each round."""
     rates: Rates = {c.name: [] for c in cs}
     slots = [(c.name, i, run) for c in cs for i, run in enumerate(c.runs)]
     for k in range(rounds):
         for c in cs:
             rates[c.name].append([0.0] * len(c.runs))
-        for name, i, run in rotated(slots, k):
+        for name, i, run in round_order(slots, k):
             gc.collect()
             rates[name][k][i] = run()
         logging.info("round %d: %s", k + 1, ", ".join(f"{n} {statistics.fmean(r[-1]):.1f}" for n, r in rates.items()))

@@ -1,4 +1,4 @@
-"""benchmarks/engines_alternate.py: contenders in turn, order rotated, ratios taken round by round; and, where
+"""benchmarks/engines_alternate.py: contenders in turn, order shuffled per round, ratios taken round by round; and, where
 llama-cpp-python is installed, the benchmark on a tiny model's stored rows (skips in CI, as engines.py's does)."""
 
 from __future__ import annotations
@@ -35,16 +35,23 @@ def _fake(names_rates: dict[str, list[float]], calls: list[str], instances: int 
             for k, n in enumerate(names_rates)]  # fmt: skip
 
 
-def test_rounds_run_every_instance_once_in_a_rotated_order():
+def test_rounds_run_every_instance_once_in_a_shuffled_order():
     calls: list[str] = []
-    rates = alt.alternate(_fake({"ref": [1.0] * 3, "a": [2.0] * 3, "b": [3.0] * 3}, calls), 3)
-    assert rates == {"ref": [[1.0]] * 3, "a": [[2.0]] * 3, "b": [[3.0]] * 3}
-    assert calls == ["ref/0", "a/0", "b/0", "a/0", "b/0", "ref/0", "b/0", "ref/0", "a/0"]
+    names = [f"c{i}" for i in range(6)]
+    rates = alt.alternate(_fake({n: [float(i)] * 8 for i, n in enumerate(names)}, calls), 8)
+    assert rates == {n: [[float(i)]] * 8 for i, n in enumerate(names)}  # each run's rate lands in its own cell
+    rounds = [calls[k * 6:(k + 1) * 6] for k in range(8)]
+    assert rounds[0] == [f"{n}/0" for n in names]  # round 0 as given
+    assert all(sorted(r) == sorted(rounds[0]) for r in rounds)  # every round runs each contender once
+    assert len({tuple(r) for r in rounds}) == 8  # orders differ round by round...
+    assert len({r[0] for r in rounds}) > 2  # ...in who runs first...
+    before_c0 = {r[r.index("c0/0") - 1] for r in rounds if r[0] != "c0/0"}
+    assert len(before_c0) > 2  # ...and in who runs just before a given contender
     calls.clear()
     rates = alt.alternate(_fake({"ref": [1.0, 2.0], "a": [3.0, 4.0]}, calls, instances=2), 2)
-    assert calls == ["ref/0", "ref/1", "a/0", "a/1", "ref/1", "a/0", "a/1", "ref/0"]
+    assert sorted(calls[4:]) == ["a/0", "a/1", "ref/0", "ref/1"]
     assert rates == {"ref": [[1.0, 1.0], [2.0, 2.0]], "a": [[3.0, 3.0], [4.0, 4.0]]}
-    assert alt.rotated([], 2) == []
+    assert alt.round_order([], 2) == [] and alt.round_order([1, 2, 3], 5) == alt.round_order([1, 2, 3], 5)
 
 
 def test_ratios_are_taken_round_by_round_not_from_medians():
