@@ -16,9 +16,9 @@ Every contender is loaded ``--instances`` times (separate loads, all alive at on
 warmed. Then each of ``--rounds`` rounds times one greedy decode per instance (``--new-tokens`` after the
 protocol's prompt, as engines.py times them), in an order shuffled round by round. Why both: single
 engines.py runs put minutes between the two engines' timings, and on these shared 2-core virtual machines
-one loaded copy of a model can decode 25% faster or slower than another copy of the same bytes, steadily
-for as long as it lives (seen in both engines: where its memory landed); rounds seconds apart cancel slow
-drift, several instances average the placement. Printed: each contender's median, min and max decode tok/s
+an engine's rate on one file moved by up to 45% from process to process within an hour, two files of equal
+bytes ran 23% apart side by side in one process, and separately loaded copies of one model up to 9% apart;
+rounds seconds apart cancel slow drift, several copies average whatever sets a copy's speed. Printed: each contender's median, min and max decode tok/s
 over all runs, its median per instance, and the median over rounds of slimlm / llama.cpp (own file), each
 round's rate the mean over the instances, with its range.
 """
