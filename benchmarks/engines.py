@@ -47,7 +47,6 @@ speed wants a quiet machine; the quality columns do not). ``--table`` prints wha
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import logging
@@ -77,6 +76,7 @@ from slimlm.models.identity import model_id
 from slimlm.pipelines.compress import compress
 
 from _engines_table import table  # benchmarks/ is on sys.path when a script runs
+from _llamacpp import llama_model, llamacpp_quantize, llamacpp_speed
 
 MODEL = "smollm2-135m"
 SLIMLM_ROWS = ("rtn-q8_0", "rtn-q8_0-shared", "gptq-q4_0", "gptq-q4_0-head8-shared", "gptq-q4_1", "awq-q4_1")
@@ -141,81 +141,19 @@ def weight_error(path: str | os.PathLike, reference: str | os.PathLike) -> float
     return num / den
 
 
-# --- llama.cpp (llama-cpp-python; imported only here: optional, scripts/setup-llamacpp.sh) ------
-
-
-def _llama(path: Path, *, n_ctx: int, threads: int, logits_all: bool):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise SystemExit("llama-cpp-python is not installed: run scripts/setup-llamacpp.sh") from None
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, verbose=False)  # fmt: skip
+# --- llama.cpp (llama-cpp-python, optional: scripts/setup-llamacpp.sh; loading and timing in _llamacpp.py) --
 
 
 def llamacpp_quality(path: Path, windows: torch.Tensor, base: BaseStats, *, threads: int) -> dict[str, float]:
     """llama.cpp's logits for every position of each window of (W, T), each from an empty cache, scored."""
     T = windows.shape[1]
-    llm, per_window = _llama(path, n_ctx=T, threads=threads, logits_all=True), []
+    llm, per_window = llama_model(path, n_ctx=T, threads=threads, logits_all=True), []
     for w in range(windows.shape[0]):
         llm.reset()
         llm.eval(windows[w].tolist())
         per_window.append(window_scores(llm.scores[:T], windows[w], base.topk_idx[w], base.topk_logp[w]))
     llm.close()
     return summarize(per_window)
-
-
-class LlamaCppLoop:
-    """llama.cpp's greedy decode of one GGUF, timed like ``measure_speed``: prefill, then ``n - 1`` steps."""
-
-    def __init__(self, path: Path, *, n_ctx: int, threads: int) -> None:
-        self.llm = _llama(path, n_ctx=n_ctx, threads=threads, logits_all=False)
-        self.n_vocab = self.llm.n_vocab()
-
-    def _argmax_last(self) -> int:
-        import llama_cpp
-
-        logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
-
-    def run(self, ids: list[int], n: int) -> tuple[float, float]:
-        """(prefill tok/s, decode tok/s) of ``ids`` and ``n`` greedy tokens from an empty cache."""
-        self.llm.reset()
-        t0 = time.perf_counter()
-        self.llm.eval(ids)
-        nxt = self._argmax_last()
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            self.llm.eval([nxt])
-            nxt = self._argmax_last()
-        return len(ids) / (t1 - t0), (n - 1) / (time.perf_counter() - t1)
-
-    def close(self) -> None:
-        self.llm.close()
-
-
-def llamacpp_speed(path: Path, prompt: list[int], *, new_tokens: int, threads: int, runs: int) -> dict[str, float]:
-    """Medians of ``runs`` timed greedy decodes in llama.cpp after a warm-up."""
-    loop = LlamaCppLoop(path, n_ctx=len(prompt) + new_tokens, threads=threads)
-    loop.run(prompt[:32], 8)  # warm-up
-    prefill, decode = zip(*(loop.run(prompt, new_tokens) for _ in range(runs)))
-    loop.close()
-    return dict(prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode))
-
-
-def llamacpp_quantize(src: Path, dst: Path, ftype: str, *, threads: int) -> None:
-    """llama.cpp's quantization of ``src`` to ``ftype`` (e.g. "Q4_K_M"), default parameters, written atomically."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.nthread = threads
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
-    os.replace(tmp, dst)
 
 
 # --- rows -------------------------------------------------------------------------------------------

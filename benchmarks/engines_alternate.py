@@ -44,7 +44,8 @@ from slimlm.eval.speed import warmed_loop
 from slimlm.io import load_compressed
 from slimlm.models import load_model
 
-from engines import LlamaCppLoop, speed_prompt  # benchmarks/ is on sys.path when a script runs
+from _llamacpp import LlamaCppLoop  # benchmarks/ is on sys.path when a script runs
+from engines import speed_prompt
 
 PAIRS = "rtn-q8_0-shared:llamacpp-q8_0,gptq-q4_0-head8-shared:llamacpp-q4_0"
 
