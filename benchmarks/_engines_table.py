@@ -77,5 +77,5 @@ def _speed_ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> 
     if ours.get("decode_kv_tok_s") is not None:
         k = ours["decode_kv_tok_s"]
         parts.append(f"{ours['kv_loop']} {k:.1f} ({k / ref:.2f}x)")
-    return (", ".join(parts) + f" vs llama.cpp {ref:.1f} (one load of each, minutes apart: a copy's speed moves by up "
-            "to 25% here; benchmarks/engines_alternate.py gives the ratio)")
+    return (", ".join(parts) + f" vs llama.cpp {ref:.1f} (one load of each, minutes apart: one file's speed "
+            "moved by up to 45% between processes here; benchmarks/engines_alternate.py gives the ratio)")

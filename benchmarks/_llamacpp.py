@@ -37,6 +37,10 @@ class LlamaCppLoop:
         logits = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
+    def warm_up(self, prompt: list[int]) -> None:
+        """One short untimed run (the first one pays for allocation and page faults)."""
+        self.run(prompt[:32], 8)
+
     def run(self, ids: list[int], n: int) -> tuple[float, float]:
         """(prefill tok/s, decode tok/s) of ``ids`` and ``n`` greedy tokens from an empty cache."""
         self.llm.reset()
@@ -56,7 +60,7 @@ class LlamaCppLoop:
 def llamacpp_speed(path: Path, prompt: list[int], *, new_tokens: int, threads: int, runs: int) -> dict[str, float]:
     """Medians of ``runs`` timed greedy decodes in llama.cpp after a warm-up."""
     loop = LlamaCppLoop(path, n_ctx=len(prompt) + new_tokens, threads=threads)
-    loop.run(prompt[:32], 8)  # warm-up
+    loop.warm_up(prompt)
     prefill, decode = zip(*(loop.run(prompt, new_tokens) for _ in range(runs)))
     loop.close()
     return dict(prefill_tok_s=statistics.median(prefill), decode_tok_s=statistics.median(decode))

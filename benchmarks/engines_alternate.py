@@ -18,9 +18,9 @@ protocol's prompt, as engines.py times them), in an order shuffled round by roun
 engines.py runs put minutes between the two engines' timings, and on these shared 2-core virtual machines
 an engine's rate on one file moved by up to 45% from process to process within an hour, two files of equal
 bytes ran 23% apart side by side in one process, and separately loaded copies of one model up to 9% apart;
-rounds seconds apart cancel slow drift, several copies average whatever sets a copy's speed. Printed: each contender's median, min and max decode tok/s
-over all runs, its median per instance, and the median over rounds of slimlm / llama.cpp (own file), each
-round's rate the mean over the instances, with its range.
+rounds seconds apart cancel slow drift, several copies average whatever sets a copy's speed. Printed: each
+contender's median, min and max decode tok/s over all runs, its median per instance, and the median over
+rounds of slimlm / llama.cpp (own file), each round's rate the mean over the instances, with its range.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _llamacpp_contender(name: str, gguf: str, pair: str, args: argparse.Namespac
     runs = []
     for _ in range(args.instances):
         loop = LlamaCppLoop(Path(gguf), n_ctx=len(prompt) + args.new_tokens, threads=args.threads)
-        loop.run(prompt[:32], 8)  # warm-up
+        loop.warm_up(prompt)
         runs.append(lambda loop=loop: loop.run(prompt, args.new_tokens)[1])
     return Contender(name, pair, runs, reference)
 
@@ -162,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", default=PAIRS, help=f"comma list of slimlm-row:llamacpp-row (default {PAIRS})")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--instances", type=int, default=3,
-                   help="separate loads of every contender (its speed can depend on where its weights landed)")
+                   help="separate loads of every contender (one copy's speed can differ from another's)")
     p.add_argument("--threads", type=int, default=None, help="threads in both engines (default: the stored rows')")
     p.add_argument("--new-tokens", type=int, default=None, help="decode length (default: the stored rows')")
     p.add_argument("--compile", action="store_true", help="time slimlm's compiled decode step")

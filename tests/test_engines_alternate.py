@@ -1,5 +1,6 @@
-"""benchmarks/engines_alternate.py: contenders in turn, order shuffled per round, ratios taken round by round; and, where
-llama-cpp-python is installed, the benchmark on a tiny model's stored rows (skips in CI, as engines.py's does)."""
+"""benchmarks/engines_alternate.py: contenders in turn, order shuffled per round, ratios taken round by
+round; and, where llama-cpp-python is installed, the benchmark on a tiny model's stored rows (skips in CI, as
+engines.py's does)."""
 
 from __future__ import annotations
 
